@@ -1,0 +1,6 @@
+"""Train a small GPT from scratch on your own text: the package behind the Kaggle notebook.
+
+Each module is one section of the notebook that build_kernel.py stitches from them, in this order.
+"""
+
+NOTEBOOK_SECTIONS = ["env", "config", "tokenization", "data", "model", "train", "sample", "main"]

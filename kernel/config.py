@@ -1,0 +1,359 @@
+"""# 2. Configuration
+
+Every knob lives in one typed dataclass per section (`model`, `tokenizer`, `data`, `train`, `sample`).
+A run's config is built in layers, each checked strictly as it is applied:
+
+    defaults (below) -> the `extends` chain -> the YAML file -> overrides (`--set`, the parameters cell)
+
+An unknown key, a wrong type or an impossible value stops the run before anything is written, with a
+message that names the layer and the key and suggests the closest valid one. The resolved config is saved
+as YAML beside every checkpoint, and loading that file again gives the same config.
+"""
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kernel.env import KernelError
+from kernel.bundled_configs import BUNDLED_CONFIGS
+
+
+class ConfigError(KernelError):
+    """A config file, key or value that cannot be used."""
+
+
+# --- The schema ----------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 6                      # transformer blocks
+    n_head: int = 6                       # attention heads per block
+    n_embd: int = 384                     # residual stream width; must be divisible by n_head
+    block_size: int = 256                 # context length in tokens
+    dropout: float = 0.0                  # 0 when data is plentiful; 0.1-0.2 helps on tiny corpora
+    bias: bool = True                     # biases in Linear and LayerNorm layers, as in GPT-2
+    gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
+
+
+@dataclass
+class TokenizerConfig:
+    mode: str = "char"                    # char (one token per character; built from the training text)
+    vocab_size: int = 8192                # target vocabulary size for trained tokenizers
+
+
+@dataclass
+class DataConfig:
+    text_glob: str = ""                   # files to train on, '**' recurses; empty: the built-in demo corpus
+    val_fraction: float = 0.1             # share of the corpus held out for validation (its tail)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337                      # seeds weights, batches and sampling
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (auto: by hardware)
+    compile: bool = False                 # torch.compile the model (turned off where it cannot work)
+    batch_size: int = 12                  # sequences per micro-batch
+    grad_accum_steps: int = 1             # micro-batches per optimizer step
+    max_steps: int = 2000                 # optimizer steps
+    lr: float = 1e-3                      # peak learning rate
+    min_lr: float = 1e-4                  # floor the cosine decay ends at
+    warmup_steps: int = 100               # linear warm-up from 0 to lr
+    weight_decay: float = 0.1             # AdamW decay on matrices (not on biases, norms)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0                # max global gradient norm; 0 disables clipping
+    eval_interval: int = 250              # steps between evaluations
+    eval_batches: int = 20                # batches per split in one evaluation
+    log_interval: int = 10                # steps between metrics lines
+    checkpoint_interval: int = 250        # steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = 2             # newest checkpoints kept on disk
+    time_budget: float | None = field(default=None, metadata={"duration": True})  # wall-clock limit
+    resume: str = "auto"                  # auto (latest checkpoint in the output folder) | never | a path
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["\n"])  # one sample is written per prompt
+    max_new_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int = 200                      # keep the k most likely tokens; 0 keeps all
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES = {
+    "tokenizer.mode": ["char"],
+    "train.dtype": ["auto", "float32", "bfloat16", "float16"],
+}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def section_fields(section: str) -> dict[str, dataclasses.Field]:
+    section_type = typing.get_type_hints(Config)[section]
+    return {f.name: f for f in dataclasses.fields(section_type)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s in section_fields_names() for k in section_fields(s)]
+
+
+def section_fields_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+# --- Values: types and durations -----------------------------------------------------------------------
+
+DURATION_PATTERN = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(value) -> float | None:
+    """Seconds from a number (64) or a string with units ("90s", "45m", "8h30m"); None means no limit."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        match = DURATION_PATTERN.fullmatch(text)
+        if re.fullmatch(r"\d+(\.\d*)?", text):
+            seconds = float(text)
+        elif text and match and any(match.groups()):
+            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
+            raise ValueError(f"{value!r} is not a duration; use seconds (64) or units like '90s', '45m', '8h30m'")
+    else:
+        raise ValueError(f"{value!r} is not a duration; use seconds (64) or units like '90s', '45m', '8h30m'")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{value!r} must be a positive duration (or null for no limit)")
+    return seconds
+
+
+def coerce_value(key: str, spec: dataclasses.Field, hint, value):
+    """The value converted to the field's type, or a ValueError saying what was expected."""
+    if spec.metadata.get("duration"):
+        return parse_duration(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    raise TypeError(f"no rule for {key}'s type {hint}")  # a schema bug, not user input
+
+
+# --- Layers --------------------------------------------------------------------------------------------
+
+def apply_layer(config: Config, layer: Mapping, origin: str) -> None:
+    """Set every key of one nested mapping ({section: {key: value}}) on `config`, checking as we go."""
+    sections = section_fields_names()
+    for section, values in layer.items():
+        if section not in sections:
+            raise ConfigError(f"{origin}: unknown section {section!r}{did_you_mean(str(section), sections)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys to values, got {values!r}")
+        fields_by_name = section_fields(section)
+        hints = typing.get_type_hints(type(getattr(config, section)))
+        for key, value in values.items():
+            if key not in fields_by_name:
+                raise ConfigError(f"{origin}: unknown key '{section}.{key}'"
+                                  f"{did_you_mean(f'{section}.{key}', all_keys())}")
+            try:
+                coerced = coerce_value(f"{section}.{key}", fields_by_name[key], hints[key], value)
+            except ValueError as err:
+                raise ConfigError(f"{origin}: '{section}.{key}': {err}") from None
+            setattr(getattr(config, section), key, coerced)
+
+
+def parse_overrides(overrides: Mapping | Sequence[str] | None, origin: str) -> dict:
+    """{"train.lr": 3e-4} or ["train.lr=3e-4"] -> {"train.lr": 3e-4}; string values are read as YAML scalars."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"{origin}: {item!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+        dotted, text = item.split("=", 1)
+        try:
+            parsed[dotted.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:  # e.g. a glob such as **/*.txt: YAML reads '*' as an alias; keep it as text
+            parsed[dotted.strip()] = text
+    return parsed
+
+
+def dotted_to_layer(pairs: Mapping, origin: str) -> dict:
+    """{"train.lr": 3e-4} -> {"train": {"lr": 3e-4}}."""
+    layer: dict[str, dict] = {}
+    for dotted, value in pairs.items():
+        if not isinstance(dotted, str) or dotted.count(".") != 1:
+            raise ConfigError(f"{origin}: {dotted!r} must name section.key{did_you_mean(str(dotted), all_keys())}")
+        section, key = dotted.split(".")
+        layer.setdefault(section, {})[key] = value
+    return layer
+
+
+# --- Files: bundled or on disk, with `extends` ---------------------------------------------------------
+
+def read_config_source(name: str, relative_to: Path | None = None) -> tuple[str, str, Path | None]:
+    """(origin label, YAML text, folder for relative `extends`) for a path or a bundled config name."""
+    candidates = [Path(name)] if relative_to is None else [relative_to / name, Path(name)]
+    for path in candidates:
+        if path.is_file():
+            return str(path), path.read_text(encoding="utf-8"), path.parent
+    bundled = Path(name).name
+    if bundled in BUNDLED_CONFIGS:
+        return f"configs/{bundled}", BUNDLED_CONFIGS[bundled], None
+    raise ConfigError(f"config {name!r} not found: it is neither a file nor a bundled config"
+                      f"{did_you_mean(bundled, list(BUNDLED_CONFIGS))}")
+
+
+def parse_yaml_mapping(origin: str, text: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def file_layers(name: str) -> list[tuple[str, dict]]:
+    """The layers of a config file, base-most first, following `extends` (loops are an error)."""
+    chain: list[tuple[str, dict]] = []
+    seen: list[str] = []
+    relative_to = None
+    while name is not None:
+        origin, text, folder = read_config_source(name, relative_to)
+        if origin in seen:
+            raise ConfigError(f"{origin}: 'extends' loops back: {' -> '.join(seen + [origin])}")
+        seen.append(origin)
+        data = parse_yaml_mapping(origin, text)
+        parent = data.pop("extends", None)
+        if parent is not None and not isinstance(parent, str):
+            raise ConfigError(f"{origin}: 'extends' must name one config file, got {parent!r}")
+        chain.append((origin, data))
+        name, relative_to = parent, folder
+    return list(reversed(chain))
+
+
+def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | None = None,
+                overrides_origin: str = "--set") -> Config:
+    """Defaults -> `extends` chain -> file -> overrides, then the cross-field checks."""
+    config = Config()
+    if source:
+        for origin, layer in file_layers(source):
+            apply_layer(config, layer, origin)
+    apply_layer(config, dotted_to_layer(parse_overrides(overrides, overrides_origin), overrides_origin),
+                overrides_origin)
+    validate(config)
+    return config
+
+
+# --- Values that cannot work together ------------------------------------------------------------------
+
+def validate(config: Config) -> None:
+    """Collect every impossible value, then fail once with all of them."""
+    m, t, s = config.model, config.train, config.sample
+    problems = []
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.vocab_size",
+                "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
+                "train.eval_batches", "train.log_interval", "train.keep_checkpoints"):
+        require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
+    for key in ("train.warmup_steps", "train.checkpoint_interval", "sample.max_new_tokens", "sample.top_k"):
+        require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")
+    require(m.n_head < 1 or m.n_embd % m.n_head == 0,
+            f"'model.n_embd' ({m.n_embd}) must be divisible by 'model.n_head' ({m.n_head}); "
+            f"e.g. n_embd={max(m.n_head, 1) * max(1, round(m.n_embd / max(m.n_head, 1)))}")
+    require(0.0 <= m.dropout < 1.0, f"'model.dropout' must be in [0, 1), got {m.dropout}")
+    require(0.0 < config.data.val_fraction <= 0.5,
+            f"'data.val_fraction' must be in (0, 0.5], got {config.data.val_fraction}")
+    require(t.lr > 0, f"'train.lr' must be > 0, got {t.lr}")
+    require(0 <= t.min_lr <= t.lr, f"'train.min_lr' must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
+    require(t.warmup_steps <= t.max_steps,
+            f"'train.warmup_steps' ({t.warmup_steps}) must not exceed 'train.max_steps' ({t.max_steps})")
+    require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
+    require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"'train.beta1'/'train.beta2' must be in [0, 1)")
+    require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
+    require(s.temperature > 0, f"'sample.temperature' must be > 0, got {s.temperature}")
+    require(DEVICE_PATTERN.fullmatch(t.device) is not None,
+            f"'train.device' must be auto, cpu, mps, cuda or cuda:N, got {t.device!r}")
+    require(bool(t.resume.strip()), "'train.resume' must be auto, never or a checkpoint path, got ''")
+    for key, options in CHOICES.items():
+        value = get_key(config, key)
+        require(value in options, f"'{key}' must be one of {', '.join(options)}, got {value!r}"
+                                  f"{did_you_mean(str(value), options) if len(options) > 1 else ''}")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def get_key(config: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+# --- Saving --------------------------------------------------------------------------------------------
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML that load_config reads back to an equal Config."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def config_from_dict(data: Mapping, origin: str) -> Config:
+    config = Config()
+    apply_layer(config, data, origin)
+    validate(config)
+    return config

@@ -1,0 +1,105 @@
+"""# 1. Environment
+
+Where are we running (a laptop, a GPU box, or a Kaggle notebook), which device and number format will the
+model use, and why. Also the one error type the whole program raises for bad input: `KernelError`, whose
+message always names the culprit (a key, a file, a value) and what to do about it.
+"""
+
+import os
+import platform
+import random
+import sys
+
+import numpy as np
+import torch
+
+
+class KernelError(Exception):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+# --- Where we run --------------------------------------------------------------------------------------
+
+def is_kaggle() -> bool:
+    """Kaggle sets KAGGLE_KERNEL_RUN_TYPE ('Interactive' in the editor, 'Batch' for Save Version)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def default_out_dir() -> str:
+    """Outputs land where the platform keeps them: /kaggle/working on Kaggle, ./outputs elsewhere."""
+    return "/kaggle/working/outputs" if is_kaggle() else "outputs"
+
+
+# --- Device and number format --------------------------------------------------------------------------
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' picks the first CUDA GPU when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise KernelError(f"train.device={requested!r} but no CUDA GPU is visible; use train.device=auto or cpu")
+    return torch.device(requested)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype for this device, with the reason in words.
+
+    bf16 needs compute capability >= 8.0 to be real: torch.cuda.is_bf16_supported() also says True on a T4
+    through slow emulation, so we decide by capability. Below 8.0 (T4, V100) fp16 uses the tensor cores and
+    needs a gradient scaler. On a CPU plain fp32 is the safe default.
+    """
+    if requested != "auto":
+        dtype = DTYPES[requested]
+        if dtype == torch.float16 and device.type != "cuda":
+            raise KernelError("train.dtype=float16 needs a CUDA GPU; on CPU use float32 or bfloat16")
+        return dtype, f"train.dtype={requested} was requested"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"compute capability {major}.{minor} >= 8.0 has native bf16"
+        if major >= 7:
+            return torch.float16, f"compute capability {major}.{minor}: no native bf16, fp16 with a grad scaler"
+        return torch.float32, f"compute capability {major}.{minor}: no fp16 tensor cores, fp32"
+    return torch.float32, f"{device.type}: fp32"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --- Reproducibility -----------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# --- The environment report ----------------------------------------------------------------------------
+
+def describe_environment() -> dict:
+    """Versions and hardware, as a dict (printed at the start of a run, stored in summary.json)."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": sys.platform,
+        "kaggle": os.environ.get("KAGGLE_KERNEL_RUN_TYPE", ""),
+        "cpu_threads": torch.get_num_threads(),
+        "gpus": [],
+    }
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        info["gpus"].append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                             "capability": f"{props.major}.{props.minor}"})
+    return info
+
+
+def print_environment(info: dict) -> None:
+    gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB, cc {g['capability']})" for g in info["gpus"])
+    where = f"Kaggle ({info['kaggle']})" if info["kaggle"] else "local"
+    print(f"[env] python {info['python']} | torch {info['torch']} | numpy {info['numpy']} | {where}")
+    print(f"[env] GPUs: {gpus or 'none'} | CPU threads: {info['cpu_threads']}")

@@ -1,0 +1,158 @@
+"""# 8. Main
+
+One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
+when a checkpoint is there), write samples and `summary.json`. The notebook's last cell calls `main(...)`
+with the parameters cell's values; `python -m kernel` calls `cli()`, which parses the same settings from
+the command line:
+
+    python -m kernel --config configs/llm_cpu.yaml --set train.max_steps=500 --out outputs
+    python -m kernel sample outputs/checkpoints/ckpt_00002000.pt --prompt "def "
+    python -m kernel check-env
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from kernel.env import (KernelError, default_out_dir, describe_environment, dtype_name, print_environment,
+                        resolve_device, resolve_dtype, seed_everything)
+from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
+from kernel.tokenization import tokenizer_from_dict, write_text_atomic
+from kernel.data import prepare_data, print_data_report
+from kernel.train import (build_model, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
+                          train)
+from kernel.sample import format_samples, sample_texts
+
+GPU_CONFIG, CPU_CONFIG = "llm_kaggle_t4.yaml", "llm_cpu.yaml"
+
+
+def pick_config(name: str) -> str:
+    """'auto' means the T4 preset when a CUDA GPU is visible, the CPU demo preset otherwise."""
+    if name == "auto":
+        return GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
+    return name
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def run(config: Config, out_dir: str | Path) -> dict:
+    """Train with a resolved config, write every output into out_dir, return the summary."""
+    out_dir = Path(out_dir)
+    environment = describe_environment()
+    print_environment(environment)
+    device = resolve_device(config.train.device)
+    dtype, why = resolve_dtype(config.train.dtype, device)
+    print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    seed_everything(config.train.seed)
+
+    resume_path = find_resume_checkpoint(config.train.resume, out_dir)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_resume_compatible(checkpoint, config, resume_path)
+    data = prepare_data(config, tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None)
+    print_data_report(data)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
+    data.tokenizer.save(out_dir / "tokenizer")
+    result = train(config, data, out_dir, device, dtype, checkpoint, resume_path)
+    print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
+          f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
+
+    samples = sample_texts(result.model, data.tokenizer, config.sample, device, config.train.seed)
+    write_text_atomic(out_dir / "samples.txt", format_samples(samples))
+    print(format_samples(samples))
+
+    summary = {
+        "val_loss": result.last_eval["val_loss"], "val_ppl": result.last_eval["val_ppl"],
+        "val_bpb": result.last_eval["val_bpb"], "train_loss": result.train_loss,
+        "tokens_per_s": result.tokens_per_s, "steps": result.step, "tokens": result.tokens,
+        "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
+        "dtype": dtype_name(dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
+        "data": data.stats, "environment": environment, "out_dir": str(out_dir),
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
+          f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
+    return summary
+
+
+def main(config: str = "auto", overrides: dict | list | None = None, data_glob: str = "",
+         out_dir: str = "") -> dict:
+    """The notebook's entry point: the parameters cell's values in, the run's summary out."""
+    settings = parse_overrides(overrides, "parameters cell")
+    if data_glob:
+        settings["data.text_glob"] = data_glob
+    resolved = load_config(pick_config(config), settings, overrides_origin="parameters cell")
+    return run(resolved, out_dir or default_out_dir())
+
+
+# --- The command line ----------------------------------------------------------------------------------
+
+def sample_command(args: argparse.Namespace) -> None:
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = config_from_dict(checkpoint["config"], f"{args.checkpoint} (saved config)")
+    if args.prompt:
+        config.sample.prompts = args.prompt
+    config.sample.max_new_tokens = args.max_new_tokens
+    config.sample.temperature = args.temperature
+    config.sample.top_k = args.top_k
+    device = resolve_device(args.device)
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    model = build_model(config, tokenizer.vocab_size)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    print(format_samples(sample_texts(model, tokenizer, config.sample, device, args.seed)))
+
+
+def check_env_command(args: argparse.Namespace) -> None:
+    print_environment(describe_environment())
+    device = resolve_device(args.device)
+    dtype, why = resolve_dtype("auto", device)
+    print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kernel", description="Train a small GPT on your own text.")
+    parser.add_argument("--config", default="auto", help="a YAML file or bundled preset name "
+                        f"(auto: {GPU_CONFIG} with a GPU, {CPU_CONFIG} without)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set train.lr=3e-4")
+    parser.add_argument("--out", default="", help=f"output folder (default: {default_out_dir()})")
+    return parser
+
+
+def build_command_parsers() -> dict[str, argparse.ArgumentParser]:
+    sample = argparse.ArgumentParser(prog="python -m kernel sample", description="Sample from a checkpoint.")
+    sample.add_argument("checkpoint")
+    sample.add_argument("--prompt", action="append", default=[], help="repeatable; default: the config's")
+    sample.add_argument("--max-new-tokens", type=int, default=300)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-k", type=int, default=200)
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--device", default="auto")
+    check_env = argparse.ArgumentParser(prog="python -m kernel check-env", description="Report the environment.")
+    check_env.add_argument("--device", default="auto")
+    return {"sample": sample, "check-env": check_env}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m kernel ...`: exit code 0 on success, 2 with a one-line explanation on bad input."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"sample": sample_command, "check-env": check_env_command}
+    try:
+        if argv and argv[0] in commands:
+            commands[argv[0]](build_command_parsers()[argv[0]].parse_args(argv[1:]))
+        else:
+            args = build_parser().parse_args(argv)
+            run(load_config(pick_config(args.config), args.overrides), args.out or default_out_dir())
+    except KernelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
