@@ -319,8 +319,6 @@ def validate(config: Config) -> None:
             f"'data.val_fraction' must be in (0, 0.5], got {config.data.val_fraction}")
     require(t.lr > 0, f"'train.lr' must be > 0, got {t.lr}")
     require(0 <= t.min_lr <= t.lr, f"'train.min_lr' must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
-    require(t.warmup_steps <= t.max_steps,
-            f"'train.warmup_steps' ({t.warmup_steps}) must not exceed 'train.max_steps' ({t.max_steps})")
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"'train.beta1'/'train.beta2' must be in [0, 1)")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
