@@ -1,0 +1,146 @@
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import build_kernel
+from build_kernel import BuildError, build_notebook, notebook_text, stitch
+from kernel import NOTEBOOK_SECTIONS
+from kernel.bundled_configs import BUNDLED_CONFIGS
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_OVERRIDES = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+                  "train.max_steps": 30, "train.eval_interval": 15, "train.eval_batches": 2,
+                  "train.device": "cpu", "train.warmup_steps": 5, "train.lr": 3e-3,
+                  "sample.max_new_tokens": 30}
+
+
+def code_cells(notebook):
+    return [c for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+def test_committed_notebook_is_fresh():
+    result = subprocess.run([sys.executable, "build_kernel.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_fails_on_a_stale_notebook(tmp_path, monkeypatch):
+    stale = tmp_path / "stale.ipynb"
+    stale.write_text((ROOT / build_kernel.NOTEBOOK).read_text().replace("Train a GPT", "Train a GTP"))
+    monkeypatch.setattr(build_kernel, "NOTEBOOK", stale)
+    assert build_kernel.main(["--check"]) == 1
+
+
+def test_build_is_deterministic_valid_and_self_contained():
+    first, second = notebook_text(build_notebook()), notebook_text(build_notebook())
+    assert first == second
+    notebook = nbformat.reads(first, as_version=4)
+    nbformat.validate(notebook)
+    ids = [c["id"] for c in notebook.cells]
+    assert len(set(ids)) == len(ids) and "parameters" in ids and "model-code" in ids
+    assert all(c.outputs == [] and c.execution_count is None for c in notebook.cells if c.cell_type == "code")
+    for c in code_cells(json.loads(first)):
+        source = "".join(c["source"])
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(m.split(".")[0] == "kernel" for m in modules), source[:80]
+        assert "__file__" not in source and "__main__" not in source
+
+
+def test_first_cells_are_a_title_and_a_literal_parameters_cell():
+    cells = build_notebook()["cells"]
+    assert cells[0]["cell_type"] == "markdown" and cells[0]["source"][0].startswith("# Train a GPT")
+    params = cells[1]
+    assert params["cell_type"] == "code" and params["metadata"]["tags"] == ["parameters"]
+    names = {}
+    for node in ast.parse("".join(params["source"])).body:
+        names[node.targets[0].id] = ast.literal_eval(node.value)
+    assert names == {"CONFIG": "auto", "DATA_GLOB": "", "OVERRIDES": {}, "OUT_DIR": ""}
+
+
+def test_sections_follow_the_package_order_and_configs_are_bundled():
+    sections = stitch(ROOT)
+    assert [s.name for s in sections] == NOTEBOOK_SECTIONS
+    bundled = next(s for s in sections if s.name == "bundled_configs")
+    namespace = {}
+    exec(bundled.code, namespace)
+    assert namespace["BUNDLED_CONFIGS"] == BUNDLED_CONFIGS
+
+
+def make_package(root: Path, modules: dict[str, str]) -> Path:
+    (root / "kernel").mkdir()
+    (root / "configs").mkdir()
+    order = list(modules)
+    (root / "kernel" / "__init__.py").write_text(f"NOTEBOOK_SECTIONS = {order!r}\n")
+    for name, source in modules.items():
+        (root / "kernel" / f"{name}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+@pytest.mark.parametrize("modules, message", [
+    ({"a": "def f(): pass\n", "b": "def f(): pass\n"}, "binds 'f'"),
+    ({"a": "X = 1\n", "b": "from kernel.a import Y\n"}, "kernel.a defines no 'Y'"),
+    ({"a": "from kernel.b import g\n", "b": "def g(): pass\n"}, "not an earlier notebook section"),
+    ({"a": "if __name__ == '__main__':\n    pass\n"}, "__name__"),
+    ({"a": "HERE = __file__\n"}, "__file__"),
+    ({"a": "from .b import g\n", "b": "def g(): pass\n"}, "no relative imports"),
+    ({"a": "import kernel.b\n", "b": "def g(): pass\n"}, "cannot be stitched"),
+    ({"a": "from kernel.b import g as h\n", "b": "def g(): pass\n"}, "no `as`"),
+    ({"a": "from __future__ import annotations\n"}, "__future__"),
+    ({"a": "import numpy as np\n", "b": "np = 3\n"}, "binds 'np'"),
+])
+def test_build_fails_on_what_would_break_one_namespace(tmp_path, modules, message):
+    with pytest.raises(BuildError, match=message):
+        stitch(make_package(tmp_path, modules))
+
+
+def test_build_fails_on_an_unlisted_module(tmp_path):
+    root = make_package(tmp_path, {"a": "X = 1\n"})
+    (root / "kernel" / "extra.py").write_text("Y = 2\n")
+    with pytest.raises(BuildError, match="does not list"):
+        stitch(root)
+
+
+def test_multi_line_imports_are_removed_whole(tmp_path):
+    root = make_package(tmp_path, {"a": "def f(): pass\ndef g(): pass\n",
+                                   "b": '"""Doc."""\nfrom kernel.a import (\n    f,\n    g,\n)\nimport math\nY = f\n'})
+    b = stitch(root)[1]
+    assert b.doc == "Doc." and b.code == "import math\nY = f"
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end(tmp_path):
+    notebook = json.loads((ROOT / build_kernel.NOTEBOOK).read_text())
+    out = tmp_path / "out"
+    executed = build_kernel.execute_notebook(notebook, tmp_path, {"OVERRIDES": TINY_OVERRIDES, "OUT_DIR": str(out)},
+                                             timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["device"] == "cpu" and summary["val_loss"] < 3.6
+    assert {"samples.txt", "metrics.jsonl", "config.yaml", "checkpoints", "tokenizer"} <= {p.name for p in out.iterdir()}
+    printed = "".join("".join(o.get("text", "")) for c in code_cells(executed) for o in c["outputs"])
+    assert "[done] val loss" in printed and "demo corpus" in printed
+
+
+@pytest.mark.slow
+def test_headless_cli_runs_and_reports_bad_input(tmp_path):
+    sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
+    done = subprocess.run([sys.executable, "-m", "kernel", "--config", "configs/llm_cpu.yaml", *sets,
+                           "--out", str(tmp_path / "cli")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["params"] > 0
+    sampled = subprocess.run([sys.executable, "-m", "kernel", "sample", str(tmp_path / "cli" / "checkpoints" /
+                              "ckpt_00000030.pt"), "--prompt", "def ", "--max-new-tokens", "12"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sampled.returncode == 0 and "prompt 'def '" in sampled.stdout
+    bad = subprocess.run([sys.executable, "-m", "kernel", "--set", "model.n_layr=2", "--out", str(tmp_path / "bad")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "did you mean 'model.n_layer'" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # nothing written for a bad config

@@ -1,0 +1,144 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from kernel.config import TrainConfig, load_config
+from kernel.env import KernelError, resolve_dtype
+from kernel.main import run
+from kernel.train import (build_model, compile_blocker, find_resume_checkpoint, list_checkpoints,
+                          load_checkpoint, lr_at, make_optimizer, train_step)
+
+
+def test_lr_schedule_values():
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+    assert lr_at(0, t) == pytest.approx(1e-5)         # warm-up starts near zero
+    assert lr_at(49, t) == pytest.approx(5e-4)        # and rises linearly
+    assert lr_at(99, t) == pytest.approx(1e-3)        # peak at the end of warm-up
+    assert lr_at(100, t) == pytest.approx(1e-3)
+    assert lr_at(600, t) == pytest.approx(5.5e-4)     # half way through the cosine: the midpoint
+    assert lr_at(1100, t) == pytest.approx(1e-4)      # the floor at max_steps
+    assert lr_at(5000, t) == pytest.approx(1e-4)      # and after
+    decay = [lr_at(s, t) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_k_micro_batches_equal_one_big_batch(tiny):
+    config = tiny(train__batch_size=8)
+    torch.manual_seed(0)
+    x, y = torch.randint(50, (8, 32)), torch.randint(50, (8, 32))
+    results = []
+    for accum in (1, 4):
+        torch.manual_seed(1)
+        model = build_model(config, 50)
+        settings = TrainConfig(**{**vars(config.train), "grad_accum_steps": accum, "batch_size": 8 // accum})
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the (clipped) gradient itself
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        chunks = iter([(x[i:i + 8 // accum], y[i:i + 8 // accum]) for i in range(0, 8, 8 // accum)])
+        loss = train_step(model, optimizer, scaler, lambda: next(chunks), settings, torch.device("cpu"),
+                          torch.float32)
+        results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+    (loss_one, params_one), (loss_four, params_four) = results
+    assert loss_one == pytest.approx(loss_four, rel=1e-5)
+    for a, b in zip(params_one, params_four):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_applies_to_matrices_only(tiny):
+    model = build_model(tiny(), 50)
+    decay, no_decay = make_optimizer(model, tiny().train, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16), ((6, 0), torch.float32)])
+def test_dtype_follows_compute_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dtype, why = resolve_dtype("auto", torch.device("cuda"))
+    assert dtype == expected and f"{capability[0]}.{capability[1]}" in why
+
+
+def test_dtype_on_cpu_and_overrides():
+    assert resolve_dtype("auto", torch.device("cpu"))[0] == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu"))[0] == torch.bfloat16
+    with pytest.raises(KernelError, match="float16 needs a CUDA GPU"):
+        resolve_dtype("float16", torch.device("cpu"))
+
+
+def test_compile_is_refused_where_it_cannot_work(monkeypatch):
+    monkeypatch.setattr("sys.platform", "win32")
+    assert "Windows" in compile_blocker(torch.device("cpu"))
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
+    out = tmp_path / "out"
+    summary = run(tiny(train__max_steps=200, train__eval_interval=100, train__lr=3e-3), out)
+    vocab = summary["data"]["vocab_size"]
+    assert summary["val_loss"] < 0.65 * math.log(vocab)  # well below a uniform guess
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+    assert summary["steps"] == 200 and summary["tokens"] == 200 * 8 * 32
+    for key in ("tokens_per_s", "wall_s", "params", "device", "dtype", "val_bpb"):
+        assert key in summary
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32" and summary["tokens_per_s"] > 0
+    assert json.loads((out / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    metrics = read_metrics(out)
+    train_lines = [m for m in metrics if "train_loss" in m]
+    eval_lines = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in eval_lines] == [0, 100, 200]
+    assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"] - 1.0
+    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s"} <= set(train_lines[0])
+    assert (out / "samples.txt").read_text().startswith("=== sample 1")
+    assert load_config(str(out / "config.yaml")) == load_config(str(out / "checkpoints" / "config.yaml"))
+    checkpoints = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints] == ["ckpt_00000180.pt", "ckpt_00000200.pt"]  # keep_checkpoints=2
+    saved = load_checkpoint(checkpoints[-1])
+    assert {"model", "optimizer", "scaler", "sampler", "rng", "config", "tokenizer", "step"} <= set(saved)
+    assert (out / "tokenizer" / "char_vocab.json").exists()
+
+
+def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny):
+    config = tiny(train__max_steps=60, train__checkpoint_interval=30, train__keep_checkpoints=5,
+                  model__dropout=0.1)  # dropout: the torch RNG state must be restored too
+    straight = run(config, tmp_path / "straight")
+    # Simulate a run stopped after step 30: keep only what existed then.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "straight", stopped)
+    (stopped / "checkpoints" / "ckpt_00000060.pt").unlink()
+    resumed = run(config, stopped)
+    assert resumed["resumed_from"].endswith("ckpt_00000030.pt")
+    assert resumed["val_loss"] == straight["val_loss"]
+    assert resumed["train_loss"] == straight["train_loss"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    assert strip(read_metrics(stopped)) == strip(read_metrics(tmp_path / "straight"))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000060.pt")["model"]
+    b = load_checkpoint(stopped / "checkpoints" / "ckpt_00000060.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_model_shape(tmp_path, tiny):
+    run(tiny(train__max_steps=20), tmp_path)
+    with pytest.raises(KernelError, match=r"model.n_layer: 2 -> 3"):
+        run(tiny(train__max_steps=40, model__n_layer=3), tmp_path)
+
+
+def test_resume_paths(tmp_path):
+    assert find_resume_checkpoint("never", tmp_path) is None
+    assert find_resume_checkpoint("auto", tmp_path) is None
+    with pytest.raises(KernelError, match="no such checkpoint"):
+        find_resume_checkpoint(str(tmp_path / "nope.pt"), tmp_path)
+    with pytest.raises(KernelError, match="no ckpt_"):
+        find_resume_checkpoint(str(tmp_path), tmp_path)
+
+
+def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny):
+    summary = run(tiny(train__max_steps=100_000, train__time_budget=3), tmp_path)
+    assert summary["stopped_by"] == "time_budget" and 0 < summary["steps"] < 100_000
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt_{summary['steps']:08d}.pt"
+    assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
