@@ -261,7 +261,15 @@ def inject_parameters(notebook: dict, parameters: dict) -> dict:
     return notebook
 
 
-def execute_notebook(notebook: dict, cwd: Path, parameters: dict | None = None, timeout: int = 1800) -> dict:
+def print_cell_output(cell, **_) -> None:
+    """Echo what a cell printed once it has run, so a local --execute is not silent."""
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream" and output.get("name") == "stdout":
+            print(output["text"], end="" if output["text"].endswith("\n") else "\n")
+
+
+def execute_notebook(notebook: dict, cwd: Path, parameters: dict | None = None, timeout: int = 1800,
+                     echo: bool = False) -> dict:
     """Run every cell in a fresh kernel with nbclient; raises on the first failing cell."""
     import nbformat
     from nbclient import NotebookClient
@@ -269,7 +277,9 @@ def execute_notebook(notebook: dict, cwd: Path, parameters: dict | None = None, 
     if parameters:
         notebook = inject_parameters(notebook, parameters)
     nb = nbformat.reads(json.dumps(notebook), as_version=NBFORMAT)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
+                            on_cell_executed=print_cell_output if echo else None)
+    client.execute()
     return json.loads(nbformat.writes(nb))
 
 
@@ -298,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.param:
             name, _, value = item.partition("=")
             parameters[name] = ast.literal_eval(value)
-        executed = execute_notebook(json.loads(text), ROOT, parameters)
+        print("running the notebook (each cell's output appears when it finishes)...")
+        executed = execute_notebook(json.loads(text), ROOT, parameters, echo=True)
         out_dir = ROOT / (parameters.get("OUT_DIR") or "outputs")
         write_if_changed(out_dir / "train_gpt.executed.ipynb", notebook_text(executed))
         print(f"executed; outputs and the executed notebook are in {out_dir}")
