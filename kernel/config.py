@@ -44,8 +44,10 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    mode: str = "char"                    # char (one token per character; built from the training text)
-    vocab_size: int = 8192                # target vocabulary size for trained tokenizers
+    mode: str = "char"                    # char | bpe_simple (trained on your text) | hf (an existing one)
+    vocab_size: int = 8192                # bpe_simple: vocabulary size to train
+    train_sample_mb: int = 200            # bpe_simple: train on at most this much text, spread over the corpus
+    pretrained_name: str = ""             # hf: a local tokenizer folder or a Hugging Face Hub id
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Config:
 
 
 CHOICES = {
-    "tokenizer.mode": ["char"],
+    "tokenizer.mode": ["char", "bpe_simple", "hf"],
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -305,7 +307,7 @@ def validate(config: Config) -> None:
         if not ok:
             problems.append(message)
 
-    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.vocab_size",
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.train_sample_mb",
                 "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
@@ -323,6 +325,11 @@ def validate(config: Config) -> None:
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"'train.beta1'/'train.beta2' must be in [0, 1)")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
     require(s.temperature > 0, f"'sample.temperature' must be > 0, got {s.temperature}")
+    require(config.tokenizer.mode != "bpe_simple" or config.tokenizer.vocab_size >= 257,
+            f"'tokenizer.vocab_size' must be >= 257 for bpe_simple (256 bytes + end-of-document), "
+            f"got {config.tokenizer.vocab_size}")
+    require(config.tokenizer.mode != "hf" or bool(config.tokenizer.pretrained_name),
+            "'tokenizer.pretrained_name' must name a tokenizer folder or Hub id when tokenizer.mode is hf")
     require(DEVICE_PATTERN.fullmatch(t.device) is not None,
             f"'train.device' must be auto, cpu, mps, cuda or cuda:N, got {t.device!r}")
     require(bool(t.resume.strip()), "'train.resume' must be auto, never or a checkpoint path, got ''")

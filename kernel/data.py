@@ -6,7 +6,8 @@ random training windows.
 * With `data.text_glob` empty the run uses the **demo corpus**: the help topics that ship inside every
   Python installation (`pydoc_data.topics`, ~465 KB of English prose and code), so the default run needs
   no download and no dataset, on a laptop or on Kaggle.
-* Each file is one document; documents are joined with a blank line in file-name order.
+* Each file is one document; documents are joined in file-name order, separated by the tokenizer's
+  end-of-document token (a blank line for `char`).
 * The validation split is the tail `data.val_fraction` of the text, so it never overlaps training text
   and is the same on every run.
 * Batches are random windows of `block_size + 1` tokens drawn by a seeded `torch.Generator`, whose state a
@@ -24,10 +25,9 @@ import torch
 
 from kernel.env import KernelError
 from kernel.config import Config
-from kernel.tokenization import Tokenizer, build_tokenizer
+from kernel.tokenization import END_OF_DOCUMENT, HFTokenizer, Tokenizer, build_tokenizer, document_separator
 
 DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
-DOCUMENT_SEPARATOR = "\n\n"
 
 
 # --- Finding and reading text --------------------------------------------------------------------------
@@ -110,9 +110,16 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def encode_to_array(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    encode_array = getattr(tokenizer, "encode_array", None)
-    ids = encode_array(text) if encode_array else np.asarray(tokenizer.encode(text))
+def encode_to_array(tokenizer: Tokenizer, text: str, separator: str) -> np.ndarray:
+    """Token ids of `text`; documents (split at `separator`) are encoded in parallel where the tokenizer can."""
+    if hasattr(tokenizer, "encode_array"):
+        ids = tokenizer.encode_array(text)
+    elif hasattr(tokenizer, "encode_batch") and tokenizer.eos_id is not None:
+        pieces = tokenizer.encode_batch(text.split(separator))
+        ids = np.fromiter((i for n, piece in enumerate(pieces) for i in ([tokenizer.eos_id] if n else []) + piece),
+                          dtype=np.int64)
+    else:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     return ids.astype(token_dtype(tokenizer.vocab_size))
 
 
@@ -120,12 +127,17 @@ def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> TokenDat
     """Read, split and tokenize. Pass the tokenizer of a checkpoint to resume with the same vocabulary."""
     started = time.perf_counter()
     source, documents = load_documents(config.data.text_glob)
-    text = DOCUMENT_SEPARATOR.join(text for _, text in documents)
+    tok = config.tokenizer
+    if tokenizer is None and tok.mode == "hf":  # loaded, not trained: needed first for its separator
+        tokenizer = HFTokenizer.load(tok.pretrained_name)
+    separator = document_separator(tokenizer) if tokenizer else ("\n\n" if tok.mode == "char" else END_OF_DOCUMENT)
+    text = separator.join(text for _, text in documents)
     split_at = int(len(text) * (1 - config.data.val_fraction))
     train_text, val_text = text[:split_at], text[split_at:]
     if tokenizer is None:
-        tokenizer = build_tokenizer(config.tokenizer.mode, train_text)
-    data = TokenData(tokenizer, encode_to_array(tokenizer, train_text), encode_to_array(tokenizer, val_text))
+        tokenizer = build_tokenizer(tok.mode, train_text, tok.vocab_size, tok.train_sample_mb, tok.pretrained_name)
+    data = TokenData(tokenizer, encode_to_array(tokenizer, train_text, separator),
+                     encode_to_array(tokenizer, val_text, separator))
     data.stats = {
         "source": source, "documents": len(documents), "bytes": len(text.encode("utf-8")),
         "train_tokens": int(data.train.size), "val_tokens": int(data.val.size),

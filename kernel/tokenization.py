@@ -3,27 +3,41 @@
 Text in, integer ids out, and back. Every tokenizer offers the same small interface, so the data pipeline,
 the trainer and the sampler never ask which kind they hold:
 
-    encode(text) -> list[int]    decode(ids) -> str    vocab_size    save(folder)    load(folder)
+    encode(text) -> list[int]    decode(ids) -> str    vocab_size    eos_id    save(folder)    to_dict()
 
-`char` gives every distinct character of the training text its own id (in code-point order, so the same
-text always yields the same vocabulary). Id 0 is reserved for characters never seen in training: they
-encode to it and it decodes to U+FFFD, so unseen text never crashes the model.
+* `char`: every distinct character of the training text gets its own id, in code-point order, so the same
+  text always yields the same vocabulary. Id 0 stands for characters never seen in training: they encode
+  to it and it decodes to U+FFFD, so unseen text never crashes the model.
+* `bpe_simple`: byte-level BPE (GPT-2's scheme: any text, any language, no unknown tokens) trained offline
+  on the training text with the `tokenizers` library, on an evenly spread sample of at most
+  `tokenizer.train_sample_mb` so memory stays bounded, with `<|endoftext|>` between documents.
+* `hf`: an existing tokenizer through `transformers.AutoTokenizer`, from a local folder (offline, e.g. a
+  Kaggle dataset) or a Hub id (needs internet). Remote code is never trusted.
+
+Every mode saves a `tokenizer.json` that `AutoTokenizer.from_pretrained(folder)` loads offline and that
+encodes to the same ids, plus `kernel_tokenizer.json`, which this program reads back.
 """
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as FastBackend
 
 from kernel.env import KernelError
+
+END_OF_DOCUMENT = "<|endoftext|>"
+STATE_FILE = "kernel_tokenizer.json"
 
 
 class Tokenizer(Protocol):
     mode: str
     vocab_size: int
+    eos_id: int | None  # the end-of-document token, when the tokenizer has one
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids) -> str: ...
@@ -45,12 +59,24 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict, **special_tokens) -> None:
+    """tokenizer.json + tokenizer_config.json (for AutoTokenizer) and our own state file."""
+    from transformers import PreTrainedTokenizerFast  # imported late: transformers is slow to import
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(dir=folder.parent if folder.parent.exists() else None) as staging:
+        PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens).save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            write_text_atomic(folder / name, Path(staging, name).read_text(encoding="utf-8"))
+    write_text_atomic(folder / STATE_FILE, json.dumps(state, ensure_ascii=False))
+
+
 # --- char ----------------------------------------------------------------------------------------------
 
 class CharTokenizer:
     mode = "char"
     UNKNOWN = "\ufffd"  # what id 0 decodes to
-    FILE_NAME = "char_vocab.json"
+    eos_id = None       # documents are separated by a blank line instead
 
     def __init__(self, chars: list[str]):
         self.chars = [self.UNKNOWN] + [c for c in chars if c != self.UNKNOWN]
@@ -83,30 +109,160 @@ class CharTokenizer:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "chars": self.chars[1:]}
 
+    def backend(self) -> FastBackend:
+        """The same vocabulary as a `tokenizers` word-level model that splits text into single characters."""
+        backend = FastBackend(models.WordLevel({c: i for i, c in enumerate(self.chars)}, unk_token=self.UNKNOWN))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        return backend
+
     def save(self, folder: str | Path) -> None:
-        write_text_atomic(Path(folder) / self.FILE_NAME, json.dumps(self.to_dict(), ensure_ascii=False, indent=0))
+        save_for_transformers(folder, self.backend(), self.to_dict(), unk_token=self.UNKNOWN)
+
+
+# --- bpe_simple ----------------------------------------------------------------------------------------
+
+class BPETokenizer:
+    mode = "bpe_simple"
+
+    def __init__(self, backend: FastBackend):
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size()
+        self.eos_id = backend.token_to_id(END_OF_DOCUMENT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        backend = FastBackend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(texts, trainer)
+        if backend.get_vocab_size() < vocab_size:
+            raise KernelError(f"tokenizer.vocab_size={vocab_size} is more than this corpus supports: BPE found only "
+                              f"{backend.get_vocab_size()} tokens; lower tokenizer.vocab_size or add text")
+        return cls(backend)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts)]  # parallel across cores in Rust
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "tokenizer_json": self.backend.to_str()}
+
+    def save(self, folder: str | Path) -> None:
+        save_for_transformers(folder, self.backend, {"mode": self.mode}, bos_token=END_OF_DOCUMENT,
+                              eos_token=END_OF_DOCUMENT)
+
+
+def training_sample(text: str, max_chars: int, chunk_chars: int = 1 << 16) -> Iterable[str]:
+    """The whole text when it is small, else evenly spaced chunks adding up to about max_chars."""
+    if len(text) <= max_chars:
+        yield text
+        return
+    chunks = max(1, max_chars // chunk_chars)
+    stride = len(text) // chunks
+    for start in range(0, chunks * stride, stride):
+        yield text[start : start + chunk_chars]
+
+
+# --- hf ------------------------------------------------------------------------------------------------
+
+class HFTokenizer:
+    mode = "hf"
+
+    def __init__(self, hf_tokenizer, name: str):
+        self.hf, self.name = hf_tokenizer, name
+        self.vocab_size = len(hf_tokenizer)
+        self.eos_id = hf_tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, name: str) -> "HFTokenizer":
+        from transformers import AutoTokenizer
+
+        if not name:
+            raise KernelError("tokenizer.mode=hf needs tokenizer.pretrained_name: a local tokenizer folder "
+                              "(e.g. an attached Kaggle dataset) or a Hugging Face Hub id")
+        try:
+            return cls(AutoTokenizer.from_pretrained(name, trust_remote_code=False), name)
+        except Exception as err:  # OSError offline, ValueError / others for folders that hold no tokenizer
+            where = "the folder" if Path(name).is_dir() else "the Hugging Face Hub (needs internet)"
+            raise KernelError(
+                f"tokenizer.pretrained_name={name!r} could not be loaded from {where}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}. Offline (e.g. Kaggle with internet off), "
+                "attach a dataset that holds the tokenizer files (tokenizer.json, tokenizer_config.json) and set "
+                "tokenizer.pretrained_name to that folder under /kaggle/input, or use tokenizer.mode=bpe_simple "
+                "to train a tokenizer on your own text") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if getattr(self.hf, "is_fast", False):
+            return [e.ids for e in self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "name": self.name}
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.hf.save_pretrained(str(folder))
+        write_text_atomic(folder / STATE_FILE, json.dumps(self.to_dict()))
 
 
 # --- Choosing, restoring -------------------------------------------------------------------------------
 
+def document_separator(tokenizer: Tokenizer) -> str:
+    """What goes between two documents: the end-of-document token if there is one, else a blank line."""
+    if tokenizer.eos_id is None:
+        return "\n\n"
+    return tokenizer.decode([tokenizer.eos_id])
+
+
 def tokenizer_from_dict(state: dict) -> Tokenizer:
     """Rebuild a tokenizer from what to_dict() returned (stored in every checkpoint)."""
-    if state.get("mode") == "char":
+    mode = state.get("mode")
+    if mode == "char":
         return CharTokenizer(list(state["chars"]))
-    raise KernelError(f"unknown tokenizer mode {state.get('mode')!r} in saved tokenizer state")
+    if mode == "bpe_simple":
+        return BPETokenizer(FastBackend.from_str(state["tokenizer_json"]))
+    if mode == "hf":
+        return HFTokenizer.load(state["name"])
+    raise KernelError(f"unknown tokenizer mode {mode!r} in saved tokenizer state")
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
-    path = Path(folder) / CharTokenizer.FILE_NAME
+    """A tokenizer saved by save(folder)."""
+    folder = Path(folder)
+    path = folder / STATE_FILE
     if not path.is_file():
-        raise KernelError(f"no saved tokenizer in {folder} (expected {CharTokenizer.FILE_NAME})")
+        raise KernelError(f"no saved tokenizer in {folder} (expected {STATE_FILE})")
     try:
-        return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise KernelError(f"{path} is not a valid saved tokenizer: {err}") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("mode") == "bpe_simple":
+            return BPETokenizer(FastBackend.from_file(str(folder / "tokenizer.json")))
+        if state.get("mode") == "hf":
+            return HFTokenizer.load(str(folder))
+        return tokenizer_from_dict(state)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise KernelError(f"{folder} does not hold a valid saved tokenizer: {err}") from None
 
 
-def build_tokenizer(mode: str, training_text: str) -> Tokenizer:
+def build_tokenizer(mode: str, training_text: str, vocab_size: int = 8192, sample_mb: int = 200,
+                    pretrained_name: str = "") -> Tokenizer:
     if mode == "char":
         return CharTokenizer.train(training_text)
-    raise KernelError(f"tokenizer.mode={mode!r} is not supported; use 'char'")
+    if mode == "bpe_simple":
+        return BPETokenizer.train(training_sample(training_text, sample_mb * 2**20), vocab_size)
+    if mode == "hf":
+        return HFTokenizer.load(pretrained_name)
+    raise KernelError(f"tokenizer.mode={mode!r} is not supported; use char, bpe_simple or hf")

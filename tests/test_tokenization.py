@@ -1,7 +1,13 @@
+import os
+import subprocess
+import sys
+
 import pytest
+from transformers import AutoTokenizer
 
 from kernel.env import KernelError
-from kernel.tokenization import CharTokenizer, load_tokenizer, tokenizer_from_dict
+from kernel.tokenization import (END_OF_DOCUMENT, BPETokenizer, CharTokenizer, HFTokenizer, build_tokenizer,
+                                 load_tokenizer, tokenizer_from_dict, training_sample)
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog.\n",
@@ -9,41 +15,101 @@ TEXTS = {
     "chinese": "我们在卡格尔上从零开始训练一个语言模型。\n",
     "emoji": "rocket 🚀, family 👨‍👩‍👧, flag 🇫🇷\n",
 }
+MIXED = "".join(TEXTS.values())
+CORPUS = (MIXED + "Il était une fois un modèle de langue. 从前有一个语言模型。 Once upon a time.\n") * 40
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train([CORPUS], vocab_size=400)
 
 
 @pytest.mark.parametrize("name", TEXTS)
-def test_round_trip(name):
-    text = "".join(TEXTS.values())
-    tokenizer = CharTokenizer.train(text)
+def test_char_round_trip(name):
+    tokenizer = CharTokenizer.train(MIXED)
     ids = tokenizer.encode(TEXTS[name])
     assert len(ids) == len(TEXTS[name]) and 0 not in ids
     assert tokenizer.decode(ids) == TEXTS[name]
 
 
-def test_vocabulary_is_sorted_and_independent_of_text_order():
+@pytest.mark.parametrize("name", TEXTS)
+def test_bpe_round_trip_in_any_language(bpe, name):
+    ids = bpe.encode(TEXTS[name])
+    assert bpe.decode(ids) == TEXTS[name]
+    assert len(ids) < len(TEXTS[name].encode("utf-8"))  # merges happened: fewer tokens than bytes
+
+
+def test_char_vocabulary_is_sorted_and_independent_of_text_order():
     a, b = CharTokenizer.train("banana split"), CharTokenizer.train("split banana")
     assert a.chars == b.chars == ["\ufffd", " ", "a", "b", "i", "l", "n", "p", "s", "t"]
     assert a.vocab_size == 10
 
 
-def test_unseen_characters_become_the_unknown_token():
+def test_char_unseen_characters_become_the_unknown_token():
     tokenizer = CharTokenizer.train("abc")
     assert tokenizer.encode("abzc") == [1, 2, 0, 3]
     assert tokenizer.decode(tokenizer.encode("abzc")) == "ab\ufffdc"
     assert tokenizer.decode([999]) == "\ufffd"  # out-of-range ids never crash either
 
 
-def test_save_and_load(tmp_path):
-    tokenizer = CharTokenizer.train(TEXTS["french"] + TEXTS["chinese"])
+def test_bpe_is_deterministic_and_has_an_end_of_document_token(bpe):
+    again = BPETokenizer.train([CORPUS], vocab_size=400)
+    assert again.backend.to_str() == bpe.backend.to_str()
+    assert bpe.vocab_size == 400 and bpe.decode([bpe.eos_id]) == END_OF_DOCUMENT
+    assert bpe.encode(f"a{END_OF_DOCUMENT}b") == bpe.encode("a") + [bpe.eos_id] + bpe.encode("b")
+
+
+def test_bpe_vocabulary_larger_than_the_corpus_supports_is_an_error():
+    with pytest.raises(KernelError, match="tokenizer.vocab_size=5000 is more than this corpus supports"):
+        BPETokenizer.train(["tiny text, tiny text"], vocab_size=5000)
+
+
+def test_bpe_trains_on_a_bounded_evenly_spread_sample():
+    text = "".join(f"{i:06d}" for i in range(200_000))  # 1.2M chars
+    chunks = list(training_sample(text, max_chars=2**18, chunk_chars=2**16))
+    assert len(chunks) == 4 and sum(map(len, chunks)) == 2**18
+    assert chunks[0].startswith("000000") and chunks[-1] != chunks[0]
+    assert list(training_sample("short", 100)) == ["short"]
+
+
+@pytest.mark.parametrize("mode", ["char", "bpe_simple"])
+def test_saved_tokenizer_loads_offline_with_autotokenizer_and_gives_identical_ids(tmp_path, mode, bpe):
+    tokenizer = CharTokenizer.train(CORPUS) if mode == "char" else bpe
     tokenizer.save(tmp_path / "tok")
-    loaded = load_tokenizer(tmp_path / "tok")
-    assert loaded.chars == tokenizer.chars
-    assert loaded.encode(TEXTS["chinese"]) == tokenizer.encode(TEXTS["chinese"])
-    assert tokenizer_from_dict(tokenizer.to_dict()).chars == tokenizer.chars
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"), local_files_only=True)
+    for text in list(TEXTS.values()) + ["unseen: Ωmega ✓"]:
+        assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+        assert hf.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+    reloaded = load_tokenizer(tmp_path / "tok")
+    assert reloaded.mode == mode and reloaded.encode(MIXED) == tokenizer.encode(MIXED)
+    assert tokenizer_from_dict(tokenizer.to_dict()).encode(MIXED) == tokenizer.encode(MIXED)
 
 
-def test_empty_training_text_is_an_error(tmp_path):
+def test_hf_mode_with_a_local_folder(tmp_path, bpe):
+    bpe.save(tmp_path / "local")
+    tokenizer = build_tokenizer("hf", "", pretrained_name=str(tmp_path / "local"))
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.eos_id == bpe.eos_id
+    assert tokenizer.encode(MIXED) == bpe.encode(MIXED)
+    assert tokenizer.encode_batch(list(TEXTS.values())) == [bpe.encode(t) for t in TEXTS.values()]
+    tokenizer.save(tmp_path / "saved")
+    assert load_tokenizer(tmp_path / "saved").encode(MIXED) == bpe.encode(MIXED)
+
+
+def test_hf_mode_offline_with_an_unknown_name_explains_what_to_do():
+    code = ("from kernel.tokenization import HFTokenizer\n"
+            "from kernel.env import KernelError\n"
+            "try:\n    HFTokenizer.load('no-such-user/no-such-tokenizer')\n"
+            "except KernelError as err:\n    print(err)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "'no-such-user/no-such-tokenizer' could not be loaded" in done.stdout
+    assert "attach a dataset" in done.stdout and "tokenizer.mode=bpe_simple" in done.stdout
+
+
+def test_empty_training_text_and_missing_folders_are_errors(tmp_path):
     with pytest.raises(KernelError, match="empty"):
         CharTokenizer.train("")
     with pytest.raises(KernelError, match="no saved tokenizer"):
         load_tokenizer(tmp_path)
+    with pytest.raises(KernelError, match="could not be loaded from the folder"):
+        HFTokenizer.load(str(tmp_path))

@@ -100,7 +100,7 @@ def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
     assert [p.name for p in checkpoints] == ["ckpt_00000180.pt", "ckpt_00000200.pt"]  # keep_checkpoints=2
     saved = load_checkpoint(checkpoints[-1])
     assert {"model", "optimizer", "scaler", "sampler", "rng", "config", "tokenizer", "step"} <= set(saved)
-    assert (out / "tokenizer" / "char_vocab.json").exists()
+    assert (out / "tokenizer" / "tokenizer.json").exists()
 
 
 def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny):
