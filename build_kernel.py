@@ -121,6 +121,13 @@ def read_section(package_dir: Path, name: str, replaced: bool = False) -> tuple[
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id == "__file__" and not replaced:
             raise BuildError(f"{where}:{node.lineno}: uses __file__, which does not exist in a notebook")
+    top_level = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top_level:
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if getattr(node, "level", 0) or any(m.split(".")[0] == PACKAGE for m in modules):
+                raise BuildError(f"{where}:{node.lineno}: project imports must be at top level, where the "
+                                 "build can remove them")
     removed_lines: set[int] = set()
     project_imports = []
     defines: dict[str, str] = {}

@@ -54,6 +54,8 @@ class TokenizerConfig:
 class DataConfig:
     text_glob: str = ""                   # files to train on, '**' recurses; empty: the built-in demo corpus
     val_fraction: float = 0.1             # share of the corpus held out for validation (its tail)
+    workers: int = 0                      # processes that tokenize; 0: one per CPU
+    cache_dir: str = ""                   # token files are cached here; empty: <output folder>/cache
 
 
 @dataclass
@@ -311,7 +313,7 @@ def validate(config: Config) -> None:
                 "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
-    for key in ("train.warmup_steps", "train.checkpoint_interval", "sample.max_new_tokens", "sample.top_k"):
+    for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval", "sample.max_new_tokens", "sample.top_k"):
         require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")
     require(m.n_head < 1 or m.n_embd % m.n_head == 0,
             f"'model.n_embd' ({m.n_embd}) must be divisible by 'model.n_head' ({m.n_head}); "

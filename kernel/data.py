@@ -1,44 +1,110 @@
 """# 4. Data
 
-Find the text, build the tokenizer from its training part, turn both splits into token arrays, and serve
-random training windows.
+Find the text, build the tokenizer from its training part, turn both splits into token files on disk, and
+serve random training windows from them. Built for corpora from one small .txt to many gigabytes:
 
-* With `data.text_glob` empty the run uses the **demo corpus**: the help topics that ship inside every
-  Python installation (`pydoc_data.topics`, ~465 KB of English prose and code), so the default run needs
-  no download and no dataset, on a laptop or on Kaggle.
-* Each file is one document; documents are joined in file-name order, separated by the tokenizer's
-  end-of-document token (a blank line for `char`).
-* The validation split is the tail `data.val_fraction` of the text, so it never overlaps training text
-  and is the same on every run.
-* Batches are random windows of `block_size + 1` tokens drawn by a seeded `torch.Generator`, whose state a
-  checkpoint saves so that a resumed run draws exactly the batches it would have drawn.
+* **Sources**: `data.text_glob` (`**` recurses), each file one document, in file-name order. Files are read
+  as UTF-8 in blocks: a BOM is stripped, invalid bytes are replaced (and counted per file), binary files are
+  skipped with a warning. With the glob empty the run uses the **demo corpus**: the help topics that ship
+  inside every Python (`pydoc_data.topics`, ~465 KB of English), so the default run needs no download.
+* **Split**: the last `data.val_fraction` of the characters is validation, the rest training: the two never
+  overlap and the split is the same on every run. The tokenizer learns from the training part only.
+* **Tokens**: documents are encoded in pieces of about a megabyte, in parallel worker processes, and
+  appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32), with the
+  end-of-document token (a blank line for `char`) after each document. Memory stays flat as the corpus grows.
+* **Cache**: the token files live in a folder named by a hash of the files (path, size, mtime), the split
+  and the tokenizer settings; a second run with the same inputs reuses them. A build is written to a
+  temporary folder and renamed when complete, so an interrupted build never looks complete.
+* **Batches**: random windows of `block_size + 1` tokens from the memory-mapped files, drawn by a seeded
+  `torch.Generator` whose state a checkpoint saves, so a resumed run draws exactly the batches it would have.
 """
 
+import codecs
+import collections
 import glob
+import hashlib
+import json
+import multiprocessing
 import os
+import platform
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from kernel.env import KernelError
 from kernel.config import Config
-from kernel.tokenization import END_OF_DOCUMENT, HFTokenizer, Tokenizer, build_tokenizer, document_separator
+from kernel.tokenization import (BPETokenizer, CharTokenizer, HFTokenizer, Tokenizer, document_separator,
+                                 tokenizer_from_dict, write_text_atomic)
 
 DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
+READ_BLOCK_BYTES = 8 << 20       # bytes read from a file at a time
+PIECE_CHARS = 1 << 20            # characters per encoding task
+CACHE_FORMAT = 1                 # bump when the token files' layout changes
 
 
-# --- Finding and reading text --------------------------------------------------------------------------
+# --- Sources: files or the demo corpus -----------------------------------------------------------------
 
-def demo_documents() -> list[tuple[str, str]]:
+def count_invalid_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
+    """A codecs error handler: replace like errors='replace' and count each replacement."""
+    INVALID_BYTE_COUNTS[-1] += 1
+    return "\ufffd", error.end
+
+
+INVALID_BYTE_COUNTS = [0]
+codecs.register_error("kernel_count_invalid", count_invalid_bytes)
+
+
+@dataclass
+class Source:
+    """One document: a text file, or one page of the demo corpus."""
+    name: str
+    path: Path | None = None
+    text: str | None = None
+
+    def signature(self) -> list:
+        if self.path is None:
+            return [self.name, len(self.text)]
+        stat = self.path.stat()
+        return [str(self.path), stat.st_size, stat.st_mtime_ns]
+
+    def looks_binary(self) -> bool:
+        if self.path is None:
+            return False
+        with open(self.path, "rb") as f:
+            return b"\x00" in f.read(8192)
+
+    def blocks(self) -> Iterator[str]:
+        """The text in blocks: UTF-8, BOM stripped, invalid bytes replaced by U+FFFD (and counted)."""
+        if self.path is None:
+            yield self.text
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="kernel_count_invalid")
+        first = True
+        with open(self.path, "rb") as f:
+            while True:
+                raw = f.read(READ_BLOCK_BYTES)
+                text = decoder.decode(raw, final=not raw)
+                if first:
+                    text, first = text.removeprefix("\ufeff"), False
+                if text:
+                    yield text
+                if not raw:
+                    return
+
+
+def demo_sources() -> list[Source]:
     try:
         from pydoc_data.topics import topics
     except ImportError:
-        raise KernelError("this Python has no pydoc_data module, which holds the demo corpus; "
-                          "set data.text_glob to your own text files (e.g. data.text_glob='data/**/*.txt')") from None
-    return [(f"pydoc_data.topics[{name!r}]", topics[name]) for name in sorted(topics)]
+        raise KernelError("this Python has no pydoc_data module, which holds the demo corpus; set "
+                          "data.text_glob to your own text files (e.g. data.text_glob='data/**/*.txt')") from None
+    return [Source(f"pydoc_data.topics[{name!r}]", text=topics[name]) for name in sorted(topics)]
 
 
 def describe_folder(root: Path, limit: int = 20) -> str:
@@ -58,41 +124,218 @@ def describe_folder(root: Path, limit: int = 20) -> str:
 def glob_root(pattern: str) -> Path:
     """The folder part of a glob before its first wildcard."""
     parts = Path(pattern).parts
-    fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))]]
+    fixed = parts[: next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))]
     return Path(*fixed) if fixed else Path(".")
 
 
 def find_text_files(pattern: str) -> list[Path]:
-    paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
+    pattern = os.path.expanduser(pattern)
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not paths:
         raise KernelError(f"data.text_glob={pattern!r} matches no file; {describe_folder(glob_root(pattern))}")
     return paths
 
 
-def read_text_file(path: Path) -> str | None:
-    """The file's text (UTF-8, BOM stripped, invalid bytes replaced), or None for a binary file."""
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        print(f"[data] skipping {path}: it looks binary (NUL bytes), not text")
-        return None
-    text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
-    replaced = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
-    if replaced:
-        print(f"[data] {path}: {replaced} invalid UTF-8 byte sequence(s) replaced by U+FFFD")
-    return text
-
-
-def load_documents(text_glob: str) -> tuple[str, list[tuple[str, str]]]:
-    """(description of the source, [(name, text), ...])."""
+def list_sources(text_glob: str) -> tuple[str, list[Source]]:
+    """(a description, the documents), binary files left out with a warning."""
     if not text_glob:
-        return DEMO_CORPUS, demo_documents()
-    documents = [(str(p), text) for p in find_text_files(text_glob) if (text := read_text_file(p)) is not None]
-    if not any(text.strip() for _, text in documents):
-        raise KernelError(f"data.text_glob={text_glob!r}: every matching file is empty or binary")
-    return f"{len(documents)} file(s) matching {text_glob!r}", documents
+        return DEMO_CORPUS, demo_sources()
+    sources = []
+    for path in find_text_files(text_glob):
+        source = Source(str(path), path=path)
+        if source.looks_binary():
+            print(f"[data] skipping {path}: it looks binary (NUL bytes), not text")
+        else:
+            sources.append(source)
+    return f"{len(sources)} file(s) matching {text_glob!r}", sources
 
 
-# --- Tokens --------------------------------------------------------------------------------------------
+# --- The corpus as one stream of characters ------------------------------------------------------------
+
+@dataclass
+class Piece:
+    split: str           # "train" or "val"
+    text: str
+    ends_document: bool  # an end-of-document separator follows
+
+
+def measure(sources: list[Source]) -> tuple[list[int], dict]:
+    """Characters per document (one streaming pass) and what was found: bytes, invalid bytes, empty files."""
+    lengths, invalid, total_bytes = [], {}, 0
+    for source in sources:
+        INVALID_BYTE_COUNTS.append(0)
+        lengths.append(sum(len(block) for block in source.blocks()))
+        if count := INVALID_BYTE_COUNTS.pop():
+            invalid[source.name] = count
+            print(f"[data] {source.name}: {count} invalid UTF-8 byte sequence(s) replaced by U+FFFD")
+        total_bytes += source.path.stat().st_size if source.path else len(source.text.encode("utf-8"))
+    return lengths, {"bytes": total_bytes, "invalid_bytes": invalid}
+
+
+def safe_cut(text: str, limit: int) -> int:
+    """A cut point near `limit`: before a space that follows a non-space (where no BPE pre-token is split),
+    else after a newline, else `limit` itself."""
+    for position in range(limit, max(0, limit - 4096), -1):
+        if text[position] == " " and not text[position - 1].isspace():
+            return position
+    newline = text.rfind("\n", 0, limit)
+    return newline + 1 if newline > 0 else limit
+
+
+def iterate_pieces(sources: list[Source], split_at: int, piece_chars: int | None = None) -> Iterator[Piece]:
+    """The corpus as pieces of at most piece_chars characters; characters before `split_at` are training."""
+    piece_chars = piece_chars or PIECE_CHARS
+    offset = 0
+    for source in sources:
+        buffer = ""
+        for block in source.blocks():
+            buffer += block
+            while len(buffer) > piece_chars or (offset < split_at < offset + len(buffer)):
+                if offset < split_at < offset + len(buffer) and split_at - offset <= piece_chars:
+                    cut = split_at - offset
+                else:
+                    cut = safe_cut(buffer, piece_chars)
+                yield Piece("train" if offset < split_at else "val", buffer[:cut], False)
+                buffer, offset = buffer[cut:], offset + cut
+        if buffer:
+            yield Piece("train" if offset < split_at else "val", buffer, True)
+            offset += len(buffer)
+
+
+def training_text_sample(sources: list[Source], split_at: int, max_chars: int, chunk_chars: int = 1 << 16):
+    """The training text when it is small, else evenly spaced chunks adding up to about max_chars."""
+    pieces = (p.text for p in iterate_pieces(sources, split_at) if p.split == "train")
+    if split_at <= max_chars:
+        yield from pieces
+        return
+    stride = split_at // max(1, max_chars // chunk_chars)
+    offset, next_start = 0, 0
+    for text in pieces:
+        while next_start < offset + len(text):
+            local = next_start - offset
+            yield text[local : local + chunk_chars]
+            next_start += stride
+        offset += len(text)
+
+
+def train_tokenizer(config: Config, sources: list[Source], split_at: int) -> Tokenizer:
+    tok = config.tokenizer
+    if tok.mode == "char":
+        chars: set[str] = set()
+        for piece in iterate_pieces(sources, split_at):
+            if piece.split == "train":
+                chars.update(piece.text)
+        return CharTokenizer.train("".join(sorted(chars)))
+    if tok.mode == "bpe_simple":
+        return BPETokenizer.train(training_text_sample(sources, split_at, tok.train_sample_mb << 20), tok.vocab_size)
+    return HFTokenizer.load(tok.pretrained_name)
+
+
+# --- Encoding in parallel, into token files ------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+WORKER_TOKENIZER: list = []  # set in each worker process (inherited through fork)
+
+
+def encode_piece(text: str) -> np.ndarray:
+    tokenizer = WORKER_TOKENIZER[0]
+    if hasattr(tokenizer, "encode_array"):
+        ids = tokenizer.encode_array(text)
+    else:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    return ids.astype(token_dtype(tokenizer.vocab_size))
+
+
+def worker_count(requested: int) -> int:
+    """0 means one worker per usable CPU. Workers need fork (Linux): a notebook's functions cannot be
+    pickled into spawned processes."""
+    if sys.platform != "linux":
+        return 1
+    available = len(os.sched_getaffinity(0))
+    return max(1, min(requested or available, available))
+
+
+def ordered_map(function, items: Iterator, workers: int, window: int = 8) -> Iterator:
+    """function(item) for each item, in order, with at most `window` pieces in flight (bounded memory)."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no Rust thread pools
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pending: collections.deque = collections.deque()
+            for item in items:
+                pending.append(pool.apply_async(function, (item,)))
+                if len(pending) >= window * workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def write_token_files(sources: list[Source], split_at: int, tokenizer: Tokenizer, folder: Path,
+                      workers: int) -> dict:
+    """Encode every piece into folder/train.bin and folder/val.bin; returns token counts per split."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    if tokenizer.eos_id is not None:
+        separator = np.array([tokenizer.eos_id], dtype=dtype)
+    else:
+        separator = np.asarray(tokenizer.encode(document_separator(tokenizer)), dtype=dtype)
+    counts = {"train": 0, "val": 0}
+    WORKER_TOKENIZER[:] = [tokenizer]
+    in_flight: collections.deque = collections.deque()  # (split, ends_document) of the pieces being encoded
+
+    def texts() -> Iterator[str]:
+        for piece in iterate_pieces(sources, split_at):
+            in_flight.append((piece.split, piece.ends_document))
+            yield piece.text
+
+    with open(folder / "train.bin", "wb") as train_file, open(folder / "val.bin", "wb") as val_file:
+        files = {"train": train_file, "val": val_file}
+        for ids in ordered_map(encode_piece, texts(), workers):
+            split, ends_document = in_flight.popleft()
+            files[split].write(ids.tobytes())
+            counts[split] += int(ids.size)
+            if ends_document:
+                files[split].write(separator.tobytes())
+                counts[split] += int(separator.size)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    return counts
+
+
+# --- The cache -----------------------------------------------------------------------------------------
+
+def tokenizer_fingerprint(config: Config, tokenizer: Tokenizer | None) -> str:
+    if tokenizer is not None:
+        state = tokenizer.to_dict()
+        if isinstance(tokenizer, HFTokenizer) and getattr(tokenizer.hf, "is_fast", False):
+            state = {**state, "tokenizer_json": tokenizer.hf.backend_tokenizer.to_str()}
+        return "given:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    tok = config.tokenizer
+    settings = {"mode": tok.mode}
+    if tok.mode == "bpe_simple":
+        settings.update(vocab_size=tok.vocab_size, train_sample_mb=tok.train_sample_mb)
+    if tok.mode == "hf":
+        settings.update(pretrained_name=tok.pretrained_name)
+    return json.dumps(settings, sort_keys=True)
+
+
+def cache_key(sources: list[Source], config: Config, tokenizer: Tokenizer | None) -> str:
+    description = {"format": CACHE_FORMAT, "sources": [s.signature() for s in sources],
+                   "val_fraction": config.data.val_fraction, "tokenizer": tokenizer_fingerprint(config, tokenizer),
+                   "python": platform.python_version() if sources and sources[0].path is None else ""}
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
 
 @dataclass
 class TokenData:
@@ -106,44 +349,62 @@ class TokenData:
         return self.stats["val_tokens"] / max(1, self.stats["val_bytes"])
 
 
-def token_dtype(vocab_size: int) -> type:
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
+def load_cached(folder: Path) -> TokenData:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits = {}
+    for split in ("train", "val"):
+        size = (folder / f"{split}.bin").stat().st_size // np.dtype(dtype).itemsize
+        if size != meta["stats"][f"{split}_tokens"]:
+            raise KernelError(f"token cache {folder} is damaged ({split}.bin has {size} tokens, expected "
+                              f"{meta['stats'][f'{split}_tokens']}); delete the folder to rebuild it")
+        splits[split] = np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    return TokenData(tokenizer, splits["train"], splits["val"], meta["stats"])
 
 
-def encode_to_array(tokenizer: Tokenizer, text: str, separator: str) -> np.ndarray:
-    """Token ids of `text`; documents (split at `separator`) are encoded in parallel where the tokenizer can."""
-    if hasattr(tokenizer, "encode_array"):
-        ids = tokenizer.encode_array(text)
-    elif hasattr(tokenizer, "encode_batch") and tokenizer.eos_id is not None:
-        pieces = tokenizer.encode_batch(text.split(separator))
-        ids = np.fromiter((i for n, piece in enumerate(pieces) for i in ([tokenizer.eos_id] if n else []) + piece),
-                          dtype=np.int64)
-    else:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    return ids.astype(token_dtype(tokenizer.vocab_size))
+def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | None, folder: Path,
+                source_description: str) -> None:
+    """Measure, split, train the tokenizer, encode; everything in a temporary folder renamed at the end."""
+    lengths, found = measure(sources)
+    total_chars = sum(lengths)
+    if total_chars == 0:
+        raise KernelError(f"{source_description}: every file is empty")
+    split_at = int(total_chars * (1 - config.data.val_fraction))
+    staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if tokenizer is None:
+            tokenizer = train_tokenizer(config, sources, split_at)
+        counts = write_token_files(sources, split_at, tokenizer, staging, worker_count(config.data.workers))
+        val_chars = total_chars - split_at
+        stats = {"source": source_description, "documents": len(sources), "files": sum(s.path is not None for s in sources),
+                 "bytes": found["bytes"], "chars": total_chars, "invalid_bytes": found["invalid_bytes"],
+                 "train_tokens": counts["train"], "val_tokens": counts["val"],
+                 # bytes of the validation text, estimated from its share of characters (bpb needs bytes)
+                 "val_bytes": round(found["bytes"] * val_chars / total_chars), "vocab_size": tokenizer.vocab_size}
+        write_text_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
-def prepare_data(config: Config, tokenizer: Tokenizer | None = None) -> TokenData:
-    """Read, split and tokenize. Pass the tokenizer of a checkpoint to resume with the same vocabulary."""
+def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | None = None) -> TokenData:
+    """Token files for this corpus, split and tokenizer: from the cache, or built now. Pass a checkpoint's
+    tokenizer to resume with the same vocabulary."""
     started = time.perf_counter()
-    source, documents = load_documents(config.data.text_glob)
-    tok = config.tokenizer
-    if tokenizer is None and tok.mode == "hf":  # loaded, not trained: needed first for its separator
-        tokenizer = HFTokenizer.load(tok.pretrained_name)
-    separator = document_separator(tokenizer) if tokenizer else ("\n\n" if tok.mode == "char" else END_OF_DOCUMENT)
-    text = separator.join(text for _, text in documents)
-    split_at = int(len(text) * (1 - config.data.val_fraction))
-    train_text, val_text = text[:split_at], text[split_at:]
-    if tokenizer is None:
-        tokenizer = build_tokenizer(tok.mode, train_text, tok.vocab_size, tok.train_sample_mb, tok.pretrained_name)
-    data = TokenData(tokenizer, encode_to_array(tokenizer, train_text, separator),
-                     encode_to_array(tokenizer, val_text, separator))
-    data.stats = {
-        "source": source, "documents": len(documents), "bytes": len(text.encode("utf-8")),
-        "train_tokens": int(data.train.size), "val_tokens": int(data.val.size),
-        "val_bytes": len(val_text.encode("utf-8")), "vocab_size": tokenizer.vocab_size,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    description, sources = list_sources(config.data.text_glob)
+    if not sources:
+        raise KernelError(f"data.text_glob={config.data.text_glob!r}: every matching file is binary")
+    folder = Path(cache_root) / f"tokens-{cache_key(sources, config, tokenizer)}"
+    cached = (folder / "meta.json").is_file()
+    if not cached:
+        build_cache(sources, config, tokenizer, folder, description)
+    data = load_cached(folder)
+    data.stats.update(seconds=round(time.perf_counter() - started, 2), cache=str(folder), cached=cached)
     check_split_lengths(data, config.model.block_size)
     return data
 
@@ -158,9 +419,11 @@ def check_split_lengths(data: TokenData, block_size: int) -> None:
 
 def print_data_report(data: TokenData) -> None:
     s = data.stats
-    print(f"[data] {s['source']}: {s['documents']} documents, {s['bytes']:,} bytes, vocab {s['vocab_size']}")
+    print(f"[data] {s['source']}: {s['documents']} documents, {s['bytes']:,} bytes, vocab {s['vocab_size']:,}"
+          f"{' (invalid UTF-8 replaced in ' + str(len(s['invalid_bytes'])) + ' file(s))' if s['invalid_bytes'] else ''}")
     print(f"[data] tokens: train {s['train_tokens']:,} | val {s['val_tokens']:,} | "
-          f"{data.val_tokens_per_byte:.3f} tokens/byte | {s['seconds']:.1f}s")
+          f"{data.val_tokens_per_byte:.3f} tokens/byte | {'cached' if s['cached'] else 'built'} in {s['seconds']:.1f}s"
+          f" ({s['cache']})")
 
 
 # --- Batches -------------------------------------------------------------------------------------------

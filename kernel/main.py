@@ -54,7 +54,8 @@ def run(config: Config, out_dir: str | Path) -> dict:
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
-    data = prepare_data(config, tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None)
+    cache_root = config.data.cache_dir or out_dir / "cache"
+    data = prepare_data(config, cache_root, tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None)
     print_data_report(data)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -144,3 +144,9 @@ def test_headless_cli_runs_and_reports_bad_input(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean 'model.n_layer'" in bad.stderr
     assert not (tmp_path / "bad").exists()  # nothing written for a bad config
+
+
+def test_build_fails_on_a_project_import_inside_a_function(tmp_path):
+    root = make_package(tmp_path, {"a": "def g(): pass\n", "b": "def f():\n    from kernel.a import g\n    return g\n"})
+    with pytest.raises(BuildError, match="must be at top level"):
+        stitch(root)
