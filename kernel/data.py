@@ -375,15 +375,19 @@ def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | No
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        started = time.perf_counter()
         if tokenizer is None:
             tokenizer = train_tokenizer(config, sources, split_at)
+        tokenizer_seconds, started = time.perf_counter() - started, time.perf_counter()
         counts = write_token_files(sources, split_at, tokenizer, staging, worker_count(config.data.workers))
+        encode_seconds = time.perf_counter() - started
         val_chars = total_chars - split_at
         stats = {"source": source_description, "documents": len(sources), "files": sum(s.path is not None for s in sources),
                  "bytes": found["bytes"], "chars": total_chars, "invalid_bytes": found["invalid_bytes"],
                  "train_tokens": counts["train"], "val_tokens": counts["val"],
                  # bytes of the validation text, estimated from its share of characters (bpb needs bytes)
-                 "val_bytes": round(found["bytes"] * val_chars / total_chars), "vocab_size": tokenizer.vocab_size}
+                 "val_bytes": round(found["bytes"] * val_chars / total_chars), "vocab_size": tokenizer.vocab_size,
+                 "tokenizer_seconds": round(tokenizer_seconds, 2), "encode_seconds": round(encode_seconds, 2)}
         write_text_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)

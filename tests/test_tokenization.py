@@ -118,8 +118,9 @@ def test_empty_training_text_and_missing_folders_are_errors(tmp_path):
 def test_bpe_fast_path_gives_the_ids_of_the_rust_tokenizer(bpe):
     import random
     rng = random.Random(0)
-    alphabet = list("ab ,.'\n\t") + ["  ", "   ", "\u00a0", "\u3000", "\u2003", "\x1c", "\x85", "é", "我", "🚀", "'s", "1"]
+    alphabet = list("ab ,.'\n\t\r\x0b") + ["  ", "   ", "\u00a0", "\u3000", "\u2003", "\u2028", "\x1c", "\x85", "é",
+                                         "我", "🚀", "'s", "1", "\n  ", " \n"]
     texts = list(TEXTS.values()) + [CORPUS[:5000]]
-    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(500)]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
     for text in texts:
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)
