@@ -283,19 +283,22 @@ def ordered_map(function, items: Iterator, workers: int, window: int = 8) -> Ite
 
 def write_token_files(sources: list[Source], split_at: int, tokenizer: Tokenizer, folder: Path,
                       workers: int) -> dict:
-    """Encode every piece into folder/train.bin and folder/val.bin; returns token counts per split."""
+    """Encode every piece into folder/train.bin and folder/val.bin; returns token counts per split and the
+    validation text's size in bytes."""
     dtype = token_dtype(tokenizer.vocab_size)
     if tokenizer.eos_id is not None:
         separator = np.array([tokenizer.eos_id], dtype=dtype)
     else:
         separator = np.asarray(tokenizer.encode(document_separator(tokenizer)), dtype=dtype)
-    counts = {"train": 0, "val": 0}
+    counts = {"train": 0, "val": 0, "val_bytes": 0}
     WORKER_TOKENIZER[:] = [tokenizer]
     in_flight: collections.deque = collections.deque()  # (split, ends_document) of the pieces being encoded
 
     def texts() -> Iterator[str]:
         for piece in iterate_pieces(sources, split_at):
             in_flight.append((piece.split, piece.ends_document))
+            if piece.split == "val":  # bits per byte needs the validation text's size in bytes
+                counts["val_bytes"] += len(piece.text.encode("utf-8"))
             yield piece.text
 
     with open(folder / "train.bin", "wb") as train_file, open(folder / "val.bin", "wb") as val_file:
@@ -381,12 +384,10 @@ def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | No
         tokenizer_seconds, started = time.perf_counter() - started, time.perf_counter()
         counts = write_token_files(sources, split_at, tokenizer, staging, worker_count(config.data.workers))
         encode_seconds = time.perf_counter() - started
-        val_chars = total_chars - split_at
         stats = {"source": source_description, "documents": len(sources), "files": sum(s.path is not None for s in sources),
                  "bytes": found["bytes"], "chars": total_chars, "invalid_bytes": found["invalid_bytes"],
                  "train_tokens": counts["train"], "val_tokens": counts["val"],
-                 # bytes of the validation text, estimated from its share of characters (bpb needs bytes)
-                 "val_bytes": round(found["bytes"] * val_chars / total_chars), "vocab_size": tokenizer.vocab_size,
+                 "val_bytes": counts["val_bytes"], "vocab_size": tokenizer.vocab_size,
                  "tokenizer_seconds": round(tokenizer_seconds, 2), "encode_seconds": round(encode_seconds, 2)}
         write_text_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
         shutil.rmtree(folder, ignore_errors=True)
@@ -423,7 +424,8 @@ def check_split_lengths(data: TokenData, block_size: int) -> None:
 
 def print_data_report(data: TokenData) -> None:
     s = data.stats
-    print(f"[data] {s['source']}: {s['documents']} documents, {s['bytes']:,} bytes, vocab {s['vocab_size']:,}"
+    print(f"[data] {s['source']}: {s['documents']} documents, {s['bytes']:,} bytes, {s['chars']:,} characters, "
+          f"vocab {s['vocab_size']:,}"
           f"{' (invalid UTF-8 replaced in ' + str(len(s['invalid_bytes'])) + ' file(s))' if s['invalid_bytes'] else ''}")
     print(f"[data] tokens: train {s['train_tokens']:,} | val {s['val_tokens']:,} | "
           f"{data.val_tokens_per_byte:.3f} tokens/byte | {'cached' if s['cached'] else 'built'} in {s['seconds']:.1f}s"

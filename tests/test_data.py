@@ -164,3 +164,12 @@ def test_sampler_is_reproducible_and_its_state_restores():
     for batch in expected:
         torch.testing.assert_close(c.next_batch()[0], batch)
     assert not torch.equal(BatchSampler(tokens, 8, 4, seed=8).next_batch()[0], x)
+
+
+def test_validation_bytes_are_exact_for_bits_per_byte(tmp_path, tiny):
+    text = (FRENCH + CHINESE + "\n") * 30
+    write(tmp_path / "mixed.txt", text)
+    data = prepare_data(tiny(data__text_glob=str(tmp_path / "mixed.txt"), data__val_fraction=0.25), tmp_path / "cache")
+    val_text = text[int(len(text) * 0.75):]
+    assert data.stats["val_bytes"] == len(val_text.encode("utf-8")) > len(val_text)
+    assert data.stats["val_tokens"] == len(val_text) + 2  # one char token each, plus the "\n\n" separator

@@ -142,3 +142,22 @@ def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny):
     assert summary["stopped_by"] == "time_budget" and 0 < summary["steps"] < 100_000
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt_{summary['steps']:08d}.pt"
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
+
+
+def test_a_bpe_run_learns_exports_its_tokenizer_and_resumes(tmp_path, tiny):
+    from transformers import AutoTokenizer
+
+    config = tiny(tokenizer__mode="bpe_simple", tokenizer__vocab_size=512, train__max_steps=40,
+                  train__checkpoint_interval=20, train__keep_checkpoints=3)
+    straight = run(config, tmp_path / "straight")
+    assert straight["data"]["vocab_size"] == 512 and straight["val_loss"] < math.log(512)
+    assert straight["val_bpb"] == pytest.approx(
+        straight["val_loss"] / math.log(2) * straight["data"]["val_tokens"] / straight["data"]["val_bytes"])
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "straight" / "tokenizer"), local_files_only=True)
+    assert hf.eos_token == "<|endoftext|>" and len(hf) == 512
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "straight", stopped)
+    (stopped / "checkpoints" / "ckpt_00000040.pt").unlink()
+    shutil.rmtree(stopped / "cache")  # the resumed run re-tokenizes with the checkpoint's tokenizer
+    resumed = run(config, stopped)
+    assert resumed["val_loss"] == straight["val_loss"]
