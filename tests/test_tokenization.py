@@ -124,3 +124,11 @@ def test_bpe_fast_path_gives_the_ids_of_the_rust_tokenizer(bpe):
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
     for text in texts:
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)
+
+
+def test_bpe_fast_path_on_long_text_with_blocks_and_both_segmenters(bpe, monkeypatch):
+    monkeypatch.setattr(BPETokenizer, "BLOCK_CHARS", 30)
+    prose = (TEXTS["english"] + TEXTS["french"]).replace("\n", " ") * 20  # every space a cut: str.split path
+    ragged = prose[:400] + "  indented\n    code  here\n" + prose[400:]   # double spaces: regex path blocks
+    for text in (prose, ragged, " leading", "trailing ", ragged[::-1]):
+        assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text[:40])
