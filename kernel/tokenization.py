@@ -135,6 +135,9 @@ class BPETokenizer:
     # A segment: an optional leading space, then characters up to the next cut; inside it a space appears
     # only between whitespace on both sides (or whitespace and the end), where the regex does not cut.
     SEGMENT = re.compile(r" ?(?:[^ ]+|(?<=\s) (?!\S))+| ")
+    # A single line break between two non-spaces is a pre-token of its own, whatever follows: a cut after it
+    # is also safe (after two or more whitespace characters it is not: "\n\n" alone would be one pre-token).
+    LINE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
     CACHE_LIMIT = 1_000_000  # segments (~150 MB); cleared when full, so memory stays bounded on any corpus
     BLOCK_CHARS = 1 << 16    # text is checked for the str.split fast path in blocks of this size
 
@@ -168,10 +171,19 @@ class BPETokenizer:
             self._cache.clear()
             missing = set(segments)
         if missing:
-            missing_list = sorted(missing)
-            encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-            self._cache.update(zip(missing_list, (array.array("I", e.ids).tobytes() for e in encode_batch(missing_list))))
+            self._add_to_cache(sorted(missing))
         return np.frombuffer(b"".join(map(self._cache.__getitem__, segments)), dtype=np.uint32)
+
+    def _add_to_cache(self, segments: list[str]) -> None:
+        """Encode new segments. One that spans a line break ("end\nThe") is composed from its lines' parts,
+        which are usually cached already; only parts never seen go to the Rust tokenizer."""
+        parts_of = {segment: self.LINE_CUT.split(segment) for segment in segments}
+        new_parts = sorted(set(itertools.chain.from_iterable(parts_of.values())).difference(self._cache))
+        encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self._cache.update(zip(new_parts, (array.array("I", e.ids).tobytes() for e in encode_batch(new_parts))))
+        for segment, parts in parts_of.items():
+            if len(parts) > 1:
+                self._cache[segment] = b"".join(map(self._cache.__getitem__, parts))
 
     def _segments(self, text: str, split_blocks: bool = True) -> list[str]:
         """The text cut into segments. When every space is a cut (no space has whitespace on both sides, the

@@ -132,3 +132,11 @@ def test_bpe_fast_path_on_long_text_with_blocks_and_both_segmenters(bpe, monkeyp
     ragged = prose[:400] + "  indented\n    code  here\n" + prose[400:]   # double spaces: regex path blocks
     for text in (prose, ragged, " leading", "trailing ", ragged[::-1]):
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text[:40])
+
+
+def test_bpe_segments_across_line_breaks_are_composed_exactly(bpe):
+    lines = ["end\nThe", "a\n\nb", "x\n y", "我\n🚀", "it\n's", "q\n\n\nr s\nt", "\n\nlead", "tail\n"]
+    for text in lines + [" ".join(lines) * 3]:
+        bpe._cache.clear()
+        assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)
+        assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)  # and from the cache
