@@ -78,7 +78,8 @@ class TrainConfig:
     eval_batches: int = 20                # batches per split in one evaluation
     log_interval: int = 10                # steps between metrics lines
     checkpoint_interval: int = 250        # steps between checkpoints; 0: only the final one
-    keep_checkpoints: int = 2             # newest checkpoints kept on disk
+    keep_checkpoints: int = 2             # newest checkpoints kept on disk (plus the best by val loss)
+    nan_patience: int = 20                # stop after this many consecutive steps with a NaN/inf loss
     time_budget: float | None = field(default=None, metadata={"duration": True})  # wall-clock limit
     resume: str = "auto"                  # auto (latest checkpoint in the output folder) | never | a path
 
@@ -311,7 +312,7 @@ def validate(config: Config) -> None:
 
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.train_sample_mb",
                 "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
-                "train.eval_batches", "train.log_interval", "train.keep_checkpoints"):
+                "train.eval_batches", "train.log_interval", "train.keep_checkpoints", "train.nan_patience"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
     for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval", "sample.max_new_tokens", "sample.top_k"):
         require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")

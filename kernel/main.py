@@ -12,7 +12,7 @@ the command line:
 
 import argparse
 import json
-import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +40,17 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def ensure_writable(folder: Path) -> None:
+    """Fail before any work when the output folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise KernelError(f"the output folder {folder} cannot be written ({type(err).__name__}: "
+                          f"{err.strerror or err}); choose another one with --out (or OUT_DIR in the notebook)") from None
+
+
 def run(config: Config, out_dir: str | Path) -> dict:
     """Train with a resolved config, write every output into out_dir, return the summary."""
     out_dir = Path(out_dir)
@@ -49,9 +60,9 @@ def run(config: Config, out_dir: str | Path) -> dict:
     dtype, why = resolve_dtype(config.train.dtype, device)
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
     seed_everything(config.train.seed)
+    ensure_writable(out_dir)
 
-    resume_path = find_resume_checkpoint(config.train.resume, out_dir)
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    resume_path, checkpoint = find_resume_checkpoint(config.train.resume, out_dir) or (None, None)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
     cache_root = config.data.cache_dir or out_dir / "cache"
@@ -75,6 +86,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
         "tokens_per_s": result.tokens_per_s, "steps": result.step, "tokens": result.tokens,
         "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
         "dtype": dtype_name(dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
+        "best_checkpoint": result.best,
         "data": data.stats, "environment": environment, "out_dir": str(out_dir),
     }
     write_json_atomic(out_dir / "summary.json", summary)

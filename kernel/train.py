@@ -10,13 +10,17 @@ product, and k micro-batches give the same gradient as one batch k times as larg
 """
 
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,8 +96,12 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device) -
 
 # --- One optimizer step --------------------------------------------------------------------------------
 
-def train_step(model, optimizer, scaler, next_batch, train: TrainConfig, device, dtype) -> torch.Tensor:
-    """Accumulate gradients over train.grad_accum_steps micro-batches, clip, update. Returns the mean loss."""
+def train_step(model, optimizer, scaler, next_batch, train: TrainConfig, device, dtype) -> tuple[torch.Tensor, bool]:
+    """Accumulate gradients over train.grad_accum_steps micro-batches, clip, update.
+
+    Returns the mean loss and whether it was finite. A step whose loss or gradients are not finite is
+    skipped (the fp16 grad scaler also lowers its scale), so one bad batch never poisons the weights.
+    """
     total = torch.zeros((), device=device)
     for _ in range(train.grad_accum_steps):
         x, y = (t.to(device, non_blocking=True) for t in next_batch())
@@ -101,13 +109,16 @@ def train_step(model, optimizer, scaler, next_batch, train: TrainConfig, device,
             _, loss = model(x, y)
         scaler.scale(loss / train.grad_accum_steps).backward()
         total += loss.detach()
-    if train.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-    scaler.step(optimizer)
+    scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
+    grads_finite, loss_finite = torch.stack([torch.isfinite(norm), torch.isfinite(total)]).tolist()  # one sync
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips the update by itself when the gradients hold inf/NaN
+    elif grads_finite and loss_finite:
+        optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / train.grad_accum_steps
+    return total / train.grad_accum_steps, loss_finite
 
 
 @torch.no_grad()
@@ -141,16 +152,6 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    def keep_until(self, step: int) -> None:
-        """Drop records after `step` (a resumed run rewrites them), atomically."""
-        kept = [r for r in self.read() if r["step"] <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
 
 CHECKPOINT_PATTERN = "ckpt_*.pt"
 
@@ -164,13 +165,16 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob(CHECKPOINT_PATTERN)) if folder.is_dir() else []
 
 
-def save_checkpoint(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash mid-write never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def write_bytes_atomic(path: Path, data) -> None:
+    """Temporary file in the same folder, fsync, rename: a crash or a full disk never leaves a torn file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -179,32 +183,83 @@ def save_checkpoint(payload: dict, path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """The checkpoint and, beside it, the SHA-256 of its bytes (written last: no checksum, no checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise KernelError(f"checkpoint {path} does not exist") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+        write_bytes_atomic(checksum_path(path), hashlib.sha256(data).hexdigest().encode())
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        previous = [p.name for p in list_checkpoints(path.parent) if p != path]
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        raise KernelError(f"could not write checkpoint {path}: {err.strerror or err}; it needs "
+                          f"{len(data) / 2**20:,.1f} MB ({free}). The previous checkpoint "
+                          f"{previous[-1] if previous else '(none yet)'} is intact. Free some space or choose "
+                          "another output folder (--out)") from None
+
+
+class CheckpointError(KernelError):
+    """A checkpoint file that is incomplete, truncated or corrupted."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KernelError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}: its writing was interrupted")
+    if hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
+        raise CheckpointError(f"checkpoint {path} does not match its checksum: it is truncated or corrupted")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        raise KernelError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
 
 
-def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """train.resume: 'never', 'auto' (the newest checkpoint in out_dir, if any) or a file/folder path."""
+def load_newest_valid(candidates: list[Path]) -> tuple[Path, dict]:
+    """The newest checkpoint that loads; damaged newer ones are skipped with a warning."""
+    problems = []
+    for path in reversed(candidates):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as err:
+            print(f"[resume] warning: {err}; trying the one before it")
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"[resume] warning: resuming from {path.name}, an older checkpoint, because the newer ones are damaged")
+        return path, checkpoint
+    raise KernelError("no usable checkpoint: " + "; ".join(problems) +
+                      ". Set train.resume=never (or another --out) to start a new run")
+
+
+def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, dict] | None:
+    """train.resume: 'never', 'auto' (the newest valid checkpoint in out_dir, if any), a folder, or a file."""
     if resume == "never":
         return None
     if resume == "auto":
         found = list_checkpoints(out_dir / "checkpoints")
-        return found[-1] if found else None
+        return load_newest_valid(found) if found else None
     path = Path(resume)
     if path.is_dir():
         found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
         if not found:
             raise KernelError(f"train.resume={resume!r}: no {CHECKPOINT_PATTERN} in that folder")
-        return found[-1]
+        return load_newest_valid(found)
     if not path.is_file():
         raise KernelError(f"train.resume={resume!r}: no such checkpoint file or folder; "
                           "use 'auto', 'never' or a path to a ckpt_*.pt file")
-    return path
+    return path, load_checkpoint(path)
 
 
 def rng_states() -> dict:
@@ -247,9 +302,33 @@ class TrainResult:
     train_loss: float
     tokens_per_s: float      # training throughput of this process (evaluation excluded)
     wall_s: float            # this process's time in train()
-    stopped_by: str          # "max_steps" or "time_budget"
+    stopped_by: str          # "max_steps", "time_budget" or "signal (SIGTERM)" / "signal (SIGINT)"
     resumed_from: str | None = None
+    best: dict = field(default_factory=dict)  # {"step", "val_loss"} of the best checkpoint kept
     history: list = field(default_factory=list)
+
+
+class StopRequests:
+    """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt) ask the loop to stop
+    after the current step, so it can checkpoint and write its outputs instead of dying mid-step."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.request)
+        return self
+
+    def request(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
@@ -262,7 +341,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     sampler = BatchSampler(data.train, m.block_size, t.batch_size, t.seed)
-    step, tokens, last_eval, train_loss = 0, 0, {}, float("nan")
+    step, tokens, last_eval, train_loss, best, history = 0, 0, {}, float("nan"), {}, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -270,72 +349,104 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         sampler.load_state_dict(checkpoint["sampler"])
         restore_rng_states(checkpoint["rng"])
         step, tokens, last_eval = checkpoint["step"], checkpoint["tokens"], checkpoint["last_eval"]
-        train_loss = checkpoint["train_loss"]
-        metrics.keep_until(step)
+        train_loss, best, history = checkpoint["train_loss"], checkpoint["best"], list(checkpoint["metrics"])
         print(f"[train] resumed from {checkpoint_source} at step {step:,} ({tokens:,} tokens)")
-    elif metrics.path.exists():
-        metrics.path.unlink()  # a fresh run starts a fresh metrics file
+    # The metrics file always restarts from what the checkpoint knew: steps after it are replayed.
+    write_text_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
     runner = maybe_compile(model, t.compile, device)
     runner.train()
 
+    def record(entry: dict) -> None:
+        history.append(entry)
+        metrics.append(entry)
+
     def save(at_step: int) -> None:
-        payload = {"format": 1, "step": at_step, "tokens": tokens, "last_eval": last_eval, "train_loss": train_loss,
+        nonlocal best
+        evaluated = last_eval if last_eval.get("step") == at_step else {}
+        if evaluated and (not best or evaluated["val_loss"] < best["val_loss"]):
+            best = {"step": at_step, "val_loss": evaluated["val_loss"]}
+        payload = {"format": 2, "step": at_step, "tokens": tokens, "last_eval": last_eval, "train_loss": train_loss,
+                   "best": best, "metrics": history,
                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states(),
                    "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
-        save_checkpoint(payload, checkpoint_path(ckpt_dir, at_step))
+        path = checkpoint_path(ckpt_dir, at_step)
+        save_checkpoint(payload, path)
         write_text_atomic(ckpt_dir / "config.yaml", config_to_yaml(config))
-        for old in list_checkpoints(ckpt_dir)[: -t.keep_checkpoints]:
-            old.unlink()
+        keep = set(list_checkpoints(ckpt_dir)[-t.keep_checkpoints:])
+        if best:
+            keep.add(checkpoint_path(ckpt_dir, best["step"]))
+        for old in list_checkpoints(ckpt_dir):
+            if old not in keep:
+                old.unlink()
+                checksum_path(old).unlink(missing_ok=True)
 
     def run_eval(at_step: int) -> dict:
         result = evaluate(runner, data, config, device, dtype)
-        record = {"step": at_step, "tokens": tokens, **result, "elapsed_s": round(time.perf_counter() - started, 3)}
-        metrics.append(record)
+        entry = {"step": at_step, "tokens": tokens, **result, "elapsed_s": round(time.perf_counter() - started, 3)}
+        record(entry)
         tqdm.write(f"[eval] step {at_step:,}: train {result['eval_train_loss']:.4f} | val {result['val_loss']:.4f}"
                    f" | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
-        return record
+        return entry
 
     if step == 0:
         last_eval = run_eval(0)
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
     train_seconds, window_loss, window_steps, window_start = 0.0, torch.zeros((), device=device), 0, time.perf_counter()
-    start_step, stopped_by = step, "max_steps"
+    start_step, stopped_by, nonfinite_run = step, "max_steps", 0
     progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
-    while step < t.max_steps:
-        if t.time_budget is not None and time.perf_counter() - started >= t.time_budget:
-            stopped_by = "time_budget"
-            tqdm.write(f"[train] time budget of {t.time_budget:.0f}s reached at step {step:,}: stopping cleanly")
-            break
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_start = time.perf_counter()
-        window_loss += train_step(runner, optimizer, scaler, sampler.next_batch, t, device, dtype)
-        step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
-        train_seconds += time.perf_counter() - step_start
-        progress.update(1)
-        if step % t.log_interval == 0 or step == t.max_steps:
-            train_loss = (window_loss / window_steps).item()  # the only host sync of the window
-            elapsed = time.perf_counter() - window_start
-            metrics.append({"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr,
-                            "tokens_per_s": round(window_steps * tokens_per_step / elapsed, 1),
-                            "elapsed_s": round(time.perf_counter() - started, 3)})
-            progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}")
-            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-        if step % t.eval_interval == 0 or step == t.max_steps:
+    with StopRequests() as stop_requests:
+        while step < t.max_steps:
+            if t.time_budget is not None and time.perf_counter() - started >= t.time_budget:
+                stopped_by = "time_budget"
+                tqdm.write(f"[train] time budget of {t.time_budget:.0f}s reached at step {step:,}: stopping cleanly")
+                break
+            if stop_requests.signal_name:
+                stopped_by = f"signal ({stop_requests.signal_name})"
+                break
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.perf_counter()
+            loss, loss_finite = train_step(runner, optimizer, scaler, sampler.next_batch, t, device, dtype)
+            nonfinite_run = 0 if loss_finite else nonfinite_run + 1
+            if nonfinite_run >= t.nan_patience:
+                progress.close()
+                raise_nonfinite(t, step + 1, ckpt_dir)
+            window_loss += loss
+            step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
+            train_seconds += time.perf_counter() - step_start
+            progress.update(1)
+            if step % t.log_interval == 0 or step == t.max_steps:
+                train_loss = (window_loss / window_steps).item()
+                elapsed = time.perf_counter() - window_start
+                record({"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr,
+                        "tokens_per_s": round(window_steps * tokens_per_step / elapsed, 1),
+                        "elapsed_s": round(time.perf_counter() - started, 3)})
+                progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}")
+                window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+            if step % t.eval_interval == 0 or step == t.max_steps:
+                last_eval = run_eval(step)
+            if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step != t.max_steps:
+                save(step)
+        progress.close()
+        if window_steps:  # the loop stopped between log steps (time budget, signal)
+            train_loss = (window_loss / window_steps).item()
+        if last_eval.get("step") != step:
             last_eval = run_eval(step)
-        if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step != t.max_steps:
-            save(step)
-    progress.close()
-    if window_steps:  # the loop stopped between log steps (time budget)
-        train_loss = (window_loss / window_steps).item()
-    if last_eval.get("step") != step:
-        last_eval = run_eval(step)
-    save(step)
+        save(step)
     trained_tokens = (step - start_step) * tokens_per_step
     return TrainResult(model=model, step=step, tokens=tokens, last_eval=last_eval, train_loss=train_loss,
                        tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,
                        wall_s=time.perf_counter() - started, stopped_by=stopped_by,
                        resumed_from=str(checkpoint_source) if checkpoint is not None else None,
-                       history=metrics.read())
+                       best=best, history=history)
+
+
+def raise_nonfinite(t: TrainConfig, step: int, ckpt_dir: Path) -> None:
+    saved = list_checkpoints(ckpt_dir)
+    raise KernelError(
+        f"the training loss was NaN or infinite for {t.nan_patience} consecutive steps (up to step {step:,}); "
+        f"the run stopped without saving them. The last good checkpoint is "
+        f"{saved[-1] if saved else '(none: no checkpoint was written yet)'}. Try a lower train.lr (now {t.lr:g}), "
+        "keep train.grad_clip on, or use train.dtype=bfloat16 or float32 instead of float16")
