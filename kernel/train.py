@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +331,22 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
+def smaller_micro_batch(micro: int, accum: int) -> tuple[int, int]:
+    """After an out-of-memory error: the largest micro-batch <= half the current one that divides it, with the
+    accumulation that keeps micro x accumulation (the effective batch) unchanged."""
+    smaller = next(d for d in range(micro // 2, 0, -1) if micro % d == 0)
+    return smaller, accum * (micro // smaller)
+
+
+def out_of_memory_error(config: Config) -> KernelError:
+    m = config.model
+    return KernelError(
+        "out of GPU memory even with a micro-batch of 1 sequence: the model does not fit. Enable "
+        "model.gradient_checkpointing, or shrink model.block_size (now "
+        f"{m.block_size}), model.n_embd ({m.n_embd}) or model.n_layer ({m.n_layer}); on a GPU, "
+        "train.dtype=float16/bfloat16 also halves activation memory")
+
+
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
           checkpoint: dict | None = None, checkpoint_source: Path | None = None) -> TrainResult:
     t, m = config.train, config.model
@@ -351,6 +367,10 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         step, tokens, last_eval = checkpoint["step"], checkpoint["tokens"], checkpoint["last_eval"]
         train_loss, best, history = checkpoint["train_loss"], checkpoint["best"], list(checkpoint["metrics"])
         print(f"[train] resumed from {checkpoint_source} at step {step:,} ({tokens:,} tokens)")
+        if checkpoint["micro_batch"] != t.batch_size:  # an earlier out-of-memory retry shrank it: keep what fit
+            t = replace(t, batch_size=checkpoint["micro_batch"], grad_accum_steps=checkpoint["grad_accum_steps"])
+            sampler.batch_size = t.batch_size
+            print(f"[train] micro-batch {t.batch_size} x {t.grad_accum_steps} accumulation, as when it was saved")
     # The metrics file always restarts from what the checkpoint knew: steps after it are replayed.
     write_text_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
     runner = maybe_compile(model, t.compile, device)
@@ -366,7 +386,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         if evaluated and (not best or evaluated["val_loss"] < best["val_loss"]):
             best = {"step": at_step, "val_loss": evaluated["val_loss"]}
         payload = {"format": 2, "step": at_step, "tokens": tokens, "last_eval": last_eval, "train_loss": train_loss,
-                   "best": best, "metrics": history,
+                   "best": best, "metrics": history, "micro_batch": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states(),
                    "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
@@ -408,7 +428,23 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()
-            loss, loss_finite = train_step(runner, optimizer, scaler, sampler.next_batch, t, device, dtype)
+            sampler_state = sampler.state_dict()
+            try:
+                loss, loss_finite = train_step(runner, optimizer, scaler, sampler.next_batch, t, device, dtype)
+            except torch.cuda.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if t.batch_size == 1:
+                    progress.close()
+                    raise out_of_memory_error(config) from None
+                micro, accum = smaller_micro_batch(t.batch_size, t.grad_accum_steps)
+                tqdm.write(f"[train] out of memory at micro-batch {t.batch_size}: retrying step {step + 1:,} with "
+                           f"micro-batch {micro} x {accum} accumulation (the effective batch is unchanged)")
+                t = replace(t, batch_size=micro, grad_accum_steps=accum)
+                sampler.batch_size = micro
+                sampler.load_state_dict(sampler_state)  # the retried step sees the same sequences
+                continue
             nonfinite_run = 0 if loss_finite else nonfinite_run + 1
             if nonfinite_run >= t.nan_patience:
                 progress.close()

@@ -195,3 +195,41 @@ def test_sigkill_at_several_steps_then_resume_equals_the_straight_run_bit_for_bi
     assert metrics_without_timing(out) == metrics_without_timing(tmp_path / "straight")
     assert json.loads((out / "summary.json").read_text())["val_loss"] == json.loads(
         (tmp_path / "straight" / "summary.json").read_text())["val_loss"]
+
+
+def oom_above(max_rows: int):
+    """GPT.forward that runs out of memory (as CUDA would) for training batches of more than max_rows."""
+    original = GPT.forward
+
+    def forward(self, idx, targets=None):
+        if self.training and idx.shape[0] > max_rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return original(self, idx, targets)
+
+    return forward
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, tiny, monkeypatch, capsys):
+    config = tiny(train__batch_size=12, train__max_steps=30, train__checkpoint_interval=10)
+    reference = run(config, tmp_path / "reference")
+    monkeypatch.setattr(GPT, "forward", oom_above(4))
+    capsys.readouterr()
+    squeezed = run(config, tmp_path / "squeezed")
+    printed = capsys.readouterr().out + capsys.readouterr().err
+    assert "out of memory at micro-batch 12: retrying step 1 with micro-batch 6 x 2" in printed
+    assert "micro-batch 3 x 4" in printed
+    assert squeezed["tokens"] == reference["tokens"] == 30 * 12 * 32
+    assert squeezed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-4)
+    ref_rows, rows = metrics_without_timing(tmp_path / "reference"), metrics_without_timing(tmp_path / "squeezed")
+    for a, b in zip(ref_rows, rows):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4)
+    saved = load_checkpoint(list_checkpoints(tmp_path / "squeezed" / "checkpoints")[-1])
+    assert (saved["micro_batch"], saved["grad_accum_steps"]) == (3, 4)
+
+
+def test_out_of_memory_at_micro_batch_one_gives_up_with_advice(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(GPT, "forward", oom_above(0))
+    with pytest.raises(KernelError, match="even with a micro-batch of 1 .* model.gradient_checkpointing"):
+        run(tiny(train__batch_size=4), tmp_path)
