@@ -19,7 +19,6 @@ encodes to the same ids, plus `kernel_tokenizer.json`, which this program reads 
 """
 
 import array
-import itertools
 import json
 import os
 import re
@@ -126,26 +125,26 @@ class CharTokenizer:
 # --- bpe_simple ----------------------------------------------------------------------------------------
 
 class BPETokenizer:
+    """Byte-level BPE. Encoding large corpora goes through a cache of text segments (see encode_array)."""
+
     mode = "bpe_simple"
-    # GPT-2's pre-tokenizer never puts a non-space character and a following space into one pre-token, and it
-    # always starts a new pre-token at a space followed by a non-space; cutting the text at those positions
-    # leaves the ids unchanged. The pieces between cuts (mostly " word") are encoded once and then looked up,
-    # several times faster than encoding everything in Rust. Python's \S is narrower than the Rust regex's,
-    # so every cut made here is also a cut there (tests compare against the Rust tokenizer on tricky text).
-    # A segment: an optional leading space, then characters up to the next cut; inside it a space appears
-    # only between whitespace on both sides (or whitespace and the end), where the regex does not cut.
+    # Where GPT-2's pre-tokenizer always cuts, the text can be cut and the pieces ("segments") encoded
+    # separately with the same ids: before a space that follows a non-space or precedes a non-space, and
+    # before a line break that follows a non-space. A segment, once encoded, is looked up afterwards, several
+    # times faster than encoding everything in Rust. Python's \S is narrower than the Rust regex's, so every
+    # cut made here is also a cut there (tests compare with the Rust tokenizer on real and adversarial text).
+    # The general segmenter: an optional leading space, then characters up to the next cut (inside, a space
+    # appears only between whitespace on both sides, where the regex does not cut).
     SEGMENT = re.compile(r" ?(?:[^ ]+|(?<=\s) (?!\S))+| ")
-    # A single line break between two non-spaces is a pre-token of its own, whatever follows: a cut after it
-    # is also safe (after two or more whitespace characters it is not: "\n\n" alone would be one pre-token).
-    LINE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
-    CACHE_LIMIT = 1_000_000  # segments (~150 MB); cleared when full, so memory stays bounded on any corpus
-    BLOCK_CHARS = 1 << 16    # text is checked for the str.split fast path in blocks of this size
+    CACHE_LIMIT = 1_000_000  # segments per cache (~150 MB); cleared when full, so memory stays bounded
+    BLOCK_CHARS = 1 << 16    # irregular text is retried in blocks of this size for the fast path
 
     def __init__(self, backend: FastBackend):
         self.backend = backend
         self.vocab_size = backend.get_vocab_size()
         self.eos_id = backend.token_to_id(END_OF_DOCUMENT)
-        self._cache: dict[str, bytes] = {}  # segment -> its ids as uint32 bytes
+        self._segment_ids: dict[str, bytes] = {}  # segment -> its ids as uint32 bytes
+        self._word_ids: dict[str, bytes] = {}     # fast path: "word" -> ids of " word" ("\nword" -> its own)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
@@ -164,38 +163,45 @@ class BPETokenizer:
         return self.backend.encode(text).ids
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Same ids as encode(text), through the segment cache (text with special tokens: use encode)."""
-        segments = self._segments(text)
-        missing = set(segments).difference(self._cache)
-        if len(self._cache) + len(missing) > self.CACHE_LIMIT:
-            self._cache.clear()
-            missing = set(segments)
+        """Same ids as encode(text), through the segment caches (for text without special tokens)."""
+        if self._fast_path_applies(text):
+            data = self._encode_fast(text)
+        elif len(text) > 2 * self.BLOCK_CHARS:
+            data = b"".join(self._encode_fast(block) if self._fast_path_applies(block) else self._encode_general(block)
+                            for block in split_at_cuts(text, self.BLOCK_CHARS))
+        else:
+            data = self._encode_general(text)
+        return np.frombuffer(data, dtype=np.uint32)
+
+    @staticmethod
+    def _fast_path_applies(text: str) -> bool:
+        """True when every space and every line break after a non-space is a cut, and no longer whitespace
+        run changes how its last characters group ("\n\n\n", "\r\n", trailing whitespace)."""
+        return (bool(text) and not text[-1].isspace() and "\r" not in text and "\n\n\n" not in text
+                and SPACE_AFTER_WHITESPACE.search(text) is None)
+
+    def _encode_fast(self, text: str) -> bytes:
+        """str.split instead of a regex: a space is put before each line break so that one split finds every
+        cut; each part after the first stands for " part" (or itself, when it starts with the line break)."""
+        parts = text.replace("\n", " \n").split(" ")
+        head = self._lookup(self._segment_ids, parts[:1], lambda part: part)
+        return head + self._lookup(self._word_ids, parts[1:], lambda part: part if part[:1] == "\n" else " " + part)
+
+    def _encode_general(self, text: str) -> bytes:
+        return self._lookup(self._segment_ids, self.SEGMENT.findall(text), lambda segment: segment)
+
+    def _lookup(self, cache: dict[str, bytes], keys: list[str], segment_of) -> bytes:
+        """The ids of every key's segment, concatenated; segments not cached yet are encoded in one batch."""
+        missing = set(keys).difference(cache)
+        if len(cache) + len(missing) > self.CACHE_LIMIT:
+            cache.clear()
+            missing = set(keys)
         if missing:
-            self._add_to_cache(sorted(missing))
-        return np.frombuffer(b"".join(map(self._cache.__getitem__, segments)), dtype=np.uint32)
-
-    def _add_to_cache(self, segments: list[str]) -> None:
-        """Encode new segments. One that spans a line break ("end\nThe") is composed from its lines' parts,
-        which are usually cached already; only parts never seen go to the Rust tokenizer."""
-        parts_of = {segment: self.LINE_CUT.split(segment) for segment in segments}
-        new_parts = sorted(set(itertools.chain.from_iterable(parts_of.values())).difference(self._cache))
-        encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self._cache.update(zip(new_parts, (array.array("I", e.ids).tobytes() for e in encode_batch(new_parts))))
-        for segment, parts in parts_of.items():
-            if len(parts) > 1:
-                self._cache[segment] = b"".join(map(self._cache.__getitem__, parts))
-
-    def _segments(self, text: str, split_blocks: bool = True) -> list[str]:
-        """The text cut into segments. When every space is a cut (no space has whitespace on both sides, the
-        usual case in prose), str.split finds them about three times faster than the regex; a long text
-        that is not like that is tried again in blocks, most of which usually are."""
-        if text and text[-1] != " " and SPACE_AFTER_WHITESPACE.search(text) is None:
-            parts = text.split(" ")
-            return parts[:1] + list(map(" ".__add__, parts[1:]))
-        if split_blocks and len(text) > 2 * self.BLOCK_CHARS:
-            blocks = split_at_cuts(text, self.BLOCK_CHARS)
-            return list(itertools.chain.from_iterable(self._segments(block, False) for block in blocks))
-        return self.SEGMENT.findall(text)
+            missing_keys = sorted(missing)
+            encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            encoded = encode_batch([segment_of(key) for key in missing_keys])
+            cache.update(zip(missing_keys, (array.array("I", e.ids).tobytes() for e in encoded)))
+        return b"".join(map(cache.__getitem__, keys))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts)]  # parallel across cores in Rust

@@ -134,9 +134,25 @@ def test_bpe_fast_path_on_long_text_with_blocks_and_both_segmenters(bpe, monkeyp
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text[:40])
 
 
-def test_bpe_segments_across_line_breaks_are_composed_exactly(bpe):
-    lines = ["end\nThe", "a\n\nb", "x\n y", "我\n🚀", "it\n's", "q\n\n\nr s\nt", "\n\nlead", "tail\n"]
-    for text in lines + [" ".join(lines) * 3]:
-        bpe._cache.clear()
+def test_bpe_line_breaks_are_cut_exactly(bpe):
+    lines = ["end\nThe", "a\n\nb", "x\n y", "我\n🚀", "it\n's", "q\n\n\nr s\nt", "\n\nlead", "tail\n",
+             "a\r\nb", "a \nb", "a\n\n\n\nb c", "\n", "a\tb\n", ".\n.", "1\n2"]
+    for text in lines + [" ".join(lines) * 3] + [" ".join(lines[:4]) + " x"]:
+        bpe._segment_ids.clear()
+        bpe._word_ids.clear()
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)  # and from the cache
+
+
+def test_bpe_fast_path_on_random_prose_like_text(bpe):
+    import random
+    rng = random.Random(1)
+    words = ["the", "modèle", "我们", "🚀", "'s", "1984", ",", ".", "(", ")", "a", "Il", "\t", "x\u00a0y", "\x1c"]
+    texts = []
+    for _ in range(2000):
+        pieces = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+        texts.append("".join(p + rng.choice([" ", " ", "\n", "", "\n\n"]) for p in pieces) + rng.choice(words))
+    fast = [t for t in texts if BPETokenizer._fast_path_applies(t)]
+    assert len(fast) > 500  # most of them exercise the str.split path
+    for text in texts:
+        assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)
