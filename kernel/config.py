@@ -325,7 +325,7 @@ def validate(config: Config) -> None:
     require(t.lr > 0, f"'train.lr' must be > 0, got {t.lr}")
     require(0 <= t.min_lr <= t.lr, f"'train.min_lr' must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
-    require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"'train.beta1'/'train.beta2' must be in [0, 1)")
+    require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "'train.beta1'/'train.beta2' must be in [0, 1)")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
     require(s.temperature > 0, f"'sample.temperature' must be > 0, got {s.temperature}")
     require(config.tokenizer.mode != "bpe_simple" or config.tokenizer.vocab_size >= 257,

@@ -37,10 +37,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kernel.env import KernelError
+from kernel.env import KernelError, write_atomic
 from kernel.config import Config
 from kernel.tokenization import (BPETokenizer, CharTokenizer, HFTokenizer, Tokenizer, document_separator,
-                                 tokenizer_from_dict, write_text_atomic)
+                                 tokenizer_from_dict)
 
 DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
 READ_BLOCK_BYTES = 8 << 20       # bytes read from a file at a time
@@ -389,7 +389,7 @@ def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | No
                  "train_tokens": counts["train"], "val_tokens": counts["val"],
                  "val_bytes": counts["val_bytes"], "vocab_size": tokenizer.vocab_size,
                  "tokenizer_seconds": round(tokenizer_seconds, 2), "encode_seconds": round(encode_seconds, 2)}
-        write_text_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
+        write_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     except BaseException:

@@ -9,6 +9,8 @@ import os
 import platform
 import random
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +18,29 @@ import torch
 
 class KernelError(Exception):
     """A problem with the user's input or environment, explained in the message."""
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename (then fsync the folder): readers, crashes
+    and full disks never see or leave half a file, and an existing file stays intact until the rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 # --- Where we run --------------------------------------------------------------------------------------

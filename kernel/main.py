@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from kernel.env import (KernelError, default_out_dir, describe_environment, dtype_name, print_environment,
-                        resolve_device, resolve_dtype, seed_everything)
+                        resolve_device, resolve_dtype, seed_everything, write_atomic)
 from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
-from kernel.tokenization import tokenizer_from_dict, write_text_atomic
+from kernel.tokenization import tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
 from kernel.train import (build_model, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
                           train)
@@ -37,7 +37,7 @@ def pick_config(name: str) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def ensure_writable(folder: Path) -> None:
@@ -70,14 +70,14 @@ def run(config: Config, out_dir: str | Path) -> dict:
     print_data_report(data)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
+    write_atomic(out_dir / "config.yaml", config_to_yaml(config))
     data.tokenizer.save(out_dir / "tokenizer")
     result = train(config, data, out_dir, device, dtype, checkpoint, resume_path)
     print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
           f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
 
     samples = sample_texts(result.model, data.tokenizer, config.sample, device, config.train.seed)
-    write_text_atomic(out_dir / "samples.txt", format_samples(samples))
+    write_atomic(out_dir / "samples.txt", format_samples(samples))
     print(format_samples(samples))
 
     summary = {

@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as FastBackend
 
-from kernel.env import KernelError
+from kernel.env import KernelError, write_atomic
 
 END_OF_DOCUMENT = "<|endoftext|>"
 STATE_FILE = "kernel_tokenizer.json"
@@ -47,20 +47,6 @@ class Tokenizer(Protocol):
     def to_dict(self) -> dict: ...
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict, **special_tokens) -> None:
     """tokenizer.json + tokenizer_config.json (for AutoTokenizer) and our own state file."""
     from transformers import PreTrainedTokenizerFast  # imported late: transformers is slow to import
@@ -69,8 +55,8 @@ def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict,
     with tempfile.TemporaryDirectory(dir=folder.parent if folder.parent.exists() else None) as staging:
         PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens).save_pretrained(staging)
         for name in sorted(os.listdir(staging)):
-            write_text_atomic(folder / name, Path(staging, name).read_text(encoding="utf-8"))
-    write_text_atomic(folder / STATE_FILE, json.dumps(state, ensure_ascii=False))
+            write_atomic(folder / name, Path(staging, name).read_text(encoding="utf-8"))
+    write_atomic(folder / STATE_FILE, json.dumps(state, ensure_ascii=False))
 
 
 # --- char ----------------------------------------------------------------------------------------------
@@ -293,7 +279,7 @@ class HFTokenizer:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.hf.save_pretrained(str(folder))
-        write_text_atomic(folder / STATE_FILE, json.dumps(self.to_dict()))
+        write_atomic(folder / STATE_FILE, json.dumps(self.to_dict()))
 
 
 # --- Choosing, restoring -------------------------------------------------------------------------------

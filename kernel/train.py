@@ -14,12 +14,10 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -29,9 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernel.env import KernelError, dtype_name
+from kernel.env import KernelError, write_atomic
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
-from kernel.tokenization import write_text_atomic
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
 
@@ -169,26 +166,6 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def write_bytes_atomic(path: Path, data) -> None:
-    """Temporary file in the same folder, fsync, rename: a crash or a full disk never leaves a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
 def save_checkpoint(payload: dict, path: Path) -> None:
     """The checkpoint and, beside it, the SHA-256 of its bytes (written last: no checksum, no checkpoint)."""
     buffer = io.BytesIO()
@@ -196,8 +173,8 @@ def save_checkpoint(payload: dict, path: Path) -> None:
     data = buffer.getbuffer()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, data)
-        write_bytes_atomic(checksum_path(path), hashlib.sha256(data).hexdigest().encode())
+        write_atomic(path, data)
+        write_atomic(checksum_path(path), hashlib.sha256(data).hexdigest().encode())
     except OSError as err:
         path.unlink(missing_ok=True)
         previous = [p.name for p in list_checkpoints(path.parent) if p != path]
@@ -378,7 +355,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             sampler.batch_size = t.batch_size
             print(f"[train] micro-batch {t.batch_size} x {t.grad_accum_steps} accumulation, as when it was saved")
     # The metrics file always restarts from what the checkpoint knew: steps after it are replayed.
-    write_text_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
+    write_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
     runner = maybe_compile(model, t.compile, device)
     runner.train()
 
@@ -398,7 +375,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                    "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
         path = checkpoint_path(ckpt_dir, at_step)
         save_checkpoint(payload, path)
-        write_text_atomic(ckpt_dir / "config.yaml", config_to_yaml(config))
+        write_atomic(ckpt_dir / "config.yaml", config_to_yaml(config))
         keep = set(list_checkpoints(ckpt_dir)[-t.keep_checkpoints:])
         if best:
             keep.add(checkpoint_path(ckpt_dir, best["step"]))

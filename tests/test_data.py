@@ -1,13 +1,9 @@
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import kernel.data as data_module
-from kernel.data import (BatchSampler, Source, demo_sources, find_text_files, iterate_pieces, list_sources,
-                         prepare_data)
+from kernel.data import BatchSampler, Source, demo_sources, find_text_files, iterate_pieces, prepare_data
 from kernel.env import KernelError
 from kernel.tokenization import END_OF_DOCUMENT
 

@@ -106,7 +106,7 @@ def test_a_loss_that_stays_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
     config = tiny(train__max_steps=40, train__checkpoint_interval=20)
-    original = train_module.write_bytes_atomic
+    original = train_module.write_atomic
     calls = {"n": 0}
 
     def full_disk(path, data):
@@ -115,7 +115,7 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(t
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return original(path, data)
 
-    monkeypatch.setattr(train_module, "write_bytes_atomic", full_disk)
+    monkeypatch.setattr(train_module, "write_atomic", full_disk)
     with pytest.raises(KernelError) as err:
         run(config, tmp_path)
     message = str(err.value)
