@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kernel.env import KernelError, write_atomic
+from kernel.env import KernelError, is_kaggle, kaggle_root, write_atomic
 from kernel.config import Config
 from kernel.tokenization import (BPETokenizer, CharTokenizer, HFTokenizer, Tokenizer, document_separator,
                                  tokenizer_from_dict)
@@ -136,18 +136,45 @@ def find_text_files(pattern: str) -> list[Path]:
     return paths
 
 
+# Folders under /kaggle/input that hold other things than the user's text: earlier outputs of notebooks
+# (checkpoints, samples) and model weights.
+KAGGLE_NOT_TEXT = {"notebooks", "models", "kernels"}
+
+
+def kaggle_text_files() -> list[Path]:
+    """The .txt files of the datasets (and competitions) attached to a Kaggle notebook, in both layouts:
+    /kaggle/input/datasets/<owner>/<slug>/... (2026) and /kaggle/input/<slug>/... (older)."""
+    root = kaggle_root() / "input"
+    if not root.is_dir():
+        return []
+    found = []
+    for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in KAGGLE_NOT_TEXT):
+        found += [Path(p) for p in glob.glob(str(top / "**" / "*.txt"), recursive=True) if Path(p).is_file()]
+    return sorted(found)
+
+
 def list_sources(text_glob: str) -> tuple[str, list[Source]]:
-    """(a description, the documents), binary files left out with a warning."""
+    """(a description, the documents), binary files left out with a warning. With no glob: on Kaggle the
+    attached datasets' .txt files when there are any, else the demo corpus."""
     if not text_glob:
-        return DEMO_CORPUS, demo_sources()
+        attached = kaggle_text_files() if is_kaggle() else []
+        if not attached:
+            if is_kaggle():
+                print(f"[data] no .txt file under {kaggle_root() / 'input'}: training on the demo corpus "
+                      "(attach a dataset, or set DATA_GLOB)")
+            return DEMO_CORPUS, demo_sources()
+        print(f"[data] data.text_glob is empty: using the {len(attached)} .txt file(s) of the attached inputs")
+        paths, description = attached, f"{len(attached)} .txt file(s) attached under {kaggle_root() / 'input'}"
+    else:
+        paths, description = find_text_files(text_glob), None
     sources = []
-    for path in find_text_files(text_glob):
+    for path in paths:
         source = Source(str(path), path=path)
         if source.looks_binary():
             print(f"[data] skipping {path}: it looks binary (NUL bytes), not text")
         else:
             sources.append(source)
-    return f"{len(sources)} file(s) matching {text_glob!r}", sources
+    return description or f"{len(sources)} file(s) matching {text_glob!r}", sources
 
 
 # --- The corpus as one stream of characters ------------------------------------------------------------

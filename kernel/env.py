@@ -50,9 +50,23 @@ def is_kaggle() -> bool:
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
 
 
+def is_batch_run() -> bool:
+    """A Save Version / CLI run on Kaggle: nobody watches, progress bars do not animate in its log."""
+    return os.environ.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch"
+
+
+def kaggle_root() -> Path:
+    """/kaggle, or KERNEL_KAGGLE_ROOT (tests stand a temporary folder in for it)."""
+    return Path(os.environ.get("KERNEL_KAGGLE_ROOT", "/kaggle"))
+
+
 def default_out_dir() -> str:
     """Outputs land where the platform keeps them: /kaggle/working on Kaggle, ./outputs elsewhere."""
-    return "/kaggle/working/outputs" if is_kaggle() else "outputs"
+    return str(kaggle_root() / "working" / "outputs") if is_kaggle() else "outputs"
+
+
+# Kaggle ends GPU sessions after about 9 hours (older documents say 12): stop, evaluate and save well before.
+KAGGLE_TIME_BUDGET_S = 8 * 3600
 
 
 # --- Device and number format --------------------------------------------------------------------------

@@ -13,12 +13,13 @@ the command line:
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from kernel.env import (KernelError, default_out_dir, describe_environment, dtype_name, print_environment,
-                        resolve_device, resolve_dtype, seed_everything, write_atomic)
+from kernel.env import (KAGGLE_TIME_BUDGET_S, KernelError, default_out_dir, describe_environment, dtype_name,
+                        is_kaggle, print_environment, resolve_device, resolve_dtype, seed_everything, write_atomic)
 from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
@@ -53,6 +54,10 @@ def ensure_writable(folder: Path) -> None:
 
 def run(config: Config, out_dir: str | Path) -> dict:
     """Train with a resolved config, write every output into out_dir, return the summary."""
+    started = time.perf_counter()
+    budget = config.train.time_budget or (KAGGLE_TIME_BUDGET_S if is_kaggle() else None)
+    if budget and not config.train.time_budget:
+        print(f"[env] Kaggle: train.time_budget defaults to {budget / 3600:.0f}h, inside the session limit")
     out_dir = Path(out_dir)
     environment = describe_environment()
     print_environment(environment)
@@ -72,7 +77,8 @@ def run(config: Config, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "config.yaml", config_to_yaml(config))
     data.tokenizer.save(out_dir / "tokenizer")
-    result = train(config, data, out_dir, device, dtype, checkpoint, resume_path)
+    result = train(config, data, out_dir, device, dtype, checkpoint, resume_path,
+                   deadline=started + budget if budget else None)
     print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
           f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
 

@@ -10,6 +10,7 @@ product, and k micro-batches give the same gradient as one batch k times as larg
 """
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernel.env import KernelError, write_atomic
+from kernel.env import KernelError, is_batch_run, is_kaggle, kaggle_root, write_atomic
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
@@ -226,12 +227,22 @@ def load_newest_valid(candidates: list[Path]) -> tuple[Path, dict]:
                       ". Set train.resume=never (or another --out) to start a new run")
 
 
+def attached_checkpoints() -> list[Path]:
+    """Checkpoints in the outputs of earlier notebook versions attached as inputs (kernel_sources), in the
+    2026 layout (/kaggle/input/notebooks/<owner>/<slug>/...) and the older one (/kaggle/input/<slug>/...)."""
+    root = kaggle_root() / "input"
+    return sorted(Path(p) for p in glob.glob(str(root / "**" / "checkpoints" / CHECKPOINT_PATTERN), recursive=True))
+
+
 def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, dict] | None:
-    """train.resume: 'never', 'auto' (the newest valid checkpoint in out_dir, if any), a folder, or a file."""
+    """train.resume: 'never', 'auto' (the newest valid checkpoint in out_dir or, on Kaggle, in an attached
+    earlier version's output), a folder, or a file."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = list_checkpoints(out_dir / "checkpoints")
+        attached = attached_checkpoints() if is_kaggle() else []
+        # by step; at equal steps the output folder's own checkpoint sorts last, so it is tried first
+        found = sorted(set(list_checkpoints(out_dir / "checkpoints") + attached), key=lambda p: (p.name, p not in attached))
         return load_newest_valid(found) if found else None
     path = Path(resume)
     if path.is_dir():
@@ -291,6 +302,40 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+def show_progress_bar() -> bool:
+    """A live bar where someone watches (a terminal, a notebook in the editor); plain lines in a Kaggle
+    Save Version run or a log file, where a bar does not animate and only clutters the log."""
+    return not is_batch_run() and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+
+
+class Progress:
+    """tqdm where it animates; otherwise one plain line per `every_s` seconds."""
+
+    def __init__(self, total: int, initial: int, every_s: float = 30.0):
+        self.total, self.every_s, self.last_line = total, every_s, time.perf_counter()
+        self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+                    if show_progress_bar() else None)
+
+    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        elif loss is not None and time.perf_counter() - self.last_line >= self.every_s:
+            self.last_line = time.perf_counter()
+            print(f"[train] step {step:,}/{self.total:,} | loss {loss:.4f} | {tokens_per_s:,.0f} tokens/s", flush=True)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class StopRequests:
     """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt) ask the loop to stop
     after the current step, so it can checkpoint and write its outputs instead of dying mid-step."""
@@ -331,9 +376,13 @@ def out_of_memory_error(config: Config) -> KernelError:
 
 
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
-          checkpoint: dict | None = None, checkpoint_source: Path | None = None) -> TrainResult:
+          checkpoint: dict | None = None, checkpoint_source: Path | None = None,
+          deadline: float | None = None) -> TrainResult:
+    """Train to train.max_steps, or until `deadline` (a time.perf_counter() value) leaves just enough time to
+    evaluate, checkpoint and sample, or until a stop signal."""
     t, m = config.train, config.model
     started = time.perf_counter()
+    finish_s = {"eval": 0.0, "save": 0.0}  # the longest evaluation and checkpoint so far: the time to finish
     ckpt_dir, metrics = out_dir / "checkpoints", MetricsLog(out_dir / "metrics.jsonl")
 
     model = build_model(config, data.tokenizer.vocab_size).to(device)
@@ -374,7 +423,9 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states(),
                    "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
         path = checkpoint_path(ckpt_dir, at_step)
+        save_started = time.perf_counter()
         save_checkpoint(payload, path)
+        finish_s["save"] = max(finish_s["save"], time.perf_counter() - save_started)
         write_atomic(ckpt_dir / "config.yaml", config_to_yaml(config))
         keep = set(list_checkpoints(ckpt_dir)[-t.keep_checkpoints:])
         if best:
@@ -385,24 +436,26 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                 checksum_path(old).unlink(missing_ok=True)
 
     def run_eval(at_step: int) -> dict:
+        eval_started = time.perf_counter()
         result = evaluate(runner, data, config, device, dtype)
+        finish_s["eval"] = max(finish_s["eval"], time.perf_counter() - eval_started)
         entry = {"step": at_step, "tokens": tokens, **result, "elapsed_s": round(time.perf_counter() - started, 3)}
         record(entry)
-        tqdm.write(f"[eval] step {at_step:,}: train {result['eval_train_loss']:.4f} | val {result['val_loss']:.4f}"
+        progress.write(f"[eval] step {at_step:,}: train {result['eval_train_loss']:.4f} | val {result['val_loss']:.4f}"
                    f" | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
         return entry
 
-    if step == 0:
-        last_eval = run_eval(0)
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
     train_seconds, window_loss, window_steps, window_start = 0.0, torch.zeros((), device=device), 0, time.perf_counter()
     start_step, stopped_by, nonfinite_run = step, "max_steps", 0
-    progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+    progress = Progress(t.max_steps, step)
+    if step == 0:
+        last_eval = run_eval(0)
     with StopRequests() as stop_requests:
         while step < t.max_steps:
-            if t.time_budget is not None and time.perf_counter() - started >= t.time_budget:
+            if deadline is not None and time.perf_counter() + 1.5 * (finish_s["eval"] + finish_s["save"]) + 1 >= deadline:
                 stopped_by = "time_budget"
-                tqdm.write(f"[train] time budget of {t.time_budget:.0f}s reached at step {step:,}: stopping cleanly")
+                progress.write(f"[train] time budget nearly spent at step {step:,}: stopping to evaluate and save")
                 break
             if stop_requests.signal_name:
                 stopped_by = f"signal ({stop_requests.signal_name})"
@@ -422,7 +475,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                     progress.close()
                     raise out_of_memory_error(config) from None
                 micro, accum = smaller_micro_batch(t.batch_size, t.grad_accum_steps)
-                tqdm.write(f"[train] out of memory at micro-batch {t.batch_size}: retrying step {step + 1:,} with "
+                progress.write(f"[train] out of memory at micro-batch {t.batch_size}: retrying step {step + 1:,} with "
                            f"micro-batch {micro} x {accum} accumulation (the effective batch is unchanged)")
                 t = replace(t, batch_size=micro, grad_accum_steps=accum)
                 sampler.batch_size = micro
@@ -435,15 +488,15 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             window_loss += loss
             step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
             train_seconds += time.perf_counter() - step_start
-            progress.update(1)
             if step % t.log_interval == 0 or step == t.max_steps:
                 train_loss = (window_loss / window_steps).item()
-                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
                 record({"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr,
-                        "tokens_per_s": round(window_steps * tokens_per_step / elapsed, 1),
-                        "elapsed_s": round(time.perf_counter() - started, 3)})
-                progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}")
+                        "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - started, 3)})
+                progress.advance(step, train_loss, tokens_per_s)
                 window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+            else:
+                progress.advance(step)
             if step % t.eval_interval == 0 or step == t.max_steps:
                 last_eval = run_eval(step)
             if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step != t.max_steps:
