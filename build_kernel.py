@@ -4,6 +4,7 @@
     python build_kernel.py            # (re)write notebook/train_gpt.ipynb
     python build_kernel.py --check    # exit 1 if the committed notebook differs from a fresh build
     python build_kernel.py --execute  # build, then run the notebook here (CPU demo) with nbclient
+    python build_kernel.py --id you/train-a-gpt --dataset you/my-texts --push   # lay out and push to Kaggle
 
 Each module of `kernel/` (in the order `kernel/__init__.py` lists) becomes a markdown cell (its docstring)
 and a code cell (its body). Imports between the project's modules are removed with `ast`, by line range;
@@ -15,6 +16,8 @@ defined by two modules, an import of a name that no earlier module defines, an i
 import argparse
 import ast
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +260,100 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
+# --- Kaggle: metadata, push folder, push ----------------------------------------------------------------
+
+METADATA_FILE = "kernel-metadata.json"
+PUSH_DIR = Path("build/kaggle")
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{3,}[a-z0-9]")  # Kaggle slugs: >= 5 chars, lowercase, digits, dashes
+OWNER_SLUG = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+")
+
+
+def slugify(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def kaggle_metadata(base: dict, kernel_id: str | None, title: str | None, datasets: list[str],
+                    kernel_sources: list[str], continue_from_self: bool, public: bool) -> dict:
+    """The committed metadata with the flags applied, checked as Kaggle checks it."""
+    metadata = dict(base)
+    if kernel_id:
+        metadata["id"] = kernel_id
+        metadata["title"] = title or metadata["id"].split("/")[1].replace("-", " ").capitalize()
+    elif title:
+        metadata["title"] = title
+    owner, _, slug = metadata["id"].partition("/")
+    if not OWNER_SLUG.fullmatch(metadata["id"]) or not SLUG.fullmatch(slug):
+        raise BuildError(f"--id {metadata['id']!r} must be 'owner/slug' with a slug of >= 5 lowercase letters, "
+                         "digits or dashes, e.g. you/train-a-gpt")
+    if owner == "your-kaggle-username":
+        raise BuildError("set your notebook's id: --id YOUR_KAGGLE_NAME/a-slug (the committed "
+                         f"{METADATA_FILE} holds a placeholder)")
+    if not 5 <= len(metadata["title"]) <= 50:
+        raise BuildError(f"the title {metadata['title']!r} must have 5 to 50 characters (Kaggle rejects others)")
+    if slugify(metadata["title"]) != slug:
+        print(f"note: the title {metadata['title']!r} does not slugify to {slug!r}; Kaggle may rename the notebook")
+    for source in datasets + kernel_sources:
+        if not OWNER_SLUG.fullmatch(source):
+            raise BuildError(f"{source!r} is not of the form owner/slug")
+    metadata["dataset_sources"] = sorted(set(metadata.get("dataset_sources", []) + datasets))
+    own = [metadata["id"]] if continue_from_self else []
+    metadata["kernel_sources"] = sorted(set(metadata.get("kernel_sources", []) + kernel_sources + own))
+    if public:
+        metadata["is_private"] = False
+    metadata["enable_internet"] = bool(metadata.get("enable_internet", False))  # the CLI defaults it to true
+    return metadata
+
+
+def lay_out_push_folder(folder: Path, notebook: str, metadata: dict) -> Path:
+    """A folder that `kaggle kernels push -p FOLDER` accepts: the metadata and the notebook it names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_if_changed(folder / metadata["code_file"], notebook)
+    write_if_changed(folder / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    return folder
+
+
+def credentials_source() -> str | None:
+    """Where the Kaggle credentials would come from (never their values), or None."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return "the KAGGLE_USERNAME and KAGGLE_KEY environment variables"
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "the KAGGLE_API_TOKEN environment variable"
+    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
+    for name in ("kaggle.json", "access_token"):
+        if (config_dir / name).is_file():
+            return str(config_dir / name)
+    return None
+
+
+def push(folder: Path) -> int:
+    """Push through the installed `kaggle` package; print the version URL or the server's error."""
+    source = credentials_source()
+    if source is None:
+        print("push failed: no Kaggle credentials. Create an API token at https://www.kaggle.com/settings/api and "
+              "either put kaggle.json in ~/.kaggle (or $KAGGLE_CONFIG_DIR), or set KAGGLE_USERNAME and KAGGLE_KEY "
+              "(or KAGGLE_API_TOKEN) in your environment", file=sys.stderr)
+        return 1
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError:
+        print("push failed: the `kaggle` package is not installed: pip install kaggle", file=sys.stderr)
+        return 1
+    print(f"pushing {folder} with credentials from {source}")
+    try:
+        api = KaggleApi()
+        api.authenticate()
+        response = api.kernels_push(str(folder))
+    except Exception as err:  # HTTP errors, refused connections, metadata the CLI rejects
+        print(f"push failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    if response.error:
+        print(f"push failed: the server answered: {response.error}", file=sys.stderr)
+        return 1
+    version = f"version {response.version_number}" if response.version_number else "a new version"
+    print(f"pushed {version}: {response.url}")
+    return 0
+
+
 # --- Running the built notebook ------------------------------------------------------------------------
 
 def inject_parameters(notebook: dict, parameters: dict) -> dict:
@@ -296,6 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execute", action="store_true", help="after building, run the notebook here")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="with --execute: set a parameters-cell value (a Python literal), repeatable")
+    kaggle = parser.add_argument_group("Kaggle (lays out build/kaggle/ for `kaggle kernels push -p`)")
+    kaggle.add_argument("--id", help="your notebook's id on Kaggle: owner/slug")
+    kaggle.add_argument("--title", help="its title (5-50 characters; default: from the slug)")
+    kaggle.add_argument("--dataset", action="append", default=[], metavar="OWNER/SLUG", help="attach a dataset")
+    kaggle.add_argument("--kernel-source", action="append", default=[], metavar="OWNER/SLUG",
+                        help="attach another notebook's output (e.g. one holding checkpoints)")
+    kaggle.add_argument("--continue", dest="continue_from_self", action="store_true",
+                        help="attach this notebook's own latest output, so the new version resumes training")
+    kaggle.add_argument("--public", action="store_true", help="make the notebook public (default: private)")
+    kaggle.add_argument("--push", action="store_true", help="push it with the installed kaggle package")
+    kaggle.add_argument("--push-dir", type=Path, default=PUSH_DIR, help=f"where to lay it out (default {PUSH_DIR})")
     args = parser.parse_args(argv)
     try:
         text = notebook_text(build_notebook(ROOT))
@@ -320,6 +428,20 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = ROOT / (parameters.get("OUT_DIR") or "outputs")
         write_if_changed(out_dir / "train_gpt.executed.ipynb", notebook_text(executed))
         print(f"executed; outputs and the executed notebook are in {out_dir}")
+    kaggle_flags = (args.id, args.title, args.dataset, args.kernel_source, args.continue_from_self, args.public)
+    if args.push or any(kaggle_flags):
+        try:
+            base = json.loads((ROOT / METADATA_FILE).read_text(encoding="utf-8"))
+            metadata = kaggle_metadata(base, args.id, args.title, args.dataset, args.kernel_source,
+                                       args.continue_from_self, args.public)
+        except BuildError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        folder = lay_out_push_folder(args.push_dir if args.push_dir.is_absolute() else ROOT / args.push_dir,
+                                     text, metadata)
+        print(f"laid out {folder} for `kaggle kernels push -p {folder}`")
+        if args.push:
+            return push(folder)
     return 0
 
 
