@@ -55,9 +55,10 @@ def test_text_is_found_in_both_input_layouts_but_not_in_notebook_outputs(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_notebook_runs_offline_in_a_simulated_kaggle(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["datasets/someone/stories", "stories"])
+def test_the_notebook_runs_offline_in_a_simulated_kaggle(tmp_path, monkeypatch, layout):
     root = kaggle(tmp_path, monkeypatch)
-    attach_dataset(root, "datasets/someone/stories")
+    attach_dataset(root, layout)
     notebook = json.loads((ROOT / build_kernel.NOTEBOOK).read_text())
     notebook["cells"].insert(0, build_kernel.cell("code", "no-network", NO_NETWORK))
     overrides = {**TINY, "train.max_steps": 30}
