@@ -88,8 +88,9 @@ class TrainConfig:
 class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["\n"])  # one sample is written per prompt
     max_new_tokens: int = 300
-    temperature: float = 0.8
+    temperature: float = 0.8              # 0: greedy (always the most likely token)
     top_k: int = 200                      # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0                    # keep the smallest set of tokens whose probability reaches p; 1 keeps all
 
 
 @dataclass
@@ -327,7 +328,8 @@ def validate(config: Config) -> None:
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "'train.beta1'/'train.beta2' must be in [0, 1)")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
-    require(s.temperature > 0, f"'sample.temperature' must be > 0, got {s.temperature}")
+    require(s.temperature >= 0, f"'sample.temperature' must be >= 0 (0 is greedy), got {s.temperature}")
+    require(0 < s.top_p <= 1, f"'sample.top_p' must be in (0, 1], got {s.top_p}")
     require(config.tokenizer.mode != "bpe_simple" or config.tokenizer.vocab_size >= 257,
             f"'tokenizer.vocab_size' must be >= 257 for bpe_simple (256 bytes + end-of-document), "
             f"got {config.tokenizer.vocab_size}")

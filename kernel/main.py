@@ -121,6 +121,7 @@ def sample_command(args: argparse.Namespace) -> None:
     config.sample.max_new_tokens = args.max_new_tokens
     config.sample.temperature = args.temperature
     config.sample.top_k = args.top_k
+    config.sample.top_p = args.top_p
     device = resolve_device(args.device)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     model = build_model(config, tokenizer.vocab_size)
@@ -153,6 +154,7 @@ def build_command_parsers() -> dict[str, argparse.ArgumentParser]:
     sample.add_argument("--max-new-tokens", type=int, default=300)
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-k", type=int, default=200)
+    sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--device", default="auto")
     check_env = argparse.ArgumentParser(prog="python -m kernel check-env", description="Report the environment.")

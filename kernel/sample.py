@@ -1,8 +1,11 @@
 """# 7. Sampling
 
-Text from the trained model: the prompt is encoded, then tokens are drawn one at a time from the softmax
-of the last position's logits, sharpened by `temperature` and limited to the `top_k` most likely tokens.
-Sampling uses its own seeded generator, so the same checkpoint and seed give the same text.
+Text from the trained model. The prompt is encoded, then tokens are drawn one at a time from the softmax
+of the last position's logits, sharpened by `temperature`, limited to the `top_k` most likely tokens and to
+the smallest set whose probability reaches `top_p`, until `max_new_tokens` or the end-of-document token.
+A key-value cache makes each new token one forward step over that token alone; past the context length
+the window slides and the context is recomputed, exactly as without the cache. Sampling uses its own seeded
+generator, so the same checkpoint, prompt and seed give the same text.
 """
 
 import torch
@@ -10,22 +13,49 @@ import torch.nn.functional as F
 
 from kernel.config import SampleConfig
 from kernel.tokenization import Tokenizer
-from kernel.model import GPT
+from kernel.model import GPT, KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits (B, vocab) with everything outside the top-k and outside the top-p nucleus set to -inf."""
+    if 0 < top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # the mass before a token already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
 
 
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend idx (B, T) by max_new_tokens sampled tokens; the context is cropped to the block size."""
-    for _ in range(max_new_tokens):
-        context = idx[:, -model.config.block_size:]
-        logits = model(context)[0][:, -1, :].float() / temperature
-        if 0 < top_k < logits.size(-1):
-            kth_largest = torch.topk(logits, top_k).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+             top_p: float = 1.0, generator: torch.Generator | None = None, eos_id: int | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Extend idx (B, T) by up to max_new_tokens tokens (greedy when temperature is 0)."""
+    block_size = model.config.block_size
+    cache = KVCache(model.config.n_layer) if use_cache else None
+    logits = model(idx[:, -block_size:], cache=cache)[0][:, -1, :]
+    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for step in range(max_new_tokens):
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+            next_token = torch.multinomial(probs, num_samples=1, generator=generator)
         idx = torch.cat((idx, next_token), dim=1)
+        if eos_id is not None:
+            finished |= next_token.squeeze(1) == eos_id
+            if bool(finished.all()):
+                break
+        if step == max_new_tokens - 1:
+            break  # the last token needs no forward pass
+        if cache is not None and cache.length < block_size:
+            logits = model(next_token, cache=cache)[0][:, -1, :]
+        else:  # no cache, or the window slides: positions shift, so recompute the last block_size tokens
+            cache = KVCache(model.config.n_layer) if use_cache else None
+            logits = model(idx[:, -block_size:], cache=cache)[0][:, -1, :]
     return idx
 
 
@@ -37,9 +67,12 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, devic
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = []
     for prompt in settings.prompts:
-        ids = tokenizer.encode(prompt or "\n")  # the model needs at least one token to condition on
+        ids = tokenizer.encode(prompt) if prompt else []
+        if not ids:  # the model needs a token to condition on: start a new document
+            ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k, generator)
+        out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                       generator, tokenizer.eos_id)
         samples.append((prompt, tokenizer.decode(out[0].tolist())))
     model.train(was_training)
     return samples

@@ -73,8 +73,8 @@ def nan_forward_at(steps_with_nan: set[int], calls_per_step: int = 1):
     original = GPT.forward
     counter = {"calls": 0}
 
-    def forward(self, idx, targets=None):
-        logits, loss = original(self, idx, targets)
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = original(self, idx, targets, cache)
         if self.training and targets is not None:
             step = counter["calls"] // calls_per_step
             counter["calls"] += 1
@@ -201,10 +201,10 @@ def oom_above(max_rows: int):
     """GPT.forward that runs out of memory (as CUDA would) for training batches of more than max_rows."""
     original = GPT.forward
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         if self.training and idx.shape[0] > max_rows:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return original(self, idx, targets)
+        return original(self, idx, targets, cache)
 
     return forward
 
