@@ -8,6 +8,7 @@ message always names the culprit (a key, a file, a value) and what to do about i
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -100,7 +101,8 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, st
         if major >= 8:
             return torch.bfloat16, f"compute capability {major}.{minor} >= 8.0 has native bf16"
         if major >= 7:
-            return torch.float16, f"compute capability {major}.{minor}: no native bf16, fp16 with a grad scaler"
+            return torch.float16, (f"compute capability {major}.{minor} (e.g. T4, V100): no native bf16, "
+                                   "using fp16 with a grad scaler")
         return torch.float32, f"compute capability {major}.{minor}: no fp16 tensor cores, fp32"
     return torch.float32, f"{device.type}: fp32"
 
@@ -119,12 +121,42 @@ def seed_everything(seed: int) -> None:
 
 # --- The environment report ----------------------------------------------------------------------------
 
+# The oldest versions this program is tested with: Kaggle's GPU image (mid-2026), Python 3.11 locally.
+TESTED_WITH = {"python": "3.11", "torch": "2.10", "transformers": "5.0", "tokenizers": "0.22", "numpy": "2.4",
+               "pyyaml": "6.0", "tqdm": "4.67"}
+
+
+def package_version(name: str) -> str:
+    """The installed version, read from package metadata (importing transformers alone takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "missing"
+
+
+def version_warnings(versions: dict) -> list[str]:
+    """One line per package older than TESTED_WITH (or missing)."""
+    def major_minor(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+    warnings = []
+    for name, tested in TESTED_WITH.items():
+        found = versions.get(name, "missing")
+        if found == "missing":
+            warnings.append(f"{name} is not installed (tested with {tested})")
+        elif major_minor(found) < major_minor(tested):
+            warnings.append(f"{name} {found} is older than {tested}, the oldest version this was tested with")
+    return warnings
+
+
 def describe_environment() -> dict:
     """Versions and hardware, as a dict (printed at the start of a run, stored in summary.json)."""
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
+        **{name: package_version(name) for name in ("transformers", "tokenizers", "pyyaml", "tqdm")},
         "platform": sys.platform,
         "kaggle": os.environ.get("KAGGLE_KERNEL_RUN_TYPE", ""),
         "cpu_threads": torch.get_num_threads(),
@@ -140,5 +172,9 @@ def describe_environment() -> dict:
 def print_environment(info: dict) -> None:
     gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB, cc {g['capability']})" for g in info["gpus"])
     where = f"Kaggle ({info['kaggle']})" if info["kaggle"] else "local"
-    print(f"[env] python {info['python']} | torch {info['torch']} | numpy {info['numpy']} | {where}")
+    print(f"[env] python {info['python']} | torch {info['torch']} | transformers {info['transformers']} | "
+          f"tokenizers {info['tokenizers']} | numpy {info['numpy']} | pyyaml {info['pyyaml']} | tqdm {info['tqdm']}"
+          f" | {where}")
     print(f"[env] GPUs: {gpus or 'none'} | CPU threads: {info['cpu_threads']}")
+    for warning in version_warnings(info):
+        print(f"[env] warning: {warning}")

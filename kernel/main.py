@@ -26,6 +26,7 @@ from kernel.data import prepare_data, print_data_report
 from kernel.train import (build_model, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
                           train)
 from kernel.sample import format_samples, sample_texts
+from kernel.report import human_summary, plot_losses
 
 GPU_CONFIG, CPU_CONFIG = "llm_kaggle_t4.yaml", "llm_cpu.yaml"
 
@@ -96,9 +97,20 @@ def run(config: Config, out_dir: str | Path) -> dict:
         "data": data.stats, "environment": environment, "out_dir": str(out_dir),
     }
     write_json_atomic(out_dir / "summary.json", summary)
+    plot_losses(result.history, out_dir / "loss.png")
     print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
           f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
+    print(human_summary(summary))
+    show_in_notebook(out_dir / "loss.png")
     return summary
+
+
+def show_in_notebook(png: Path) -> None:
+    """Display the curves inline when running in a notebook (the file is written either way)."""
+    import sys
+    if "ipykernel" in sys.modules:
+        from IPython.display import Image, display
+        display(Image(filename=str(png)))
 
 
 def main(config: str = "auto", overrides: dict | list | None = None, data_glob: str = "",
@@ -132,9 +144,11 @@ def sample_command(args: argparse.Namespace) -> None:
 
 def check_env_command(args: argparse.Namespace) -> None:
     print_environment(describe_environment())
-    device = resolve_device(args.device)
-    dtype, why = resolve_dtype("auto", device)
-    print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] or [resolve_device(args.device)]
+    for device in devices:
+        dtype, why = resolve_dtype("auto", device)
+        print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    print(f"[env] outputs would go to {default_out_dir()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
