@@ -1,4 +1,4 @@
-"""# 8. Main
+"""# 10. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
 when a checkpoint is there), write samples and `summary.json`. The notebook's last cell calls `main(...)`
@@ -7,6 +7,7 @@ the command line:
 
     python -m kernel --config configs/llm_cpu.yaml --set train.max_steps=500 --out outputs
     python -m kernel sample outputs/checkpoints/ckpt_00002000.pt --prompt "def "
+    python -m kernel export outputs/checkpoints/ckpt_00002000.pt exported/
     python -m kernel check-env
 """
 
@@ -21,11 +22,13 @@ import torch
 from kernel.env import (KAGGLE_TIME_BUDGET_S, KernelError, default_out_dir, describe_environment, dtype_name,
                         is_kaggle, print_environment, resolve_device, resolve_dtype, seed_everything, write_atomic)
 from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
-from kernel.tokenization import tokenizer_from_dict
+from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
+from kernel.model import GPT
 from kernel.train import (build_model, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
                           train)
 from kernel.sample import format_samples, sample_texts
+from kernel.export import export_hf
 from kernel.report import human_summary, plot_losses
 
 GPU_CONFIG, CPU_CONFIG = "llm_kaggle_t4.yaml", "llm_cpu.yaml"
@@ -83,6 +86,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
     print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
           f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
 
+    export_hf(result.model, data.tokenizer, config.sample, out_dir / "hf")
     samples = sample_texts(result.model, data.tokenizer, config.sample, device, config.train.seed)
     write_atomic(out_dir / "samples.txt", format_samples(samples))
     print(format_samples(samples))
@@ -126,8 +130,7 @@ def main(config: str = "auto", overrides: dict | list | None = None, data_glob: 
 # --- The command line ----------------------------------------------------------------------------------
 
 def sample_command(args: argparse.Namespace) -> None:
-    checkpoint = load_checkpoint(args.checkpoint)
-    config = config_from_dict(checkpoint["config"], f"{args.checkpoint} (saved config)")
+    config, tokenizer, model = load_trained(args.checkpoint)
     if args.prompt:
         config.sample.prompts = args.prompt
     config.sample.max_new_tokens = args.max_new_tokens
@@ -135,11 +138,23 @@ def sample_command(args: argparse.Namespace) -> None:
     config.sample.top_k = args.top_k
     config.sample.top_p = args.top_p
     device = resolve_device(args.device)
+    model.to(device)
+    print(format_samples(sample_texts(model, tokenizer, config.sample, device, args.seed)))
+
+
+def load_trained(path: str) -> tuple[Config, Tokenizer, GPT]:
+    """The config, tokenizer and model of a checkpoint."""
+    checkpoint = load_checkpoint(path)
+    config = config_from_dict(checkpoint["config"], f"{path} (saved config)")
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     model = build_model(config, tokenizer.vocab_size)
     model.load_state_dict(checkpoint["model"])
-    model.to(device)
-    print(format_samples(sample_texts(model, tokenizer, config.sample, device, args.seed)))
+    return config, tokenizer, model
+
+
+def export_command(args: argparse.Namespace) -> None:
+    config, tokenizer, model = load_trained(args.checkpoint)
+    print(f"exported to {export_hf(model, tokenizer, config.sample, args.out)}")
 
 
 def check_env_command(args: argparse.Namespace) -> None:
@@ -173,14 +188,18 @@ def build_command_parsers() -> dict[str, argparse.ArgumentParser]:
     sample.add_argument("--device", default="auto")
     check_env = argparse.ArgumentParser(prog="python -m kernel check-env", description="Report the environment.")
     check_env.add_argument("--device", default="auto")
-    return {"sample": sample, "check-env": check_env}
+    export = argparse.ArgumentParser(prog="python -m kernel export",
+                                     description="Write a checkpoint as a transformers model folder.")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    return {"sample": sample, "check-env": check_env, "export": export}
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m kernel ...`: exit code 0 on success, 2 with a one-line explanation on bad input."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"sample": sample_command, "check-env": check_env_command}
+    commands = {"sample": sample_command, "check-env": check_env_command, "export": export_command}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](build_command_parsers()[argv[0]].parse_args(argv[1:]))
