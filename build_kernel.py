@@ -52,6 +52,9 @@ OUT_DIR = ""  # "" means /kaggle/working/outputs on Kaggle, ./outputs elsewhere
 
 RUN_MARKDOWN = "## Run\n\nEverything above only defines functions; this cell trains, samples and writes the outputs."
 RUN_CODE = "summary = main(CONFIG, OVERRIDES, DATA_GLOB, OUT_DIR)"
+SAMPLE_MARKDOWN = "## Sample more\n\nEdit the prompts and run this cell again; it reads the newest checkpoint."
+SAMPLE_CODE = '''PROMPTS = ["\\n", "The "]
+print(sample_from_run(summary["out_dir"], PROMPTS, max_new_tokens=200, temperature=0.8, top_k=200, top_p=0.95))'''
 
 
 class BuildError(Exception):
@@ -240,7 +243,8 @@ def build_notebook(root: Path = ROOT) -> dict:
     for section in stitch(root):
         cells.append(cell("markdown", f"{section.name}-doc", section.doc))
         cells.append(cell("code", f"{section.name}-code", section.code))
-    cells += [cell("markdown", "run-doc", RUN_MARKDOWN), cell("code", "run", RUN_CODE)]
+    cells += [cell("markdown", "run-doc", RUN_MARKDOWN), cell("code", "run", RUN_CODE),
+              cell("markdown", "sample-more-doc", SAMPLE_MARKDOWN), cell("code", "sample-more", SAMPLE_CODE)]
     return {"cells": cells, "nbformat": NBFORMAT, "nbformat_minor": NBFORMAT_MINOR,
             "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                          "language_info": {"name": "python"}}}

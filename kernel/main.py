@@ -21,7 +21,7 @@ import torch
 
 from kernel.env import (KAGGLE_TIME_BUDGET_S, KernelError, default_out_dir, describe_environment, dtype_name,
                         is_kaggle, print_environment, resolve_device, resolve_dtype, seed_everything, write_atomic)
-from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
+from kernel.config import Config, SampleConfig, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
 from kernel.model import GPT
@@ -150,6 +150,19 @@ def load_trained(path: str) -> tuple[Config, Tokenizer, GPT]:
     model = build_model(config, tokenizer.vocab_size)
     model.load_state_dict(checkpoint["model"])
     return config, tokenizer, model
+
+
+def sample_from_run(out_dir: str | Path, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,
+                    top_k: int = 200, top_p: float = 1.0, seed: int = 0) -> str:
+    """Samples from the newest valid checkpoint of a run (the notebook's last cell)."""
+    found = find_resume_checkpoint("auto", Path(out_dir))
+    if found is None:
+        raise KernelError(f"no checkpoint in {Path(out_dir) / 'checkpoints'}: train first")
+    config, tokenizer, model = load_trained(str(found[0]))
+    device = resolve_device("auto")
+    settings = SampleConfig(prompts=list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+    return format_samples(sample_texts(model.to(device), tokenizer, settings, device, seed))
 
 
 def export_command(args: argparse.Namespace) -> None:

@@ -126,6 +126,8 @@ def test_notebook_runs_end_to_end(tmp_path):
     assert {"samples.txt", "metrics.jsonl", "config.yaml", "checkpoints", "tokenizer"} <= {p.name for p in out.iterdir()}
     printed = "".join("".join(o.get("text", "")) for c in code_cells(executed) for o in c["outputs"])
     assert "[done] val loss" in printed and "demo corpus" in printed
+    last = "".join("".join(o.get("text", "")) for o in code_cells(executed)[-1]["outputs"])
+    assert "=== sample 1 | prompt '\\n' ===" in last and "=== sample 2 | prompt 'The ' ===" in last
 
 
 @pytest.mark.slow
