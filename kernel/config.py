@@ -33,12 +33,15 @@ class ConfigError(KernelError):
 
 @dataclass
 class ModelConfig:
+    arch: str = "gpt2"                    # gpt2 (exactly GPT-2) | llama (RoPE, RMSNorm, SwiGLU, no biases)
     n_layer: int = 6                      # transformer blocks
     n_head: int = 6                       # attention heads per block
     n_embd: int = 384                     # residual stream width; must be divisible by n_head
     block_size: int = 256                 # context length in tokens
     dropout: float = 0.0                  # 0 when data is plentiful; 0.1-0.2 helps on tiny corpora
-    bias: bool = True                     # biases in Linear and LayerNorm layers, as in GPT-2
+    bias: bool = True                     # gpt2: biases in Linear and LayerNorm layers, as in GPT-2
+    qk_norm: bool = False                 # llama: RMSNorm on each head's queries and keys (as Qwen3)
+    rope_theta: float = 10000.0           # llama: base of the rotary position embedding
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
 
 
@@ -103,6 +106,7 @@ class Config:
 
 
 CHOICES = {
+    "model.arch": ["gpt2", "llama"],
     "tokenizer.mode": ["char", "bpe_simple", "hf"],
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
 }
@@ -320,6 +324,8 @@ def validate(config: Config) -> None:
     require(m.n_head < 1 or m.n_embd % m.n_head == 0,
             f"'model.n_embd' ({m.n_embd}) must be divisible by 'model.n_head' ({m.n_head}); "
             f"e.g. n_embd={max(m.n_head, 1) * max(1, round(m.n_embd / max(m.n_head, 1)))}")
+    require(not m.qk_norm or m.arch == "llama", "'model.qk_norm' needs model.arch=llama (GPT-2 has no QK-norm)")
+    require(m.rope_theta > 0, f"'model.rope_theta' must be > 0, got {m.rope_theta}")
     require(0.0 <= m.dropout < 1.0, f"'model.dropout' must be in [0, 1), got {m.dropout}")
     require(0.0 < config.data.val_fraction <= 0.5,
             f"'data.val_fraction' must be in (0, 0.5], got {config.data.val_fraction}")

@@ -2,9 +2,11 @@
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json` and the
 tokenizer files, which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load
-offline. The model is exactly GPT-2's architecture, so it loads as `GPT2LMHeadModel`: the only change is
-layout (GPT-2's `Conv1D` stores linear weights transposed). A model trained without biases gets zero
-biases, which compute the same thing. `python -m kernel export CKPT OUT` does the same from a checkpoint.
+offline. Each preset is exactly its namesake's architecture, so only names and layout change:
+`gpt2` loads as `GPT2LMHeadModel` (its `Conv1D` stores linear weights transposed; a model trained without
+biases gets zero biases, which compute the same), `llama` as `LlamaForCausalLM` (the fused q/k/v matrix is
+split), `llama` with QK-norm as `Qwen3ForCausalLM`. `python -m kernel export CKPT OUT` does the same from a
+checkpoint.
 """
 
 import os
@@ -38,10 +40,50 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in exported.items()}
 
 
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Llama's (and Qwen3's) names: q/k/v split, the tied head stored once."""
+    ours, c = model.state_dict(), model.config
+    exported = {"model.embed_tokens.weight": ours["transformer.wte.weight"],
+                "model.norm.weight": ours["transformer.ln_f.weight"]}
+    for i in range(c.n_layer):
+        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
+        q, k, v = ours[src + "attn.c_attn.weight"].split(c.n_embd, dim=0)
+        exported.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
+                         dst + "self_attn.v_proj.weight": v,
+                         dst + "self_attn.o_proj.weight": ours[src + "attn.c_proj.weight"],
+                         dst + "mlp.gate_proj.weight": ours[src + "mlp.w_gate.weight"],
+                         dst + "mlp.up_proj.weight": ours[src + "mlp.w_up.weight"],
+                         dst + "mlp.down_proj.weight": ours[src + "mlp.c_proj.weight"],
+                         dst + "input_layernorm.weight": ours[src + "ln_1.weight"],
+                         dst + "post_attention_layernorm.weight": ours[src + "ln_2.weight"]})
+        if c.qk_norm:
+            exported[dst + "self_attn.q_norm.weight"] = ours[src + "attn.q_norm.weight"]
+            exported[dst + "self_attn.k_norm.weight"] = ours[src + "attn.k_norm.weight"]
+    return {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in exported.items()}
+
+
+def hf_config(model: GPT, special: dict):
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+
+    c = model.config
+    if c.arch == "gpt2":
+        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                          n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+                          attn_pdrop=c.dropout, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+                          architectures=["GPT2LMHeadModel"], **special)
+    config_class, architecture = (Qwen3Config, "Qwen3ForCausalLM") if c.qk_norm else (LlamaConfig, "LlamaForCausalLM")
+    return config_class(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
+                        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                        head_dim=c.head_dim, max_position_embeddings=c.block_size, rms_norm_eps=1e-6,
+                        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, hidden_act="silu",
+                        attention_bias=False, attention_dropout=c.dropout, tie_word_embeddings=True,
+                        architectures=[architecture], **special)
+
+
 def export_hf(model: GPT, tokenizer: Tokenizer, sampling: SampleConfig, folder: str | Path) -> Path:
     """Write a transformers model folder, atomically (a staging folder renamed at the end)."""
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, GPT2Config  # imported late: transformers is slow to import
+    from transformers import GenerationConfig  # imported late: transformers is slow to import
 
     folder = Path(folder)
     c = model.config
@@ -50,11 +92,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, sampling: SampleConfig, folder: 
     staging.mkdir(parents=True)
     try:
         special = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
-        GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                   n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                   attn_pdrop=c.dropout, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-                   architectures=["GPT2LMHeadModel"], **special).save_pretrained(staging)
-        save_file(gpt2_state_dict(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        hf_config(model, special).save_pretrained(staging)
+        weights = gpt2_state_dict(model) if c.arch == "gpt2" else llama_state_dict(model)
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         GenerationConfig(do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
                          top_k=sampling.top_k or None, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
                          pad_token_id=tokenizer.eos_id, **special).save_pretrained(staging)

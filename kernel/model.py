@@ -1,8 +1,14 @@
 """# 5. The model
 
-A GPT decoder in the shape of GPT-2: token + learned position embeddings, a stack of pre-norm blocks
-(causal multi-head self-attention, then an MLP, each added back to the residual stream), a final
-LayerNorm, and an output head that shares its weights with the token embedding.
+A decoder-only transformer in two presets that share one implementation:
+
+* `gpt2`: exactly GPT-2: token + learned position embeddings, pre-norm blocks of causal multi-head
+  self-attention and a GELU MLP, LayerNorm, biases, an output head tied to the token embedding.
+* `llama`: exactly Llama: no position embeddings but rotary ones (RoPE) on queries and keys, RMSNorm,
+  a SwiGLU MLP, no biases; optionally QK-norm (RMSNorm on each head's queries and keys, as in Qwen3).
+
+Keeping each preset exactly its namesake means a trained model exports to `transformers` as
+`GPT2LMHeadModel`, `LlamaForCausalLM` or (with QK-norm) `Qwen3ForCausalLM`.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel
 the hardware has (FlashAttention on Ampere+, memory-efficient attention on a T4, plain math on a CPU).
@@ -23,13 +29,50 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class GPTConfig:
     vocab_size: int
-    block_size: int = 256          # longest sequence the position embedding covers
+    block_size: int = 256          # longest sequence (the learned position table's size for gpt2)
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = True              # biases in Linear and LayerNorm, as in GPT-2
+    bias: bool = True              # gpt2: biases in Linear and LayerNorm, as in GPT-2 (llama has none)
     gradient_checkpointing: bool = False
+    arch: str = "gpt2"             # gpt2 | llama
+    qk_norm: bool = False          # llama: RMSNorm on queries and keys per head
+    rope_theta: float = 10000.0    # llama: the rotary embedding's base
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """GPT-2: 4 x width. SwiGLU has three matrices, so 8/3 x width (rounded up to a multiple of 32)
+        keeps the parameter count of a 4 x width MLP."""
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+
+def make_norm(config: GPTConfig, size: int) -> nn.Module:
+    if config.arch == "llama":
+        return nn.RMSNorm(size, eps=1e-6)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
+def rotary_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (T, head_dim), in Llama's layout: the first and second halves of a head form the pairs."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
+    angles = torch.cat((angles, angles), dim=-1)              # (T, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + d/2]) of every head of x (B, nh, T, d) by its position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    return (x * cos + rotated_half * sin).to(x.dtype)
 
 
 class KVCache:
@@ -58,17 +101,24 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.dropout = config.n_head, config.dropout
+        bias = config.bias and config.arch == "gpt2"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-6) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         past = 0
         if cache is not None:
             past = cache.layer_length(layer)
@@ -85,27 +135,44 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2: Linear, GELU (tanh approximation), Linear."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLU(nn.Module):
+    """Llama: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.w_up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = SwiGLU(config) if config.arch == "llama" else MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -113,14 +180,15 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.arch not in ("gpt2", "llama"):
+            raise ValueError(f"unknown architecture {config.arch!r}")
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.arch == "gpt2":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=make_norm(config, config.n_embd))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
         self.apply(self._init_weights)
@@ -150,12 +218,18 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of length {past + T} is longer than block_size {self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rotary = rotary_tables(self.config, pos)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, layer, rotary, use_reentrant=False)
             else:
-                x = block(x, cache, layer)
+                x = block(x, cache, layer, rotary)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

@@ -51,7 +51,8 @@ def build_model(config: Config, vocab_size: int) -> GPT:
     m = config.model
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
                          n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
-                         gradient_checkpointing=m.gradient_checkpointing))
+                         gradient_checkpointing=m.gradient_checkpointing, arch=m.arch, qk_norm=m.qk_norm,
+                         rope_theta=m.rope_theta))
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:

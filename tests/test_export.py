@@ -65,3 +65,24 @@ def test_every_run_exports_and_the_cli_exports_a_checkpoint(tmp_path, tiny):
     assert done.returncode == 0, done.stderr
     a = (tmp_path / "run" / "hf" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("qk_norm, architecture", [(False, "LlamaForCausalLM"), (True, "Qwen3ForCausalLM")])
+def test_llama_exports_with_the_same_logits_and_greedy_tokens(tmp_path, qk_norm, architecture):
+    tokenizer = CharTokenizer.train(TEXT)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                          arch="llama", qk_norm=qk_norm, rope_theta=500.0))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.eval()
+    export_hf(model, tokenizer, SampleConfig(), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    assert type(hf).__name__ == architecture
+    idx = torch.tensor([tokenizer.encode("for x in y:\n    print(x)")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+        ours = generate(model, idx[:, :6], 20, temperature=0)
+        theirs = hf.generate(idx[:, :6], max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert theirs.tolist() == ours.tolist()

@@ -76,3 +76,51 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 def test_sequences_longer_than_the_block_are_refused():
     with pytest.raises(ValueError, match="longer than block_size"):
         small_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_rotary_embedding_equals_the_complex_number_formula():
+    from kernel.model import apply_rotary, rotary_tables
+    config = GPTConfig(vocab_size=10, n_head=2, n_embd=16, arch="llama", rope_theta=100.0)
+    x = torch.randn(1, 2, 5, 8)
+    positions = torch.arange(3, 8)
+    rotated = apply_rotary(x, *rotary_tables(config, positions))
+    # Llama's layout: dimension i pairs with i + d/2; the pair is the complex number x_i + j x_{i+d/2}.
+    pairs = torch.complex(x[..., :4].double(), x[..., 4:].double())
+    frequencies = 100.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    turned = pairs * torch.exp(1j * positions.double()[:, None] * frequencies[None, :])
+    expected = torch.cat((turned.real, turned.imag), dim=-1).float()
+    torch.testing.assert_close(rotated, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_llama_is_causal_biasless_and_cache_consistent(qk_norm):
+    from kernel.model import KVCache
+    model = small_model(arch="llama", qk_norm=qk_norm).eval()
+    assert "transformer.wpe.weight" not in model.state_dict()
+    assert not [n for n, p in model.named_parameters() if n.endswith("bias")]
+    assert any("q_norm" in n for n, _ in model.named_parameters()) == qk_norm
+    idx = torch.randint(65, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 65
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :9], after[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+    cache = KVCache(2)
+    steps = [model(idx[:, :4], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), before, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_changes_the_computation_and_rope_makes_position_matter():
+    a, b = small_model(arch="llama"), small_model(arch="llama", qk_norm=True)
+    idx = torch.randint(65, (1, 8))
+    assert not torch.allclose(a(idx)[0], b(idx)[0])
+    # Without positions, attention would not see the order of earlier tokens: swapping two of them would
+    # leave the last position's output unchanged. RoPE (llama has no position table) makes order matter.
+    ordered, swapped = torch.tensor([[3, 9, 4, 7]]), torch.tensor([[9, 3, 4, 7]])
+    assert not torch.allclose(a(ordered)[0][0, -1], a(swapped)[0][0, -1])
+
+
+def test_swiglu_keeps_the_parameter_count_of_a_gelu_mlp():
+    gpt2, llama = small_model(n_embd=96), small_model(n_embd=96, arch="llama")
+    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if ".mlp." in n and "weight" in n)
+    assert abs(count(llama) - count(gpt2)) / count(gpt2) < 0.05

@@ -162,3 +162,10 @@ def test_a_bpe_run_learns_exports_its_tokenizer_and_resumes(tmp_path, tiny):
     shutil.rmtree(stopped / "cache")  # the resumed run re-tokenizes with the checkpoint's tokenizer
     resumed = run(config, stopped)
     assert resumed["val_loss"] == straight["val_loss"]
+
+
+def test_a_llama_run_learns(tmp_path, tiny):
+    summary = run(tiny(model__arch="llama", model__qk_norm=True, train__max_steps=150, train__lr=3e-3), tmp_path)
+    assert summary["val_loss"] < 0.7 * math.log(summary["data"]["vocab_size"])
+    from transformers import AutoModelForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "Qwen3ForCausalLM"
