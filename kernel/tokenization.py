@@ -236,6 +236,9 @@ def training_sample(text: str, max_chars: int, chunk_chars: int = 1 << 16) -> It
 
 # --- hf ------------------------------------------------------------------------------------------------
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 class HFTokenizer:
     mode = "hf"
 
@@ -252,7 +255,13 @@ class HFTokenizer:
             raise KernelError("tokenizer.mode=hf needs tokenizer.pretrained_name: a local tokenizer folder "
                               "(e.g. an attached Kaggle dataset) or a Hugging Face Hub id")
         try:
-            return cls(AutoTokenizer.from_pretrained(name, trust_remote_code=False), name)
+            if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+                raise OSError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in the folder")
+            loaded = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+            if len(loaded) < 3 or not loaded.encode("Hello world", add_special_tokens=False):
+                # transformers 5.0 returns an empty tokenizer for some folders instead of failing
+                raise ValueError(f"what it loaded has {len(loaded)} tokens and encodes nothing")
+            return cls(loaded, name)
         except Exception as err:  # OSError offline, ValueError / others for folders that hold no tokenizer
             where = "the folder" if Path(name).is_dir() else "the Hugging Face Hub (needs internet)"
             raise KernelError(
