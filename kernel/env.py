@@ -111,6 +111,47 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# --- Peak throughput, for model FLOPs utilisation (MFU) ---------------------------------------------
+
+# Dense tensor-core peaks per GPU from the vendors' data sheets (FLOP/s); float32 means plain fp32 (no TF32).
+PEAK_FLOPS = {
+    "T4": {"float16": 65e12, "float32": 8.1e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+}
+_MEASURED_CPU_PEAK: dict = {}
+
+
+def measured_cpu_peak(dtype: torch.dtype) -> float:
+    """The CPU's matmul FLOP/s in this dtype, measured once (best of a few 1024^3 products)."""
+    import time
+    if dtype not in _MEASURED_CPU_PEAK:
+        private = torch.Generator().manual_seed(0)  # never touch the global RNG: resumed runs must replay it
+        a, b = (torch.randn(1024, 1024, generator=private).to(dtype) for _ in range(2))
+        best = float("inf")
+        for _ in range(4):
+            started = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - started)
+        _MEASURED_CPU_PEAK[dtype] = 2 * 1024**3 / best
+    return _MEASURED_CPU_PEAK[dtype]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak for this dtype: from the table for known GPUs, measured on a CPU, else None."""
+    if device.type == "cpu":
+        return measured_cpu_peak(dtype)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for model, peaks in PEAK_FLOPS.items():
+        if model in name.split() or f" {model}" in name:
+            return peaks.get(dtype_name(dtype))
+    return None
+
+
 # --- Reproducibility -----------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:

@@ -94,7 +94,8 @@ def run(config: Config, out_dir: str | Path) -> dict:
     summary = {
         "val_loss": result.last_eval["val_loss"], "val_ppl": result.last_eval["val_ppl"],
         "val_bpb": result.last_eval["val_bpb"], "train_loss": result.train_loss,
-        "tokens_per_s": result.tokens_per_s, "steps": result.step, "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "flops_per_token": result.model.flops_per_token(),
+        "steps": result.step, "tokens": result.tokens,
         "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
         "dtype": dtype_name(dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
         "best_checkpoint": result.best,

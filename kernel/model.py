@@ -210,6 +210,14 @@ class GPT(nn.Module):
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per weight
+        that multiplies (every parameter but the position table, the tied head included once), plus
+        attention's 12 x layers x width x context."""
+        c = self.config
+        weights = self.num_params() - (self.transformer.wpe.weight.numel() if c.arch == "gpt2" else 0)
+        return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy loss. With a cache, idx
         continues the sequence the cache holds (and is added to it)."""

@@ -51,6 +51,7 @@ def human_summary(summary: dict) -> str:
         f"({summary['device']}, {summary['dtype']}), stopped by {summary['stopped_by']}.",
         f"Validation: loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}, "
         f"{summary['val_bpb']:.3f} bits per byte" + ("" if math.isfinite(summary["val_loss"]) else " (diverged)") + ".",
-        f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s of training.",
+        f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s of training"
+        + (f", {100 * summary['mfu']:.1f}% model FLOPs utilisation." if summary.get("mfu") else "."),
         f"Files in {out}: loss.png, samples.txt, summary.json, metrics.jsonl, config.yaml, tokenizer/, checkpoints/.",
     ])

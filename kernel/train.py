@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernel.env import KernelError, is_batch_run, is_kaggle, kaggle_root, write_atomic
+from kernel.env import KernelError, is_batch_run, is_kaggle, kaggle_root, peak_flops, write_atomic
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
@@ -300,6 +300,7 @@ class TrainResult:
     stopped_by: str          # "max_steps", "time_budget" or "signal (SIGTERM)" / "signal (SIGINT)"
     resumed_from: str | None = None
     best: dict = field(default_factory=dict)  # {"step", "val_loss"} of the best checkpoint kept
+    mfu: float | None = None  # model FLOPs utilisation of this process's training
     history: list = field(default_factory=list)
 
 
@@ -447,6 +448,8 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         return entry
 
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
+    peak = peak_flops(device, dtype)
+    flops_per_token = model.flops_per_token()
     train_seconds, window_loss, window_steps, window_start = 0.0, torch.zeros((), device=device), 0, time.perf_counter()
     start_step, stopped_by, nonfinite_run = step, "max_steps", 0
     progress = Progress(t.max_steps, step)
@@ -493,7 +496,8 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                 train_loss = (window_loss / window_steps).item()
                 tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
                 record({"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr,
-                        "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - started, 3)})
+                        "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - started, 3),
+                        "mfu": round(flops_per_token * tokens_per_s / peak, 5) if peak else None})
                 progress.advance(step, train_loss, tokens_per_s)
                 window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
             else:
@@ -509,8 +513,9 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             last_eval = run_eval(step)
         save(step)
     trained_tokens = (step - start_step) * tokens_per_step
+    tokens_per_s = trained_tokens / train_seconds if train_seconds else 0.0
     return TrainResult(model=model, step=step, tokens=tokens, last_eval=last_eval, train_loss=train_loss,
-                       tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,
+                       tokens_per_s=tokens_per_s, mfu=flops_per_token * tokens_per_s / peak if peak else None,
                        wall_s=time.perf_counter() - started, stopped_by=stopped_by,
                        resumed_from=str(checkpoint_source) if checkpoint is not None else None,
                        best=best, history=history)

@@ -124,3 +124,22 @@ def test_swiglu_keeps_the_parameter_count_of_a_gelu_mlp():
     gpt2, llama = small_model(n_embd=96), small_model(n_embd=96, arch="llama")
     count = lambda m: sum(p.numel() for n, p in m.named_parameters() if ".mlp." in n and "weight" in n)
     assert abs(count(llama) - count(gpt2)) / count(gpt2) < 0.05
+
+
+def test_flops_per_token_of_gpt2_124m():
+    config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    model = GPT(config)
+    assert model.num_params() == 124_439_808  # GPT-2 small, the tied head counted once
+    weights = 124_439_808 - 1024 * 768        # without the position table
+    assert model.flops_per_token() == 6 * weights + 12 * 12 * 768 * 1024 == 855_166_464
+
+
+def test_mfu_uses_the_peak_table_for_known_gpus(monkeypatch):
+    from kernel.env import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert peak_flops(torch.device("cuda"), torch.float16) == 65e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) is None
+    assert peak_flops(torch.device("cpu"), torch.float32) > 1e9  # measured

@@ -88,13 +88,14 @@ def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
     for key in ("tokens_per_s", "wall_s", "params", "device", "dtype", "val_bpb"):
         assert key in summary
     assert summary["device"] == "cpu" and summary["dtype"] == "float32" and summary["tokens_per_s"] > 0
+    assert 0 < summary["mfu"] < 1 and summary["flops_per_token"] > 0
     assert json.loads((out / "summary.json").read_text())["val_loss"] == summary["val_loss"]
     metrics = read_metrics(out)
     train_lines = [m for m in metrics if "train_loss" in m]
     eval_lines = [m for m in metrics if "val_loss" in m]
     assert [m["step"] for m in eval_lines] == [0, 100, 200]
     assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"] - 1.0
-    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s"} <= set(train_lines[0])
+    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s", "mfu"} <= set(train_lines[0])
     assert (out / "samples.txt").read_text().startswith("=== sample 1")
     assert load_config(str(out / "config.yaml")) == load_config(str(out / "checkpoints" / "config.yaml"))
     checkpoints = list_checkpoints(out / "checkpoints")
@@ -116,7 +117,7 @@ def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny):
     assert resumed["resumed_from"].endswith("ckpt_00000030.pt")
     assert resumed["val_loss"] == straight["val_loss"]
     assert resumed["train_loss"] == straight["train_loss"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s", "mfu")} for r in rows]
     assert strip(read_metrics(stopped)) == strip(read_metrics(tmp_path / "straight"))
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000060.pt")["model"]
     b = load_checkpoint(stopped / "checkpoints" / "ckpt_00000060.pt")["model"]
