@@ -73,6 +73,8 @@ class TrainConfig:
     lr: float = 1e-3                      # peak learning rate
     min_lr: float = 1e-4                  # floor the cosine decay ends at
     warmup_steps: int = 100               # linear warm-up from 0 to lr
+    schedule: str = "cosine"              # cosine | wsd (warmup-stable-decay); both end at max_steps or the budget
+    decay_fraction: float = 0.2           # wsd: the final share of the run that decays to min_lr
     weight_decay: float = 0.1             # AdamW decay on matrices (not on biases, norms)
     beta1: float = 0.9
     beta2: float = 0.99
@@ -109,6 +111,7 @@ CHOICES = {
     "model.arch": ["gpt2", "llama"],
     "tokenizer.mode": ["char", "bpe_simple", "hf"],
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
+    "train.schedule": ["cosine", "wsd"],
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -331,6 +334,7 @@ def validate(config: Config) -> None:
             f"'data.val_fraction' must be in (0, 0.5], got {config.data.val_fraction}")
     require(t.lr > 0, f"'train.lr' must be > 0, got {t.lr}")
     require(0 <= t.min_lr <= t.lr, f"'train.min_lr' must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
+    require(0 < t.decay_fraction <= 1, f"'train.decay_fraction' must be in (0, 1], got {t.decay_fraction}")
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "'train.beta1'/'train.beta2' must be in [0, 1)")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")

@@ -36,12 +36,23 @@ from kernel.model import GPT, GPTConfig
 
 # --- Learning rate -------------------------------------------------------------------------------------
 
-def lr_at(step: int, train: TrainConfig) -> float:
-    """Linear warm-up to train.lr over warmup_steps, then a cosine decay that reaches min_lr at max_steps."""
+def lr_at(step: int, train: TrainConfig, time_progress: float = 0.0) -> float:
+    """Linear warm-up to train.lr over warmup_steps, then the decay to min_lr, which ends at max_steps or, with
+    a time budget, when the budget does (time_progress: the share of the training time used, 0..1),
+    whichever comes first.
+
+    cosine: a half cosine from lr to min_lr. wsd (warmup-stable-decay): lr until the last
+    train.decay_fraction of the run, then a linear decay to min_lr; it suits runs whose length is set by a
+    clock rather than a step count, since most of the run is spent at the peak rate.
+    """
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     decay_steps = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
+    progress = min(1.0, max((step - train.warmup_steps) / decay_steps, time_progress))
+    if train.schedule == "wsd":
+        stable = 1.0 - train.decay_fraction
+        share = 0.0 if progress <= stable else (progress - stable) / train.decay_fraction
+        return train.lr - share * (train.lr - train.min_lr)
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
 
 
@@ -453,18 +464,23 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
     train_seconds, window_loss, window_steps, window_start = 0.0, torch.zeros((), device=device), 0, time.perf_counter()
     start_step, stopped_by, nonfinite_run = step, "max_steps", 0
     progress = Progress(t.max_steps, step)
+    loop_start = time.perf_counter()
     if step == 0:
         last_eval = run_eval(0)
     with StopRequests() as stop_requests:
         while step < t.max_steps:
-            if deadline is not None and time.perf_counter() + 1.5 * (finish_s["eval"] + finish_s["save"]) + 1 >= deadline:
+            training_ends = None if deadline is None else deadline - (1.5 * (finish_s["eval"] + finish_s["save"]) + 1)
+            if training_ends is not None and time.perf_counter() >= training_ends:
                 stopped_by = "time_budget"
                 progress.write(f"[train] time budget nearly spent at step {step:,}: stopping to evaluate and save")
                 break
             if stop_requests.signal_name:
                 stopped_by = f"signal ({stop_requests.signal_name})"
                 break
-            lr = lr_at(step, t)
+            time_progress = 0.0
+            if training_ends is not None:  # the share of the time available for training that is used up
+                time_progress = (time.perf_counter() - loop_start) / max(1e-9, training_ends - loop_start)
+            lr = lr_at(step, t, time_progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()

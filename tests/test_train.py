@@ -170,3 +170,27 @@ def test_a_llama_run_learns(tmp_path, tiny):
     assert summary["val_loss"] < 0.7 * math.log(summary["data"]["vocab_size"])
     from transformers import AutoModelForCausalLM
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "Qwen3ForCausalLM"
+
+
+def test_wsd_schedule_and_the_decay_stretched_to_a_time_budget():
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(99, t) == pytest.approx(1e-3)
+    assert lr_at(800, t) == pytest.approx(1e-3)               # stable until 80% of the decay phase
+    assert lr_at(1000, t) == pytest.approx(1e-3 - 0.5 * 9e-4)   # half way through the final 20%
+    assert lr_at(1100, t) == pytest.approx(1e-4)
+    # With a budget, whichever ends first ends the decay: at 90% of the time, step 200 is already decaying.
+    assert lr_at(200, t, time_progress=0.9) == pytest.approx(1e-3 - 0.5 * 9e-4)
+    assert lr_at(200, t, time_progress=1.0) == pytest.approx(1e-4)
+    cosine = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=10**9)
+    assert lr_at(150, cosine, time_progress=0.5) == pytest.approx(5.5e-4)  # the budget's midpoint
+    assert lr_at(150, cosine, time_progress=0.0) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny):
+    summary = run(tiny(train__max_steps=10**9, train__time_budget=4, train__schedule="wsd",
+                       train__warmup_steps=5, train__log_interval=1), tmp_path)
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in line]
+    assert summary["stopped_by"] == "time_budget"
+    assert rates[len(rates) // 2] == pytest.approx(tiny().train.lr)  # stable in the middle
+    assert rates[-1] < 0.5 * tiny().train.lr  # decayed by the end of the budget
