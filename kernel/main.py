@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from kernel.env import (KAGGLE_TIME_BUDGET_S, KernelError, default_out_dir, describe_environment, dtype_name,
+from kernel.env import (DTYPES, KAGGLE_TIME_BUDGET_S, KernelError, default_out_dir, describe_environment, dtype_name,
                         is_kaggle, print_environment, resolve_device, resolve_dtype, seed_everything, write_atomic)
 from kernel.config import Config, SampleConfig, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
 from kernel.model import GPT
-from kernel.train import (build_model, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
+from kernel.train import (build_model, check_resume_compatible, probe_cpu_dtype, find_resume_checkpoint, load_checkpoint,
                           train)
 from kernel.sample import format_samples, sample_texts
 from kernel.export import export_hf
@@ -67,7 +67,6 @@ def run(config: Config, out_dir: str | Path) -> dict:
     print_environment(environment)
     device = resolve_device(config.train.device)
     dtype, why = resolve_dtype(config.train.dtype, device)
-    print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
     seed_everything(config.train.seed)
     ensure_writable(out_dir)
 
@@ -77,6 +76,11 @@ def run(config: Config, out_dir: str | Path) -> dict:
     cache_root = config.data.cache_dir or out_dir / "cache"
     data = prepare_data(config, cache_root, tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None)
     print_data_report(data)
+    if config.train.dtype == "auto" and checkpoint is not None:  # keep the precision the run started with
+        dtype, why = DTYPES[checkpoint["dtype"]], "as when the checkpoint was written"
+    elif config.train.dtype == "auto" and device.type == "cpu":
+        dtype, why = probe_cpu_dtype(config, data.tokenizer.vocab_size)
+    print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "config.yaml", config_to_yaml(config))

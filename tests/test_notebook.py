@@ -16,7 +16,7 @@ from kernel.bundled_configs import BUNDLED_CONFIGS
 ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
                   "train.max_steps": 30, "train.eval_interval": 15, "train.eval_batches": 2,
-                  "train.device": "cpu", "train.warmup_steps": 5, "train.lr": 3e-3,
+                  "train.device": "cpu", "train.dtype": "float32", "train.warmup_steps": 5, "train.lr": 3e-3,
                   "sample.max_new_tokens": 30}
 
 

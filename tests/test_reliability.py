@@ -135,7 +135,7 @@ def test_an_unwritable_output_folder_is_reported_before_any_work(tmp_path, tiny)
 
 
 SLOW_TINY = ["--set", "model.n_layer=2", "--set", "model.n_head=2", "--set", "model.n_embd=64",
-             "--set", "model.block_size=64", "--set", "train.batch_size=16", "--set", "train.device=cpu",
+             "--set", "model.block_size=64", "--set", "train.batch_size=16", "--set", "train.device=cpu", "--set", "train.dtype=float32",
              "--set", "train.warmup_steps=5", "--set", "train.eval_interval=20", "--set", "train.eval_batches=2",
              "--set", "train.log_interval=1", "--set", "sample.max_new_tokens=10"]
 

@@ -194,3 +194,40 @@ def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny):
     assert summary["stopped_by"] == "time_budget"
     assert rates[len(rates) // 2] == pytest.approx(tiny().train.lr)  # stable in the middle
     assert rates[-1] < 0.5 * tiny().train.lr  # decayed by the end of the budget
+
+
+def fake_timer(seconds_per_call: list[float]):
+    """A clock that advances by the given amounts, one per call."""
+    now, steps = [0.0], iter(seconds_per_call)
+
+    def timer():
+        now[0] += next(steps)
+        return now[0]
+    return timer
+
+
+def test_the_cpu_precision_probe_picks_bf16_only_when_measured_faster(tiny):
+    from kernel.train import probe_cpu_dtype
+    config = tiny()
+    state = torch.get_rng_state()
+    # Calls: fp32 start, fp32 end, bf16 start, bf16 end; the deltas are what each dtype's steps took.
+    dtype, why = probe_cpu_dtype(config, 50, timer=fake_timer([0, 2.0, 0, 1.0]))
+    assert dtype == torch.bfloat16 and "2.00x faster" in why
+    dtype, why = probe_cpu_dtype(config, 50, timer=fake_timer([0, 1.0, 0, 1.25]))
+    assert dtype == torch.float32 and "0.80x" in why
+    assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the run's random numbers alone
+
+
+def test_an_explicit_dtype_skips_the_probe(tmp_path, tiny, monkeypatch):
+    import kernel.main as main_module
+    monkeypatch.setattr(main_module, "probe_cpu_dtype", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert run(tiny(train__dtype="float32", train__max_steps=5), tmp_path)["dtype"] == "float32"
+
+
+def test_auto_dtype_on_cpu_uses_the_probe_and_a_resumed_run_keeps_its_precision(tmp_path, tiny, monkeypatch):
+    import kernel.main as main_module
+    monkeypatch.setattr(main_module, "probe_cpu_dtype", lambda *a, **k: (torch.bfloat16, "cpu: probe said so"))
+    first = run(tiny(train__dtype="auto", train__max_steps=10), tmp_path)
+    assert first["dtype"] == "bfloat16"
+    monkeypatch.setattr(main_module, "probe_cpu_dtype", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert run(tiny(train__dtype="auto", train__max_steps=20), tmp_path)["dtype"] == "bfloat16"
