@@ -38,6 +38,7 @@ class ModelConfig:
     n_head: int = 6                       # attention heads per block
     n_embd: int = 384                     # residual stream width; must be divisible by n_head
     block_size: int = 256                 # context length in tokens
+    vocab_multiple: int = 64              # embedding rows rounded up to a multiple of this (faster matmuls)
     dropout: float = 0.0                  # 0 when data is plentiful; 0.1-0.2 helps on tiny corpora
     bias: bool = True                     # gpt2: biases in Linear and LayerNorm layers, as in GPT-2
     qk_norm: bool = False                 # llama: RMSNorm on each head's queries and keys (as Qwen3)
@@ -318,7 +319,7 @@ def validate(config: Config) -> None:
         if not ok:
             problems.append(message)
 
-    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.train_sample_mb",
+    for key in ("model.vocab_multiple", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.train_sample_mb",
                 "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints", "train.nan_patience"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")

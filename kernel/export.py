@@ -97,7 +97,10 @@ def export_hf(model: GPT, tokenizer: Tokenizer, sampling: SampleConfig, folder: 
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         GenerationConfig(do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
                          top_k=sampling.top_k or None, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                         pad_token_id=tokenizer.eos_id, **special).save_pretrained(staging)
+                         pad_token_id=tokenizer.eos_id, **special,
+                         # padding rows of the embedding (see model.vocab_multiple) are never generated
+                         suppress_tokens=list(range(tokenizer.vocab_size, c.vocab_size)) or None,
+                         ).save_pretrained(staging)
         tokenizer.save(staging)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)

@@ -32,13 +32,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, eos_id: int | None = None,
-             use_cache: bool = True) -> torch.Tensor:
-    """Extend idx (B, T) by up to max_new_tokens tokens (greedy when temperature is 0)."""
+             use_cache: bool = True, vocab_size: int | None = None) -> torch.Tensor:
+    """Extend idx (B, T) by up to max_new_tokens tokens (greedy when temperature is 0). vocab_size: the
+    tokenizer's, when the embedding has padding rows that must never be sampled."""
     block_size = model.config.block_size
     cache = KVCache(model.config.n_layer) if use_cache else None
     logits = model(idx[:, -block_size:], cache=cache)[0][:, -1, :]
+    padding = slice(vocab_size, None) if vocab_size and vocab_size < model.config.vocab_size else None
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
+        if padding is not None:
+            logits[:, padding] = float("-inf")
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -72,7 +76,7 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, devic
             ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                       generator, tokenizer.eos_id)
+                       generator, tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
         samples.append((prompt, tokenizer.decode(out[0].tolist())))
     model.train(was_training)
     return samples

@@ -58,9 +58,15 @@ def lr_at(step: int, train: TrainConfig, time_progress: float = 0.0) -> float:
 
 # --- Model, optimizer, precision -----------------------------------------------------------------------
 
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """The embedding's row count: the vocabulary rounded up, since matrix shapes that are multiples of 64
+    run faster on tensor cores. The extra rows are never targets; sampling and export mask them."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
 def build_model(config: Config, vocab_size: int) -> GPT:
     m = config.model
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+    return GPT(GPTConfig(vocab_size=padded_vocab_size(vocab_size, m.vocab_multiple), block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
                          n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
                          gradient_checkpointing=m.gradient_checkpointing, arch=m.arch, qk_norm=m.qk_norm,
                          rope_theta=m.rope_theta))

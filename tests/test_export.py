@@ -86,3 +86,19 @@ def test_llama_exports_with_the_same_logits_and_greedy_tokens(tmp_path, qk_norm,
         ours = generate(model, idx[:, :6], 20, temperature=0)
         theirs = hf.generate(idx[:, :6], max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert theirs.tolist() == ours.tolist()
+
+
+def test_a_padded_vocabulary_exports_with_its_padding_suppressed(tmp_path, tiny):
+    from kernel.train import build_model
+    tokenizer = CharTokenizer.train(TEXT)
+    model = build_model(tiny(), tokenizer.vocab_size).eval()
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size > tokenizer.vocab_size
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.vocab_size:] *= 50  # padding rows that would win greedy decoding
+    export_hf(model, tokenizer, SampleConfig(), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    idx = torch.tensor([tokenizer.encode("import os\n")])
+    with torch.no_grad():
+        ours = generate(model, idx, 15, temperature=0, vocab_size=tokenizer.vocab_size)
+        theirs = hf.generate(idx, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    assert theirs.tolist() == ours.tolist() and max(ours[0].tolist()) < tokenizer.vocab_size

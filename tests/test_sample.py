@@ -78,3 +78,17 @@ def test_sample_texts_are_seeded_and_reproducible():
     first = sample_texts(model, tokenizer, settings, torch.device("cpu"), seed=11)
     again = sample_texts(model, tokenizer, settings, torch.device("cpu"), seed=11)
     assert first == again and first[0][1].startswith("ab") and len(first[0][1]) == 14
+
+
+def test_padding_rows_of_the_vocabulary_are_never_sampled():
+    from kernel.train import padded_vocab_size
+    assert padded_vocab_size(104, 64) == 128 and padded_vocab_size(128, 64) == 128 and padded_vocab_size(5, 1) == 5
+    model = small_model()
+    with torch.no_grad():
+        model.lm_head.weight[30:] = 10 * model.lm_head.weight[30:].sign()  # make the "padding" rows attractive
+    prompt = torch.randint(30, (1, 4))
+    unmasked = generate(model, prompt, 20, temperature=0)
+    masked = generate(model, prompt, 20, temperature=0, vocab_size=30)
+    sampled = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), vocab_size=30)
+    assert unmasked[0, 4:].max() >= 30  # without the mask, padding rows win
+    assert masked[0, 4:].max() < 30 and sampled[0, 4:].max() < 30
