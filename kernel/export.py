@@ -96,7 +96,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, sampling: SampleConfig, folder: 
         weights = gpt2_state_dict(model) if c.arch == "gpt2" else llama_state_dict(model)
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         GenerationConfig(do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                         top_k=sampling.top_k or None, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                         top_k=sampling.top_k or None, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens or None,
                          pad_token_id=tokenizer.eos_id, **special,
                          # padding rows of the embedding (see model.vocab_multiple) are never generated
                          suppress_tokens=list(range(tokenizer.vocab_size, c.vocab_size)) or None,

@@ -47,7 +47,8 @@ def test_exported_model_loads_as_gpt2_with_the_same_logits_and_greedy_tokens(tmp
 
 def test_bpe_export_carries_the_end_of_document_token(tmp_path):
     tokenizer = BPETokenizer.train([TEXT], vocab_size=300)
-    export_hf(trained_like(tokenizer.vocab_size), tokenizer, SampleConfig(temperature=0.7, top_k=50), tmp_path / "hf")
+    export_hf(trained_like(tokenizer.vocab_size), tokenizer, SampleConfig(temperature=0.7, top_k=50, max_new_tokens=0),
+              tmp_path / "hf")  # max_new_tokens=0 (no samples) is valid here but not in a GenerationConfig
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     assert hf.config.eos_token_id == tokenizer.eos_id and hf.generation_config.top_k == 50
     hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Benchmark: validation loss reached in a fixed wall-clock budget, character-level tinyshakespeare.
+
+    python bench/quality.py [--budget 64] [--only NAME]
+
+Runs each setting through the real program (`kernel.main.run`) with `train.time_budget` = the budget, one
+after another in this process, on ../shared/data/tinyshakespeare.txt (90/10 split, as nanoGPT). The
+baseline is the `gpt2` preset with nanoGPT's README CPU recipe (4 x 128, context 64, batch 12, lr 1e-3 to
+1e-4 cosine, 100 warm-up steps, 2000 steps, fp32). The budget covers the whole run (data preparation,
+evaluation and checkpointing included), which is stricter than timing the training loop alone.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from kernel.config import load_config  # noqa: E402
+from kernel.main import run  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+COMMON = {"train.device": "cpu", "train.eval_interval": 10**9, "train.eval_batches": 100,
+          "train.checkpoint_interval": 0, "train.log_interval": 50, "sample.max_new_tokens": 0,
+          "data.val_fraction": 0.1, "model.dropout": 0.0}
+NANOGPT_CPU = {"model.arch": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128,
+               "model.block_size": 64, "train.batch_size": 12, "train.lr": 1e-3, "train.min_lr": 1e-4,
+               "train.warmup_steps": 100, "train.max_steps": 2000, "train.beta2": 0.99, "train.weight_decay": 0.1,
+               "train.grad_clip": 1.0, "train.dtype": "float32"}
+SETTINGS = {
+    "baseline: gpt2, nanoGPT CPU recipe": NANOGPT_CPU,
+    "llama 4x192, batch 16, lr 2e-3, wsd to the budget": {
+        **NANOGPT_CPU, "model.arch": "llama", "model.n_embd": 192, "model.n_head": 4, "train.batch_size": 16,
+        "train.lr": 2e-3, "train.schedule": "wsd", "train.max_steps": 10**9, "train.dtype": "auto"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=float, default=64)
+    parser.add_argument("--only", help="run only the settings whose name contains this")
+    args = parser.parse_args()
+    if not CORPUS.is_file():
+        sys.exit(f"{CORPUS} is missing: this benchmark needs the shared tinyshakespeare corpus")
+    for name, settings in SETTINGS.items():
+        if args.only and args.only not in name:
+            continue
+        overrides = {**COMMON, **settings, "data.text_glob": str(CORPUS), "train.time_budget": args.budget,
+                     "train.resume": "never"}
+        with tempfile.TemporaryDirectory() as out:
+            summary = run(load_config("llm_cpu.yaml", overrides), out)
+        print(json.dumps({"setting": name, "val_loss": round(summary["val_loss"], 4), "steps": summary["steps"],
+                          "wall_s": round(summary["wall_s"], 1), "dtype": summary["dtype"],
+                          "tokens_per_s": round(summary["tokens_per_s"])}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
