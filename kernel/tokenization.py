@@ -223,17 +223,6 @@ def split_at_cuts(text: str, block_chars: int) -> list[str]:
     return blocks
 
 
-def training_sample(text: str, max_chars: int, chunk_chars: int = 1 << 16) -> Iterable[str]:
-    """The whole text when it is small, else evenly spaced chunks adding up to about max_chars."""
-    if len(text) <= max_chars:
-        yield text
-        return
-    chunks = max(1, max_chars // chunk_chars)
-    stride = len(text) // chunks
-    for start in range(0, chunks * stride, stride):
-        yield text[start : start + chunk_chars]
-
-
 # --- hf ------------------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
@@ -327,14 +316,3 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         return tokenizer_from_dict(state)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise KernelError(f"{folder} does not hold a valid saved tokenizer: {err}") from None
-
-
-def build_tokenizer(mode: str, training_text: str, vocab_size: int = 8192, sample_mb: int = 200,
-                    pretrained_name: str = "") -> Tokenizer:
-    if mode == "char":
-        return CharTokenizer.train(training_text)
-    if mode == "bpe_simple":
-        return BPETokenizer.train(training_sample(training_text, sample_mb * 2**20), vocab_size)
-    if mode == "hf":
-        return HFTokenizer.load(pretrained_name)
-    raise KernelError(f"tokenizer.mode={mode!r} is not supported; use char, bpe_simple or hf")

@@ -16,6 +16,15 @@ from kernel.train import list_checkpoints
 TEXT = "".join(s.text for s in demo_sources()[:5])
 
 
+def assert_transformers_matches(hf, model: GPT, idx: torch.Tensor, prompt_length: int) -> None:
+    """Same logits within 1e-4 and the same greedy tokens from transformers' generate() as from ours."""
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+        ours = generate(model, idx[:, :prompt_length], 20, temperature=0)
+        theirs = hf.generate(idx[:, :prompt_length], max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert theirs.tolist() == ours.tolist()
+
+
 def trained_like(vocab_size: int, bias: bool = True) -> GPT:
     """A model with random (not initial) weights everywhere, biases included."""
     torch.manual_seed(0)
@@ -35,12 +44,7 @@ def test_exported_model_loads_as_gpt2_with_the_same_logits_and_greedy_tokens(tmp
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
-    idx = torch.tensor([tokenizer.encode("def function(x):\n    return x")])
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
-        ours = generate(model, idx[:, :8], 20, temperature=0)
-        theirs = hf.generate(idx[:, :8], max_new_tokens=20, do_sample=False, pad_token_id=0)
-    assert theirs.tolist() == ours.tolist()
+    assert_transformers_matches(hf, model, torch.tensor([tokenizer.encode("def function(x):\n    return x")]), 8)
     hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     assert hf_tokenizer.encode(TEXT[:500], add_special_tokens=False) == tokenizer.encode(TEXT[:500])
 
@@ -81,12 +85,7 @@ def test_llama_exports_with_the_same_logits_and_greedy_tokens(tmp_path, qk_norm,
     export_hf(model, tokenizer, SampleConfig(), tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     assert type(hf).__name__ == architecture
-    idx = torch.tensor([tokenizer.encode("for x in y:\n    print(x)")])
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
-        ours = generate(model, idx[:, :6], 20, temperature=0)
-        theirs = hf.generate(idx[:, :6], max_new_tokens=20, do_sample=False, pad_token_id=0)
-    assert theirs.tolist() == ours.tolist()
+    assert_transformers_matches(hf, model, torch.tensor([tokenizer.encode("for x in y:\n    print(x)")]), 6)
 
 
 def test_a_padded_vocabulary_exports_with_its_padding_suppressed(tmp_path, tiny):

@@ -6,8 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from kernel.env import KernelError
-from kernel.tokenization import (END_OF_DOCUMENT, BPETokenizer, CharTokenizer, HFTokenizer, build_tokenizer,
-                                 load_tokenizer, tokenizer_from_dict, training_sample)
+from kernel.data import Source, training_text_sample
+from kernel.tokenization import (END_OF_DOCUMENT, BPETokenizer, CharTokenizer, HFTokenizer, load_tokenizer,
+                                 tokenizer_from_dict)
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog.\n",
@@ -64,12 +65,14 @@ def test_bpe_vocabulary_larger_than_the_corpus_supports_is_an_error():
         BPETokenizer.train(["tiny text, tiny text"], vocab_size=5000)
 
 
-def test_bpe_trains_on_a_bounded_evenly_spread_sample():
+def test_bpe_trains_on_a_bounded_evenly_spread_sample_of_the_training_split():
     text = "".join(f"{i:06d}" for i in range(200_000))  # 1.2M chars
-    chunks = list(training_sample(text, max_chars=2**18, chunk_chars=2**16))
+    sources = [Source("a", text=text[:500_000]), Source("b", text=text[500_000:])]
+    chunks = list(training_text_sample(sources, split_at=1_080_000, max_chars=2**18, chunk_chars=2**16))
     assert len(chunks) == 4 and sum(map(len, chunks)) == 2**18
-    assert chunks[0].startswith("000000") and chunks[-1] != chunks[0]
-    assert list(training_sample("short", 100)) == ["short"]
+    assert chunks[0].startswith("000000") and len(set(chunks)) == 4
+    assert all(text.index(chunk) + len(chunk) <= 1_080_000 for chunk in chunks)  # never from the validation tail
+    assert "".join(training_text_sample([Source("s", text="short text")], 5, 100)) == "short"
 
 
 @pytest.mark.parametrize("mode", ["char", "bpe_simple"])
@@ -87,7 +90,7 @@ def test_saved_tokenizer_loads_offline_with_autotokenizer_and_gives_identical_id
 
 def test_hf_mode_with_a_local_folder(tmp_path, bpe):
     bpe.save(tmp_path / "local")
-    tokenizer = build_tokenizer("hf", "", pretrained_name=str(tmp_path / "local"))
+    tokenizer = HFTokenizer.load(str(tmp_path / "local"))
     assert isinstance(tokenizer, HFTokenizer) and tokenizer.eos_id == bpe.eos_id
     assert tokenizer.encode(MIXED) == bpe.encode(MIXED)
     assert tokenizer.encode_batch(list(TEXTS.values())) == [bpe.encode(t) for t in TEXTS.values()]
