@@ -147,9 +147,9 @@ def sample_command(args: argparse.Namespace) -> None:
     print(format_samples(sample_texts(model, tokenizer, config.sample, device, args.seed)))
 
 
-def load_trained(path: str) -> tuple[Config, Tokenizer, GPT]:
-    """The config, tokenizer and model of a checkpoint."""
-    checkpoint = load_checkpoint(path)
+def load_trained(path: str, checkpoint: dict | None = None) -> tuple[Config, Tokenizer, GPT]:
+    """The config, tokenizer and model of a checkpoint (pass it when it is already loaded)."""
+    checkpoint = checkpoint or load_checkpoint(path)
     config = config_from_dict(checkpoint["config"], f"{path} (saved config)")
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     model = build_model(config, tokenizer.vocab_size)
@@ -163,7 +163,7 @@ def sample_from_run(out_dir: str | Path, prompts: list[str], max_new_tokens: int
     found = find_resume_checkpoint("auto", Path(out_dir))
     if found is None:
         raise KernelError(f"no checkpoint in {Path(out_dir) / 'checkpoints'}: train first")
-    config, tokenizer, model = load_trained(str(found[0]))
+    config, tokenizer, model = load_trained(str(found[0]), found[1])  # already read and verified
     device = resolve_device("auto")
     settings = SampleConfig(prompts=list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p)
