@@ -14,6 +14,17 @@ def small_model(**changes) -> GPT:
     return GPT(GPTConfig(**settings))
 
 
+def assert_causal(model: GPT, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Changing the token at `position` changes no earlier logits and some later ones; returns the logits."""
+    idx = torch.randint(65, (2, 16))
+    changed = idx.clone()
+    changed[:, position] = (idx[:, position] + 1) % 65
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :position], after[:, :position], rtol=0, atol=0)
+    assert not torch.allclose(before[:, position:], after[:, position:])
+    return idx, before
+
+
 def test_shapes_and_loss():
     model = small_model()
     idx = torch.randint(65, (3, 16))
@@ -24,12 +35,7 @@ def test_shapes_and_loss():
 
 def test_changing_a_future_token_never_changes_earlier_logits():
     model = small_model().eval()
-    idx = torch.randint(65, (2, 16))
-    changed = idx.clone()
-    changed[:, 10] = (idx[:, 10] + 1) % 65
-    before, after = model(idx)[0], model(changed)[0]
-    torch.testing.assert_close(before[:, :10], after[:, :10], rtol=0, atol=0)
-    assert not torch.allclose(before[:, 10:], after[:, 10:])
+    assert_causal(model, 10)
 
 
 def test_attention_equals_an_explicitly_masked_softmax():
@@ -99,12 +105,7 @@ def test_llama_is_causal_biasless_and_cache_consistent(qk_norm):
     assert "transformer.wpe.weight" not in model.state_dict()
     assert not [n for n, p in model.named_parameters() if n.endswith("bias")]
     assert any("q_norm" in n for n, _ in model.named_parameters()) == qk_norm
-    idx = torch.randint(65, (2, 16))
-    changed = idx.clone()
-    changed[:, 9] = (idx[:, 9] + 1) % 65
-    before, after = model(idx)[0], model(changed)[0]
-    torch.testing.assert_close(before[:, :9], after[:, :9], rtol=0, atol=0)
-    assert not torch.allclose(before[:, 9:], after[:, 9:])
+    idx, before = assert_causal(model, 9)
     cache = KVCache(2)
     steps = [model(idx[:, :4], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), before, rtol=1e-5, atol=1e-5)
