@@ -71,11 +71,16 @@ class Section:
     defines: dict[str, str] = field(default_factory=dict)  # name -> how it is bound ("def", "import torch")
 
 
+def literal_constant(path: Path, name: str):
+    """The literal value a module assigns to `name` at top level (read without importing it), or None."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return next((ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)), None)
+
+
 def section_order(package_dir: Path) -> list[str]:
     """NOTEBOOK_SECTIONS from the package's __init__.py, checked against the module files present."""
-    tree = ast.parse((package_dir / "__init__.py").read_text(encoding="utf-8"))
-    order = next((ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                  and any(isinstance(t, ast.Name) and t.id == "NOTEBOOK_SECTIONS" for t in node.targets)), None)
+    order = literal_constant(package_dir / "__init__.py", "NOTEBOOK_SECTIONS")
     if not isinstance(order, list):
         raise BuildError(f"{package_dir}/__init__.py must define NOTEBOOK_SECTIONS = [module names, in order]")
     present = {p.stem for p in package_dir.glob("*.py")} - {"__init__", "__main__"}
@@ -240,9 +245,13 @@ def cell(kind: str, cell_id: str, source: str, tags: list[str] | None = None) ->
 def build_notebook(root: Path = ROOT) -> dict:
     check_parameters(PARAMETERS)
     cells = [cell("markdown", "title", TITLE.strip()), cell("code", "parameters", PARAMETERS.strip(), ["parameters"])]
-    for section in stitch(root):
+    # Each section's code starts with a marker line by which the multi-GPU launcher finds the cells it ran.
+    marker = literal_constant(root / PACKAGE / "distributed.py", "SECTION_MARKER")
+    sections = stitch(root)
+    for number, section in enumerate(sections, start=1):
         cells.append(cell("markdown", f"{section.name}-doc", section.doc))
-        cells.append(cell("code", f"{section.name}-code", section.code))
+        heading = marker.format(number=number, total=len(sections), name=section.name)
+        cells.append(cell("code", f"{section.name}-code", f"{heading}\n{section.code}"))
     cells += [cell("markdown", "run-doc", RUN_MARKDOWN), cell("code", "run", RUN_CODE),
               cell("markdown", "sample-more-doc", SAMPLE_MARKDOWN), cell("code", "sample-more", SAMPLE_CODE)]
     return {"cells": cells, "nbformat": NBFORMAT, "nbformat_minor": NBFORMAT_MINOR,

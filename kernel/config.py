@@ -66,6 +66,7 @@ class DataConfig:
 class TrainConfig:
     seed: int = 1337                      # seeds weights, batches and sampling
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    devices: int | str = field(default="auto", metadata={"processes": True})  # auto (every GPU) | N processes
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (auto: by hardware)
     compile: bool = False                 # torch.compile the model (turned off where it cannot work)
     batch_size: int = 12                  # sequences per micro-batch
@@ -163,10 +164,23 @@ def parse_duration(value) -> float | None:
     return seconds
 
 
+def parse_process_count(value) -> int | str:
+    """'auto' or a whole number of processes >= 1 (given as 2 or "2")."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"expected auto or a number of processes >= 1, got {value!r}")
+
+
 def coerce_value(key: str, spec: dataclasses.Field, hint, value):
     """The value converted to the field's type, or a ValueError saying what was expected."""
     if spec.metadata.get("duration"):
         return parse_duration(value)
+    if spec.metadata.get("processes"):
+        return parse_process_count(value)
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -470,7 +470,15 @@ class BatchSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, block_size) int64; targets are inputs shifted by one."""
-        starts = torch.randint(self.tokens.size - self.block_size, (self.batch_size,), generator=self.generator)
+        return self.windows(self.draw(self.batch_size))
+
+    def draw(self, count: int) -> torch.Tensor:
+        """Start positions of the next `count` windows. Drawing 8 at once gives the same starts as drawing
+        4 twice, so how a step's sequences are cut into micro-batches or shared among processes never
+        changes which sequences the step trains on."""
+        return torch.randint(self.tokens.size - self.block_size, (count,), generator=self.generator)
+
+    def windows(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()])
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]

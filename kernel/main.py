@@ -1,4 +1,4 @@
-"""# 10. Main
+"""# 11. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
 when a checkpoint is there), write samples and `summary.json`. The notebook's last cell calls `main(...)`
@@ -25,6 +25,8 @@ from kernel.config import Config, SampleConfig, config_from_dict, config_to_yaml
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
 from kernel.model import GPT
+from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
+                                only_main_prints, processes_to_launch, program_source, run_started_at, wait_for_all)
 from kernel.train import (build_model, check_resume_compatible, probe_cpu_dtype, find_resume_checkpoint, load_checkpoint,
                           train)
 from kernel.sample import format_samples, sample_texts
@@ -56,37 +58,61 @@ def ensure_writable(folder: Path) -> None:
                           f"{err.strerror or err}); choose another one with --out (or OUT_DIR in the notebook)") from None
 
 
-def run(config: Config, out_dir: str | Path) -> dict:
-    """Train with a resolved config, write every output into out_dir, return the summary."""
-    started = time.perf_counter()
+def run(config: Config, out_dir: str | Path) -> dict | None:
+    """Train with a resolved config, write every output into out_dir, return the summary. Under torchrun every
+    process calls it; rank 0 returns the summary, the others None."""
+    processes, device = join_process_group(config.train.device)
+    try:
+        with only_main_prints(processes):
+            return run_process(config, Path(out_dir), processes, device)
+    finally:
+        leave_process_group()
+
+
+def prepare_data_once(config: Config, cache_root: Path, tokenizer: Tokenizer | None, processes: Processes):
+    """One process per machine builds the token cache; the others then read it."""
+    if processes.local_rank == 0:
+        data = prepare_data(config, cache_root, tokenizer)
+    wait_for_all(processes)
+    if processes.local_rank != 0:
+        data = prepare_data(config, cache_root, tokenizer)
+    return data
+
+
+def run_process(config: Config, out_dir: Path, processes: Processes, device: torch.device) -> dict | None:
+    # The budget counts from the start of the whole run: in a launched process, from the launcher's start.
+    started = time.perf_counter() - max(0.0, time.time() - run_started_at())
     budget = config.train.time_budget or (KAGGLE_TIME_BUDGET_S if is_kaggle() else None)
     if budget and not config.train.time_budget:
         print(f"[env] Kaggle: train.time_budget defaults to {budget / 3600:.0f}h, inside the session limit")
-    out_dir = Path(out_dir)
     environment = describe_environment()
     print_environment(environment)
-    device = resolve_device(config.train.device)
     dtype, why = resolve_dtype(config.train.dtype, device)
-    seed_everything(config.train.seed)
-    ensure_writable(out_dir)
+    seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process
+    if processes.is_main:
+        ensure_writable(out_dir)
 
     resume_path, checkpoint = find_resume_checkpoint(config.train.resume, out_dir) or (None, None)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
-    cache_root = config.data.cache_dir or out_dir / "cache"
-    data = prepare_data(config, cache_root, tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None)
+    cache_root = Path(config.data.cache_dir or out_dir / "cache")
+    given_tokenizer = tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None
+    data = prepare_data_once(config, cache_root, given_tokenizer, processes)
     print_data_report(data)
     if config.train.dtype == "auto" and checkpoint is not None:  # keep the precision the run started with
         dtype, why = DTYPES[checkpoint["dtype"]], "as when the checkpoint was written"
-    elif config.train.dtype == "auto" and device.type == "cpu":
-        dtype, why = probe_cpu_dtype(config, data.tokenizer.vocab_size)
+    elif config.train.dtype == "auto" and device.type == "cpu":  # measured once, the same for every process
+        dtype, why = from_main(processes, probe_cpu_dtype(config, data.tokenizer.vocab_size) if processes.is_main else None)
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "config.yaml", config_to_yaml(config))
-    data.tokenizer.save(out_dir / "tokenizer")
+    if processes.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "config.yaml", config_to_yaml(config))
+        data.tokenizer.save(out_dir / "tokenizer")
     result = train(config, data, out_dir, device, dtype, checkpoint, resume_path,
-                   deadline=started + budget if budget else None)
+                   deadline=started + budget if budget else None, processes=processes)
+    if not processes.is_main:
+        return None
     print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
           f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
 
@@ -101,6 +127,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
         "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "flops_per_token": result.model.flops_per_token(),
         "steps": result.step, "tokens": result.tokens,
         "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
+        "processes": processes.world_size,
         "dtype": dtype_name(dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
         "best_checkpoint": result.best,
         "data": data.stats, "environment": environment, "out_dir": str(out_dir),
@@ -129,7 +156,23 @@ def main(config: str = "auto", overrides: dict | list | None = None, data_glob: 
     if data_glob:
         settings["data.text_glob"] = data_glob
     resolved = load_config(pick_config(config), settings, overrides_origin="parameters cell")
-    return run(resolved, out_dir or default_out_dir())
+    out_dir = out_dir or default_out_dir()
+    return run_or_launch(resolved, out_dir, dict(config=config, overrides=overrides, data_glob=data_glob, out_dir=out_dir))
+
+
+def run_or_launch(config: Config, out_dir: str, call: dict) -> dict:
+    """Train here, or with several GPUs (train.devices) start one process per GPU with torchrun, each making
+    `call` (main's arguments) again; then return the summary rank 0 wrote."""
+    count = processes_to_launch(config.train.devices, config.train.device)
+    if count == 1:
+        return run(config, out_dir)
+    started_at = time.time()
+    ensure_writable(Path(out_dir))
+    package = __name__.rpartition(".")[0] or None  # "kernel" when imported; in a notebook, its own cells
+    launch_torchrun(program_source({**call, "processes": count}, globals(), package), count, Path(out_dir), started_at)
+    summary = json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
+    show_in_notebook(Path(out_dir) / "loss.png")
+    return summary
 
 
 # --- The command line ----------------------------------------------------------------------------------
@@ -223,7 +266,9 @@ def cli(argv: list[str] | None = None) -> int:
             commands[argv[0]](build_command_parsers()[argv[0]].parse_args(argv[1:]))
         else:
             args = build_parser().parse_args(argv)
-            run(load_config(pick_config(args.config), args.overrides), args.out or default_out_dir())
+            out_dir = args.out or default_out_dir()
+            run_or_launch(load_config(pick_config(args.config), args.overrides), out_dir,
+                          dict(config=args.config, overrides=args.overrides, data_glob="", out_dir=out_dir))
     except KernelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""# 9. Report
+"""# 10. Report
 
 What people look at after a run: `loss.png` (train and validation loss against tokens seen and against
 wall-clock time, with the learning rate on a second axis) and a short summary in words.

@@ -1,4 +1,4 @@
-"""# 6. Training
+"""# 7. Training
 
 The loop: AdamW with weight-decay groups, mixed precision chosen by the hardware, gradient accumulation,
 a cosine learning-rate schedule with linear warm-up, gradient clipping, periodic evaluation, a JSON-lines
@@ -6,7 +6,8 @@ metrics file, and checkpoints that hold everything a resumed run needs (model, o
 step, batch sampler and RNG states, config, tokenizer).
 
 A step is `grad_accum_steps` micro-batches of `batch_size` sequences: the effective batch is their
-product, and k micro-batches give the same gradient as one batch k times as large.
+product, and k micro-batches give the same gradient as one batch k times as large. With several processes
+(section 6) each trains on its share of that batch and DistributedDataParallel averages the gradients.
 """
 
 import contextlib
@@ -32,6 +33,7 @@ from kernel.env import KernelError, is_batch_run, is_kaggle, kaggle_root, peak_f
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
+from kernel.distributed import Processes, gather_objects, max_across, split_global_batch, sum_across
 
 
 # --- Learning rate -------------------------------------------------------------------------------------
@@ -134,19 +136,26 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device) -
 
 # --- One optimizer step --------------------------------------------------------------------------------
 
-def train_step(model, optimizer, scaler, next_batch, train: TrainConfig, device, dtype) -> tuple[torch.Tensor, bool]:
-    """Accumulate gradients over train.grad_accum_steps micro-batches, clip, update.
+def train_step(model, optimizer, scaler, batches: list, train: TrainConfig, device, dtype,
+               processes: Processes = Processes()) -> tuple[torch.Tensor, bool]:
+    """Accumulate gradients over the micro-batches (this process's share of the step), clip, update.
 
-    Returns the mean loss and whether it was finite. A step whose loss or gradients are not finite is
-    skipped (the fp16 grad scaler also lowers its scale), so one bad batch never poisons the weights.
+    Returns the mean loss (over every process) and whether it was finite. A step whose loss or gradients
+    are not finite is skipped (the fp16 grad scaler also lowers its scale), so one bad batch never poisons
+    the weights. Under DistributedDataParallel the gradients are averaged across processes once, on the last
+    micro-batch, so every process sees the same gradients and takes the same decision.
     """
     total = torch.zeros((), device=device)
-    for _ in range(train.grad_accum_steps):
-        x, y = (t.to(device, non_blocking=True) for t in next_batch())
-        with autocast_context(device, dtype):
-            _, loss = model(x, y)
-        scaler.scale(loss / train.grad_accum_steps).backward()
+    for index, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = index == len(batches) - 1
+        synced = contextlib.nullcontext() if last or not processes.distributed else model.no_sync()
+        with synced:
+            with autocast_context(device, dtype):
+                _, loss = model(x, y)
+            scaler.scale(loss / len(batches)).backward()
         total += loss.detach()
+    total = sum_across(processes, total / len(batches)) / processes.world_size
     scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train.grad_clip > 0 else math.inf)
     grads_finite, loss_finite = torch.stack([torch.isfinite(norm), torch.isfinite(total)]).tolist()  # one sync
@@ -156,22 +165,24 @@ def train_step(model, optimizer, scaler, next_batch, train: TrainConfig, device,
         optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / train.grad_accum_steps, loss_finite
+    return total, loss_finite
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, config: Config, device, dtype) -> dict:
-    """Mean loss over the same eval_batches windows of each split every time, so evaluations compare."""
+def evaluate(model, data: TokenData, config: Config, device, dtype, processes: Processes = Processes()) -> dict:
+    """Mean loss over the same eval_batches windows of each split every time, so evaluations compare. With
+    several processes each evaluates every world_size-th batch and the sums are added up."""
     model.eval()
     losses = {}
     for split, tokens in (("train", data.train), ("val", data.val)):
         sampler = BatchSampler(tokens, config.model.block_size, config.train.batch_size, config.train.seed + 1)
-        total = 0.0
-        for _ in range(config.train.eval_batches):
-            x, y = (t.to(device) for t in sampler.next_batch())
-            with autocast_context(device, dtype):
-                total += model(x, y)[1].item()
-        losses[split] = total / config.train.eval_batches
+        total = torch.zeros((), device=device)
+        for index in range(config.train.eval_batches):
+            x, y = sampler.next_batch()
+            if index % processes.world_size == processes.rank:
+                with autocast_context(device, dtype):
+                    total += model(x.to(device), y.to(device))[1].float()
+        losses[split] = sum_across(processes, total).item() / config.train.eval_batches
     model.train()
     val_loss = losses["val"]
     return {"eval_train_loss": losses["train"], "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
@@ -296,6 +307,16 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, dict] | No
     return path, load_checkpoint(path)
 
 
+def restore_process_rng(checkpoint: dict, processes: Processes, seed: int) -> None:
+    """Each process's own RNG state when the checkpoint has one for it (same number of processes), else rank
+    0's on rank 0 and a fresh seed per rank elsewhere (the RNG only drives dropout; data has its own)."""
+    saved = checkpoint.get("process_rngs") or [checkpoint["rng"]]
+    if len(saved) == processes.world_size or processes.is_main:
+        restore_rng_states(saved[processes.rank if len(saved) == processes.world_size else 0])
+    else:
+        torch.manual_seed(seed + processes.rank + checkpoint["step"])
+
+
 def rng_states() -> dict:
     bit_generator, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [bit_generator, keys.tolist(), pos, has_gauss, gauss],
@@ -352,10 +373,10 @@ def show_progress_bar() -> bool:
 class Progress:
     """tqdm where it animates; otherwise one plain line per `every_s` seconds."""
 
-    def __init__(self, total: int, initial: int, every_s: float = 30.0):
+    def __init__(self, total: int, initial: int, every_s: float = 30.0, shown: bool = True):
         self.total, self.every_s, self.last_line = total, every_s, time.perf_counter()
         self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
-                    if show_progress_bar() else None)
+                    if shown and show_progress_bar() else None)
 
     def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
         if self.bar is not None:
@@ -407,8 +428,12 @@ def smaller_micro_batch(micro: int, accum: int) -> tuple[int, int]:
     return smaller, accum * (micro // smaller)
 
 
-def out_of_memory_error(config: Config) -> KernelError:
+def out_of_memory_error(config: Config, micro: int, distributed: bool) -> KernelError:
     m = config.model
+    if distributed:  # processes must take the same steps together, so one cannot retry alone
+        return KernelError(
+            f"out of GPU memory at a micro-batch of {micro} sequences per process: halve train.batch_size and "
+            "double train.grad_accum_steps (the same global batch), or enable model.gradient_checkpointing")
     return KernelError(
         "out of GPU memory even with a micro-batch of 1 sequence: the model does not fit. Enable "
         "model.gradient_checkpointing, or shrink model.block_size (now "
@@ -418,10 +443,11 @@ def out_of_memory_error(config: Config) -> KernelError:
 
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
           checkpoint: dict | None = None, checkpoint_source: Path | None = None,
-          deadline: float | None = None) -> TrainResult:
+          deadline: float | None = None, processes: Processes = Processes()) -> TrainResult:
     """Train to train.max_steps, or until `deadline` (a time.perf_counter() value) leaves just enough time to
-    evaluate, checkpoint and sample, or until a stop signal."""
+    evaluate, checkpoint and sample, or until a stop signal. Every process calls it; only rank 0 writes."""
     t, m = config.train, config.model
+    main_process, world = processes.is_main, processes.world_size
     started = time.perf_counter()
     finish_s = {"eval": 0.0, "save": 0.0}  # the longest evaluation and checkpoint so far: the time to finish
     ckpt_dir, metrics = out_dir / "checkpoints", MetricsLog(out_dir / "metrics.jsonl")
@@ -429,40 +455,56 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
     model = build_model(config, data.tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    sampler = BatchSampler(data.train, m.block_size, t.batch_size, t.seed)
+    sampler = BatchSampler(data.train, m.block_size, t.batch_size, t.seed)  # the same stream on every process
+    global_batch = t.batch_size * t.grad_accum_steps  # sequences per optimizer step, over all processes
+    share = global_batch // world
+    t = replace(t, **dict(zip(("batch_size", "grad_accum_steps"), split_global_batch(t.batch_size, t.grad_accum_steps, world))))
     step, tokens, last_eval, train_loss, best, history = 0, 0, {}, float("nan"), {}, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         sampler.load_state_dict(checkpoint["sampler"])
-        restore_rng_states(checkpoint["rng"])
+        restore_process_rng(checkpoint, processes, t.seed)
         step, tokens, last_eval = checkpoint["step"], checkpoint["tokens"], checkpoint["last_eval"]
         train_loss, best, history = checkpoint["train_loss"], checkpoint["best"], list(checkpoint["metrics"])
         print(f"[train] resumed from {checkpoint_source} at step {step:,} ({tokens:,} tokens)")
-        if checkpoint["micro_batch"] != t.batch_size:  # an earlier out-of-memory retry shrank it: keep what fit
+        same_world = checkpoint.get("world_size", 1) == world
+        if same_world and checkpoint["micro_batch"] != t.batch_size:  # an out-of-memory retry shrank it: keep what fit
             t = replace(t, batch_size=checkpoint["micro_batch"], grad_accum_steps=checkpoint["grad_accum_steps"])
-            sampler.batch_size = t.batch_size
             print(f"[train] micro-batch {t.batch_size} x {t.grad_accum_steps} accumulation, as when it was saved")
+    if processes.distributed:
+        print(f"[dist] {world} processes, each {t.batch_size} x {t.grad_accum_steps} accumulation of the global "
+              f"batch of {global_batch} sequences")
     # The metrics file always restarts from what the checkpoint knew: steps after it are replayed.
-    write_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
-    runner = maybe_compile(model, t.compile, device)
+    if main_process:
+        write_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
+    evaluator = maybe_compile(model, t.compile, device)
+    runner = evaluator
+    if processes.distributed:  # averages the gradients across processes during the last backward of a step
+        runner = torch.nn.parallel.DistributedDataParallel(
+            evaluator, device_ids=[device.index] if device.type == "cuda" else None)
     runner.train()
 
     def record(entry: dict) -> None:
         history.append(entry)
-        metrics.append(entry)
+        if main_process:
+            metrics.append(entry)
 
     def save(at_step: int) -> None:
         nonlocal best
         evaluated = last_eval if last_eval.get("step") == at_step else {}
         if evaluated and (not best or evaluated["val_loss"] < best["val_loss"]):
             best = {"step": at_step, "val_loss": evaluated["val_loss"]}
+        process_rngs = gather_objects(processes, rng_states())  # every process's dropout RNG, for exact resumes
+        if not main_process:
+            return
         payload = {"format": 2, "step": at_step, "tokens": tokens, "last_eval": last_eval, "train_loss": train_loss,
-                   "best": best, "metrics": history, "dtype": str(dtype).removeprefix("torch."), "micro_batch": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
+                   "best": best, "metrics": history, "dtype": str(dtype).removeprefix("torch."),
+                   "micro_batch": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "world_size": world,
                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states(),
-                   "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
+                   "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": process_rngs[0],
+                   "process_rngs": process_rngs, "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
         path = checkpoint_path(ckpt_dir, at_step)
         save_started = time.perf_counter()
         save_checkpoint(payload, path)
@@ -478,7 +520,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
 
     def run_eval(at_step: int) -> dict:
         eval_started = time.perf_counter()
-        result = evaluate(runner, data, config, device, dtype)
+        result = evaluate(evaluator, data, config, device, dtype, processes)
         finish_s["eval"] = max(finish_s["eval"], time.perf_counter() - eval_started)
         entry = {"step": at_step, "tokens": tokens, **result, "elapsed_s": round(time.perf_counter() - started, 3)}
         record(entry)
@@ -486,49 +528,56 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                    f" | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
         return entry
 
-    tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
+    tokens_per_step = global_batch * m.block_size
     peak = peak_flops(device, dtype)
+    peak = peak * world if peak else None  # every process's device works on the step
     flops_per_token = model.flops_per_token()
     train_seconds, window_loss, window_steps, window_start = 0.0, torch.zeros((), device=device), 0, time.perf_counter()
     start_step, stopped_by, nonfinite_run = step, "max_steps", 0
-    progress = Progress(t.max_steps, step)
+    progress = Progress(t.max_steps, step, shown=main_process)
+    pending_starts = None  # a step's sequences, kept while it is retried with a smaller micro-batch
     loop_start = time.perf_counter()
     if step == 0:
         last_eval = run_eval(0)
     with StopRequests() as stop_requests:
         while step < t.max_steps:
             training_ends = None if deadline is None else deadline - (1.5 * (finish_s["eval"] + finish_s["save"]) + 1)
-            if training_ends is not None and time.perf_counter() >= training_ends:
+            time_progress, out_of_time = 0.0, False
+            if training_ends is not None:  # the share of the time available for training that is used up
+                time_progress = (time.perf_counter() - loop_start) / max(1e-9, training_ends - loop_start)
+                out_of_time = time.perf_counter() >= training_ends
+            # Processes decide together: one process's clock or signal stops all, and all use one schedule.
+            out_of_time, signalled, time_progress = max_across(
+                processes, [float(out_of_time), float(bool(stop_requests.signal_name)), time_progress])
+            if out_of_time:
                 stopped_by = "time_budget"
                 progress.write(f"[train] time budget nearly spent at step {step:,}: stopping to evaluate and save")
                 break
-            if stop_requests.signal_name:
-                stopped_by = f"signal ({stop_requests.signal_name})"
+            if signalled:
+                stopped_by = f"signal ({stop_requests.signal_name or 'SIGTERM to another process'})"
                 break
-            time_progress = 0.0
-            if training_ends is not None:  # the share of the time available for training that is used up
-                time_progress = (time.perf_counter() - loop_start) / max(1e-9, training_ends - loop_start)
             lr = lr_at(step, t, time_progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()
-            sampler_state = sampler.state_dict()
+            if pending_starts is None:  # this process's share of the step's sequences
+                pending_starts = sampler.draw(global_batch)[processes.rank * share:(processes.rank + 1) * share]
+            batches = [sampler.windows(pending_starts[i:i + t.batch_size]) for i in range(0, share, t.batch_size)]
             try:
-                loss, loss_finite = train_step(runner, optimizer, scaler, sampler.next_batch, t, device, dtype)
+                loss, loss_finite = train_step(runner, optimizer, scaler, batches, t, device, dtype, processes)
             except torch.cuda.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                if t.batch_size == 1:
+                if t.batch_size == 1 or processes.distributed:  # other processes wait inside this step: no retry
                     progress.close()
-                    raise out_of_memory_error(config) from None
+                    raise out_of_memory_error(config, t.batch_size, processes.distributed) from None
                 micro, accum = smaller_micro_batch(t.batch_size, t.grad_accum_steps)
                 progress.write(f"[train] out of memory at micro-batch {t.batch_size}: retrying step {step + 1:,} with "
                            f"micro-batch {micro} x {accum} accumulation (the effective batch is unchanged)")
                 t = replace(t, batch_size=micro, grad_accum_steps=accum)
-                sampler.batch_size = micro
-                sampler.load_state_dict(sampler_state)  # the retried step sees the same sequences
                 continue
+            pending_starts = None
             nonfinite_run = 0 if loss_finite else nonfinite_run + 1
             if nonfinite_run >= t.nan_patience:
                 progress.close()

@@ -12,6 +12,7 @@ import build_kernel
 from build_kernel import BuildError, build_notebook, notebook_text, stitch
 from kernel import NOTEBOOK_SECTIONS
 from kernel.bundled_configs import BUNDLED_CONFIGS
+from kernel.env import KernelError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
@@ -152,3 +153,51 @@ def test_build_fails_on_a_project_import_inside_a_function(tmp_path):
     root = make_package(tmp_path, {"a": "def g(): pass\n", "b": "def f():\n    from kernel.a import g\n    return g\n"})
     with pytest.raises(BuildError, match="must be at top level"):
         stitch(root)
+
+
+@pytest.mark.slow
+def test_notebook_with_two_devices_launches_its_own_cells_under_torchrun(tmp_path):
+    """'2 devices' faked on CPU: the notebook writes the program its cells make and runs it with torchrun (gloo)."""
+    notebook = json.loads((ROOT / build_kernel.NOTEBOOK).read_text())
+    out = tmp_path / "out"
+    overrides = {**TINY_OVERRIDES, "train.devices": 2, "train.batch_size": 4}
+    executed = build_kernel.execute_notebook(notebook, tmp_path, {"OVERRIDES": overrides, "OUT_DIR": str(out)},
+                                             timeout=300)
+    printed = "".join("".join(o.get("text", "")) for c in code_cells(executed) for o in c["outputs"])
+    assert f"[dist] 2 processes: torchrun --standalone --nproc_per_node=2 {out / 'train_gpt_program.py'}" in printed
+    assert "[dist] 2 processes, each 2 x 1 accumulation of the global batch of 4 sequences" in printed
+    assert printed.count("[done] val loss") == 1  # streamed from rank 0 only
+    program = (out / "train_gpt_program.py").read_text()
+    cells = [c["source"] if isinstance(c["source"], str) else "".join(c["source"]) for c in code_cells(notebook)]
+    for section_code in cells[1:-2]:  # every section cell, as the notebook holds it; not parameters/run/sample
+        assert section_code in program
+    assert "import kernel" not in program and "from kernel" not in program
+    ast.parse(program)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 30 and summary["tokens"] == 30 * 4 * 32
+    last = "".join("".join(o.get("text", "")) for o in code_cells(executed)[-1]["outputs"])
+    assert "=== sample 1 | prompt '\\n' ===" in last
+
+
+def test_the_launcher_takes_each_section_cell_as_it_last_ran(monkeypatch):
+    """IPython keeps every cell it ran in the line cache; an edited, re-run cell replaces its older form."""
+    import linecache
+    from kernel.distributed import notebook_sections_source
+
+    def cell(name: str, number: int, body: str) -> None:
+        lines = [f"# kernel section {number} of 2: s{number}\n", body]
+        monkeypatch.setitem(linecache.cache, name, (len("".join(lines)), None, lines, name))
+
+    cell("/tmp/ipykernel_1/a.py", 1, "def f():\n    return 'old'\n")
+    cell("/tmp/ipykernel_1/b.py", 2, "def g():\n    return 2\n")
+    cell("/tmp/ipykernel_1/c.py", 1, "def f():\n    return 'new'\n")
+    namespace = {}
+    exec(compile("def f():\n    return 'new'\n", "/tmp/ipykernel_1/c.py", "exec"), namespace)
+    source = notebook_sections_source(namespace)
+    assert "'new'" in source and "'old'" not in source and source.index("'new'") < source.index("return 2")
+    namespace = {}
+    exec(compile("def f():\n    return 'old'\n", "/tmp/ipykernel_1/a.py", "exec"), namespace)
+    assert "'old'" in notebook_sections_source(namespace)  # the version whose functions are in use wins
+    monkeypatch.delitem(linecache.cache, "/tmp/ipykernel_1/b.py")
+    with pytest.raises(KernelError, match=r"missing sections \[2\]"):
+        notebook_sections_source(namespace)

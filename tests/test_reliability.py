@@ -56,7 +56,7 @@ def test_a_checkpoint_without_its_checksum_is_not_trusted(tmp_path, tiny):
 def test_the_best_checkpoint_by_validation_loss_is_kept(tmp_path, tiny, monkeypatch):
     losses = iter([5.0, 1.0, 3.0, 4.0, 4.5, 4.6])  # evals at steps 0, 10, 20, 30, 40, 50
 
-    def fake_evaluate(model, data, config, device, dtype):
+    def fake_evaluate(model, data, config, device, dtype, processes=None):
         value = next(losses)
         return {"eval_train_loss": value, "val_loss": value, "val_ppl": 1.0, "val_bpb": 1.0}
 

@@ -36,9 +36,8 @@ def test_k_micro_batches_equal_one_big_batch(tiny):
         settings = TrainConfig(**{**vars(config.train), "grad_accum_steps": accum, "batch_size": 8 // accum})
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the (clipped) gradient itself
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        chunks = iter([(x[i:i + 8 // accum], y[i:i + 8 // accum]) for i in range(0, 8, 8 // accum)])
-        loss, finite = train_step(model, optimizer, scaler, lambda: next(chunks), settings,
-                                  torch.device("cpu"), torch.float32)
+        chunks = [(x[i:i + 8 // accum], y[i:i + 8 // accum]) for i in range(0, 8, 8 // accum)]
+        loss, finite = train_step(model, optimizer, scaler, chunks, settings, torch.device("cpu"), torch.float32)
         assert finite
         results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
     (loss_one, params_one), (loss_four, params_four) = results

@@ -1,0 +1,250 @@
+"""# 6. Several GPUs: one process per GPU (DistributedDataParallel)
+
+With more than one GPU the run becomes one process per GPU, started by `torchrun` (PyTorch's launcher).
+Each process holds a copy of the model and trains on its share of every batch; the gradients are averaged
+across processes before each update (DistributedDataParallel). A notebook cannot fork itself into
+several GPU processes once CUDA is initialised, so it writes this program (the code of its own cells, as
+they ran) to a file and runs `torchrun --standalone --nproc_per_node=N FILE`, streaming the output.
+From a shell `python -m kernel` runs under any torchrun, several machines included:
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 -m kernel ...
+
+Only rank 0 prints, writes logs, checkpoints and outputs. The global batch (micro-batch x accumulation x
+processes) is the config's `batch_size x grad_accum_steps` whatever the number of processes, so runs
+compare and a checkpoint written by N processes resumes on M.
+"""
+
+import contextlib
+import linecache
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kernel.env import KernelError, resolve_device, write_atomic
+
+# The first line of every code section of the notebook (build_kernel.py writes it; the launcher finds the
+# cells by it).
+SECTION_MARKER = "# kernel section {number} of {total}: {name}"
+SECTION_MARKER_PATTERN = re.compile(r"# kernel section (\d+) of (\d+): (\w+)$")
+# Wall-clock time (time.time()) at which the launching process started: the time budget counts from there.
+RUN_STARTED_ENV = "KERNEL_RUN_STARTED_AT"
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+    rank: int = 0
+    local_rank: int = 0  # rank on this machine: which GPU to use
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives' tensors live
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def join_process_group(device_request: str) -> tuple[Processes, torch.device]:
+    """Under torchrun: this process's rank and device (GPU number local_rank; NCCL between GPUs, gloo between
+    CPU processes), joined to the others. Otherwise a single process on the requested device."""
+    if not launched_by_torchrun():
+        device = resolve_device(device_request)
+        return Processes(device=device), device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_request)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, local_rank, world_size, device), device
+
+
+def leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def only_main_prints(processes: Processes):
+    """Other ranks' stdout goes nowhere (their errors still reach stderr)."""
+    if processes.is_main:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+# --- Agreeing across processes (no-ops for one process) ------------------------------------------------
+
+def sum_across(processes: Processes, tensor: torch.Tensor) -> torch.Tensor:
+    if processes.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def max_across(processes: Processes, values: list[float]) -> list[float]:
+    """The largest of every process's values, element by element: a stop wanted by one process is a stop
+    for all, and clock-driven numbers (the share of the time budget used) become one number for all."""
+    if not processes.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=processes.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def from_main(processes: Processes, value):
+    """Rank 0's value, on every process (for decisions that must agree, such as a measured dtype)."""
+    if not processes.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(processes: Processes, value) -> list:
+    """Every process's value, in rank order, on every process."""
+    if not processes.distributed:
+        return [value]
+    gathered = [None] * processes.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def wait_for_all(processes: Processes) -> None:
+    if processes.distributed:
+        dist.barrier()
+
+
+# --- Sharing a batch -----------------------------------------------------------------------------------
+
+def split_global_batch(micro: int, accum: int, world_size: int) -> tuple[int, int]:
+    """Each process's (micro-batch, accumulation steps) for the global batch micro x accum: the process's
+    share (global / world_size) in micro-batches no larger than `micro`, so memory per step never grows."""
+    total = micro * accum
+    if total % world_size:
+        raise KernelError(
+            f"the global batch (train.batch_size x train.grad_accum_steps = {micro} x {accum} = {total} "
+            f"sequences) cannot be shared evenly by {world_size} processes: make it a multiple of {world_size}")
+    share = total // world_size
+    per_process = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+    return per_process, share // per_process
+
+
+# --- How many processes, and launching them --------------------------------------------------------
+
+def processes_to_launch(devices: int | str, device_request: str) -> int:
+    """1 to train in this process; N > 1 to start N processes with torchrun. Under torchrun already: 1."""
+    if launched_by_torchrun():
+        return 1
+    device = resolve_device(device_request)
+    if devices == "auto":
+        plain_cuda = device_request in ("auto", "cuda")
+        return torch.cuda.device_count() if device.type == "cuda" and plain_cuda else 1
+    if devices > 1 and device.type == "cuda" and devices > torch.cuda.device_count():
+        raise KernelError(f"train.devices={devices} but {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                          "use train.devices=auto")
+    if devices > 1 and device.type not in ("cuda", "cpu"):
+        raise KernelError(f"train.devices={devices} needs CUDA GPUs or the CPU, not {device.type}")
+    return devices
+
+
+def notebook_sections_source(namespace: dict) -> str:
+    """The notebook's section cells as they ran (an edited and re-run cell counts in its new form), found in
+    the line cache where IPython keeps every cell it ran (for tracebacks)."""
+    live_files = {value.__code__.co_filename for value in namespace.values() if isinstance(value, types.FunctionType)}
+    found: dict[int, tuple[bool, str]] = {}
+    total = 0
+    for filename, entry in list(linecache.cache.items()):
+        lines = entry[2] if len(entry) > 2 else None
+        match = SECTION_MARKER_PATTERN.match(lines[0].rstrip("\n")) if lines else None
+        if not match:
+            continue
+        number, total, live = int(match[1]), int(match[2]), filename in live_files
+        if number not in found or live or not found[number][0]:  # prefer the cell whose functions are in use
+            found[number] = (live, "".join(lines))
+    missing = [n for n in range(1, total + 1) if n not in found]
+    if not total or missing:
+        raise KernelError("the notebook's code cells were not all run in this session (missing sections "
+                          f"{missing or 'all'}): use Run All, so the training processes get the whole program")
+    return "\n\n".join(found[n][1].rstrip("\n") for n in range(1, total + 1)) + "\n"
+
+
+def program_source(call: dict, namespace: dict, package: str | None) -> str:
+    """A script that runs main(**call): the notebook's own cells, or (when this code is a package) an import."""
+    if package:
+        root = str(Path(sys.modules[package].__path__[0]).parent)
+        head = f"import sys\nsys.path.insert(0, {root!r})\nfrom {package}.main import main\n"
+    else:
+        head = notebook_sections_source(namespace)
+    return (f"{head}\n\n# Written by the launching process: one of the {call.get('processes', 'N')} training "
+            "processes torchrun starts.\n"
+            "from torch.distributed.elastic.multiprocessing.errors import record\n"
+            f"record(main)(**{ {k: v for k, v in call.items() if k != 'processes'}!r})\n")
+
+
+@contextlib.contextmanager
+def forwarding_stop_signals(proc: subprocess.Popen, received: list):
+    """SIGTERM / SIGINT to this process (Kaggle ending the session, a notebook's interrupt) become a SIGTERM
+    to torchrun, which passes it to every training process: they stop after the current step and save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def launch_torchrun(program: str, processes: int, folder: Path, started_at: float) -> None:
+    """Write the program into `folder`, run it with torchrun, echo its output live, fail if it fails."""
+    path = folder / "train_gpt_program.py"
+    write_atomic(path, program)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(path)]
+    print(f"[dist] {processes} processes: torchrun --standalone --nproc_per_node={processes} {path}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_STARTED_ENV: repr(started_at)}
+    errors, received = [], []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          errors="replace", bufsize=1) as proc, forwarding_stop_signals(proc, received):
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if line.startswith(("error:", "KernelError:")) or "kernel.env.KernelError:" in line:
+                errors.append(line.strip())
+        code = proc.wait()
+    if received and "SIGINT" in received:
+        raise KeyboardInterrupt
+    if code != 0:
+        reason = f": {errors[0]}" if errors else "; its output above shows which process failed and why"
+        raise KernelError(f"the {processes}-process training run failed (torchrun exit code {code}){reason}")
+
+
+def run_started_at() -> float:
+    """When the whole run started (the launching process's clock when there is one), as time.time()."""
+    return float(os.environ.get(RUN_STARTED_ENV, time.time()))

@@ -1,0 +1,130 @@
+"""Several processes (DistributedDataParallel) on CPU with the gloo backend, started by the real torchrun."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel.distributed import split_global_batch
+from kernel.env import KernelError
+from kernel.main import run
+from kernel.train import list_checkpoints, load_checkpoint
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "dist_worker.py"
+# A global batch of 8 sequences: one process takes 8 x 1, two take 4 x 1 each.
+SETTINGS = {**TINY, "train.max_steps": 8, "train.log_interval": 1, "train.eval_interval": 4,
+            "train.checkpoint_interval": 4, "train.warmup_steps": 2, "sample.max_new_tokens": 8}
+
+
+def cli_args(out: Path, settings: dict) -> list[str]:
+    return ["--config", "configs/llm_cpu.yaml", *[f"--set={k}={v}" for k, v in settings.items()], "--out", str(out)]
+
+
+def torchrun(processes: int, out: Path, settings: dict, timeout: float = 240, **options) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N tests/dist_worker.py OPTIONS -- <python -m kernel arguments>`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(WORKER), json.dumps(options), "--", *cli_args(out, settings)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def val_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same losses at every step and (nearly) the same final weights: gradients averaged over processes equal
+    the single-process gradient up to float rounding."""
+    losses_a, losses_b = train_losses(a), train_losses(b)
+    assert losses_a.keys() == losses_b.keys() and len(losses_a) == 8
+    for step in losses_a:
+        assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-5), step
+    for step, loss in val_losses(a).items():
+        assert val_losses(b)[step] == pytest.approx(loss, rel=1e-5)
+    weights_a = load_checkpoint(a / "checkpoints" / "ckpt_00000008.pt")["model"]
+    weights_b = load_checkpoint(b / "checkpoints" / "ckpt_00000008.pt")["model"]
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    run(load_settings(SETTINGS), out)
+    return out
+
+
+def load_settings(settings: dict):
+    from kernel.config import load_config
+    return load_config("configs/llm_cpu.yaml", settings)
+
+
+def test_the_global_batch_is_shared_without_growing_the_micro_batch():
+    assert split_global_batch(12, 1, 2) == (6, 1)
+    assert split_global_batch(12, 4, 2) == (12, 2)
+    assert split_global_batch(8, 1, 1) == (8, 1)
+    assert split_global_batch(4, 3, 4) == (3, 1)
+    assert split_global_batch(6, 2, 4) == (3, 1)
+    with pytest.raises(KernelError, match=r"12 sequences\) cannot be shared evenly by 8 processes"):
+        split_global_batch(6, 2, 8)
+
+
+def test_two_processes_follow_the_single_process_run_and_only_rank_0_writes(tmp_path, single_run):
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    result = torchrun(2, tmp_path / "out", SETTINGS, audit=str(audit))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_run(single_run, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["tokens"] == 8 * 8 * 32
+    assert "[dist] 2 processes, each 4 x 1 accumulation of the global batch of 8 sequences" in result.stdout
+    rank0, rank1 = (json.loads((audit / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert any("summary.json" in w for w in rank0) and any("ckpt_00000008.pt" in w for w in rank0)
+    assert rank1 == []
+    assert result.stdout.count("[done] val loss") == 1  # only rank 0 prints
+
+
+def rewind_to_step_4(out: Path) -> None:
+    """Drop the step-8 checkpoint so the next run resumes from the one at step 4 (same schedule, same stream)."""
+    final = out / "checkpoints" / "ckpt_00000008.pt"
+    final.unlink()
+    final.with_name(final.name + ".sha256").unlink()
+
+
+def test_a_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, single_run):
+    # 2 processes write the step-4 checkpoint, 1 process goes on to step 8
+    assert torchrun(2, tmp_path / "two-one", SETTINGS).returncode == 0
+    rewind_to_step_4(tmp_path / "two-one")
+    run(load_settings(SETTINGS), tmp_path / "two-one")
+    assert_same_run(single_run, tmp_path / "two-one")
+    # 1 process writes it, 2 processes go on
+    run(load_settings(SETTINGS), tmp_path / "one-two")
+    rewind_to_step_4(tmp_path / "one-two")
+    resumed = torchrun(2, tmp_path / "one-two", SETTINGS)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "ckpt_00000004.pt at step 4" in resumed.stdout
+    assert_same_run(single_run, tmp_path / "one-two")
+    saved = load_checkpoint(tmp_path / "one-two" / "checkpoints" / "ckpt_00000008.pt")
+    assert saved["world_size"] == 2 and len(saved["process_rngs"]) == 2
+
+
+def test_a_failing_rank_ends_the_run_with_an_error_instead_of_hanging(tmp_path):
+    started = time.monotonic()
+    result = torchrun(2, tmp_path / "out", {**SETTINGS, "train.max_steps": 50}, timeout=180,
+                      fail_rank=1, fail_at_step=3)
+    assert result.returncode != 0
+    assert "injected failure in rank 1 at step 3" in result.stdout + result.stderr
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "out" / "summary.json").exists()
+
