@@ -38,6 +38,8 @@ SECTION_MARKER = "# kernel section {number} of {total}: {name}"
 SECTION_MARKER_PATTERN = re.compile(r"# kernel section (\d+) of (\d+): (\w+)$")
 # Wall-clock time (time.time()) at which the launching process started: the time budget counts from there.
 RUN_STARTED_ENV = "KERNEL_RUN_STARTED_AT"
+# How a process's bad-input error shows in its traceback (as kernel.env.KernelError, or KernelError in a notebook).
+KERNEL_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]: )?(?:kernel\.env\.)?KernelError: (.*)$")
 
 
 @dataclass(frozen=True)
@@ -235,11 +237,15 @@ def launch_torchrun(program: str, processes: int, folder: Path, started_at: floa
                           errors="replace", bufsize=1) as proc, forwarding_stop_signals(proc, received):
         for line in proc.stdout:
             print(line, end="", flush=True)
-            if line.startswith(("error:", "KernelError:")) or "kernel.env.KernelError:" in line:
-                errors.append(line.strip())
+            if explained := KERNEL_ERROR_LINE.search(line):
+                errors.append(explained[1].strip())
         code = proc.wait()
-    if received and "SIGINT" in received:
-        raise KeyboardInterrupt
+    if received:  # torchrun exits non-zero after passing a signal on, even when every process stopped cleanly
+        print(f"[dist] stopped by {received[0]}: the training processes saved a checkpoint; run again to resume",
+              flush=True)
+        if "SIGINT" in received:
+            raise KeyboardInterrupt
+        return
     if code != 0:
         reason = f": {errors[0]}" if errors else "; its output above shows which process failed and why"
         raise KernelError(f"the {processes}-process training run failed (torchrun exit code {code}){reason}")

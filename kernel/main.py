@@ -70,12 +70,13 @@ def run(config: Config, out_dir: str | Path) -> dict | None:
 
 
 def prepare_data_once(config: Config, cache_root: Path, tokenizer: Tokenizer | None, processes: Processes):
-    """One process per machine builds the token cache; the others then read it."""
-    if processes.local_rank == 0:
-        data = prepare_data(config, cache_root, tokenizer)
-    wait_for_all(processes)
-    if processes.local_rank != 0:
-        data = prepare_data(config, cache_root, tokenizer)
+    """Rank 0 builds the token cache; then the first process of every other machine (which builds its own
+    copy unless the folder is shared); then all the others read it. Never two builders on one folder."""
+    turns = (processes.is_main, processes.local_rank == 0 and not processes.is_main, processes.local_rank != 0)
+    for my_turn in turns:
+        if my_turn:
+            data = prepare_data(config, cache_root, tokenizer)
+        wait_for_all(processes)
     return data
 
 

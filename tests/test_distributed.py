@@ -1,6 +1,7 @@
 """Several processes (DistributedDataParallel) on CPU with the gloo backend, started by the real torchrun."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 from kernel.distributed import split_global_batch
 from kernel.env import KernelError
 from kernel.main import run
-from kernel.train import list_checkpoints, load_checkpoint
+from kernel.train import load_checkpoint
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +129,45 @@ def test_a_failing_rank_ends_the_run_with_an_error_instead_of_hanging(tmp_path):
     assert time.monotonic() - started < 120
     assert not (tmp_path / "out" / "summary.json").exists()
 
+
+
+def start_launcher(out: Path, settings: dict) -> subprocess.Popen:
+    """`python -m kernel --set train.devices=2 ...`: the program launches torchrun itself."""
+    return subprocess.Popen([sys.executable, "-m", "kernel", *cli_args(out, {**settings, "train.devices": 2})],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_process_cleanly_with_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    launcher = start_launcher(out, {**SETTINGS, "train.max_steps": 100_000, "train.checkpoint_interval": 0})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(train_losses(out) if (out / "metrics.jsonl").exists() else {}) < 5:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "signal (SIGTERM)" and summary["processes"] == 2
+    assert (out / "checkpoints" / f"ckpt_{summary['steps']:08d}.pt").exists()
+    assert "[dist] stopped by SIGTERM" in output
+
+
+@pytest.mark.slow
+def test_the_time_budget_stops_every_process_together(tmp_path):
+    out = tmp_path / "out"
+    launcher = start_launcher(out, {**SETTINGS, "train.max_steps": 100_000, "train.time_budget": 12})
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "time_budget" and 0 < summary["steps"] < 100_000
+    assert summary["wall_s"] < 12
+
+
+def test_bad_input_in_the_launched_processes_is_reported_in_one_line(tmp_path):
+    launcher = start_launcher(tmp_path / "out", {**SETTINGS, "data.text_glob": str(tmp_path / "none" / "*.txt")})
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2
+    assert output.splitlines()[-1] == (f"error: the 2-process training run failed (torchrun exit code 1): "
+                                       f"data.text_glob='{tmp_path}/none/*.txt' matches no file; {tmp_path}/none "
+                                       "does not exist")
