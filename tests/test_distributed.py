@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel.distributed import split_global_batch
+from kernel.distributed import Processes, split_global_batch
 from kernel.env import KernelError
 from kernel.main import run
-from kernel.train import load_checkpoint
-from tests.conftest import TINY
+from kernel.train import build_model, load_checkpoint, make_optimizer, train_step
+from tests.conftest import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -156,12 +156,12 @@ def test_sigterm_to_the_launcher_stops_every_process_cleanly_with_a_checkpoint(t
 @pytest.mark.slow
 def test_the_time_budget_stops_every_process_together(tmp_path):
     out = tmp_path / "out"
-    launcher = start_launcher(out, {**SETTINGS, "train.max_steps": 100_000, "train.time_budget": 12})
+    launcher = start_launcher(out, {**SETTINGS, "train.max_steps": 100_000, "train.time_budget": 8})
     output, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "time_budget" and 0 < summary["steps"] < 100_000
-    assert summary["wall_s"] < 12
+    assert summary["wall_s"] < 8
 
 
 def test_bad_input_in_the_launched_processes_is_reported_in_one_line(tmp_path):
@@ -171,3 +171,44 @@ def test_bad_input_in_the_launched_processes_is_reported_in_one_line(tmp_path):
     assert output.splitlines()[-1] == (f"error: the 2-process training run failed (torchrun exit code 1): "
                                        f"data.text_glob='{tmp_path}/none/*.txt' matches no file; {tmp_path}/none "
                                        "does not exist")
+
+
+def scaler_worker(rank: int, world_size: int, folder: str) -> None:
+    """Three DDP steps with an enabled grad scaler; at step 1 only rank 1's loss is infinite."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        config, cpu = tiny_config(), torch.device("cpu")
+        torch.manual_seed(0)
+        model = build_model(config, 50)
+        runner = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = make_optimizer(model, config.train, cpu)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        processes = Processes(rank, rank, world_size, cpu)
+        data = torch.Generator().manual_seed(rank)  # each process its own batch
+        poisoned = model.lm_head.register_forward_hook(
+            lambda module, args, out: out * float("inf") if poison_now else out)
+        records = []
+        for step in range(3):
+            poison_now = step == 1 and rank == 1
+            x, y = torch.randint(50, (4, 32), generator=data), torch.randint(50, (4, 32), generator=data)
+            before = [p.detach().clone() for p in model.parameters()]
+            loss, finite = train_step(runner, optimizer, scaler, [(x[:2], y[:2]), (x[2:], y[2:])], config.train,
+                                      cpu, torch.float32, processes)
+            updated = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            records.append({"finite": finite, "scale": scaler.get_scale(), "updated": updated})
+        poisoned.remove()
+        torch.save({"records": records, "weights": model.state_dict()}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_grad_scaler_skips_a_step_on_every_process_when_one_has_an_infinite_loss(tmp_path):
+    torch.multiprocessing.spawn(scaler_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["records"] == rank1["records"] == [
+        {"finite": True, "scale": 1024.0, "updated": True},
+        {"finite": False, "scale": 512.0, "updated": False},  # skipped everywhere, the scale halved everywhere
+        {"finite": True, "scale": 512.0, "updated": True}]
+    for name, tensor in rank0["weights"].items():
+        assert torch.equal(tensor, rank1["weights"][name])
