@@ -2,6 +2,7 @@
 """Benchmark: validation loss reached in a fixed wall-clock budget, character-level tinyshakespeare.
 
     python bench/quality.py [--budget 64] [--only NAME]
+    python bench/quality.py --try model.arch=llama --try model.n_layer=3 ...   # one setting of a sweep
 
 Runs each setting through the real program (`kernel.main.run`) with `train.time_budget` = the budget, one
 after another in this process, on ../shared/data/tinyshakespeare.txt (90/10 split, as nanoGPT). The
@@ -18,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kernel.config import load_config  # noqa: E402
+from kernel.config import load_config, parse_overrides  # noqa: E402
 from kernel.main import run  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -29,11 +30,13 @@ NANOGPT_CPU = {"model.arch": "gpt2", "model.n_layer": 4, "model.n_head": 4, "mod
                "model.block_size": 64, "train.batch_size": 12, "train.lr": 1e-3, "train.min_lr": 1e-4,
                "train.warmup_steps": 100, "train.max_steps": 2000, "train.beta2": 0.99, "train.weight_decay": 0.1,
                "train.grad_clip": 1.0, "train.dtype": "float32"}
+LLAMA_WSD = {**NANOGPT_CPU, "model.arch": "llama", "train.schedule": "wsd", "train.max_steps": 10**9,
+             "train.dtype": "auto"}  # the run's length is the budget; dtype by the CPU probe
 SETTINGS = {
     "baseline: gpt2, nanoGPT CPU recipe": NANOGPT_CPU,
-    "llama 4x192, batch 16, lr 2e-3, wsd to the budget": {
-        **NANOGPT_CPU, "model.arch": "llama", "model.n_embd": 192, "model.n_head": 4, "train.batch_size": 16,
-        "train.lr": 2e-3, "train.schedule": "wsd", "train.max_steps": 10**9, "train.dtype": "auto"},
+    "llama 4x128 (the baseline's shape), lr 2e-3, wsd to the budget": {**LLAMA_WSD, "train.lr": 2e-3},
+    "best: llama 2x128, batch 16, lr 3e-3, 30 warm-up steps, wsd to the budget": {
+        **LLAMA_WSD, "model.n_layer": 2, "train.batch_size": 16, "train.lr": 3e-3, "train.warmup_steps": 30},
 }
 
 
@@ -41,7 +44,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=64)
     parser.add_argument("--only", help="run only the settings whose name contains this")
+    parser.add_argument("--try", dest="tried", action="append", default=[], metavar="KEY=VALUE",
+                        help="run only one setting: the baseline recipe with these changes, as long as the budget "
+                             "allows (no step limit); repeatable")
     args = parser.parse_args()
+    if args.tried:
+        SETTINGS.clear()
+        SETTINGS["tried: " + " ".join(args.tried)] = {**NANOGPT_CPU, "train.max_steps": 10**9,
+                                                     **parse_overrides(args.tried, "--try")}
     if not CORPUS.is_file():
         sys.exit(f"{CORPUS} is missing: this benchmark needs the shared tinyshakespeare corpus")
     for name, settings in SETTINGS.items():

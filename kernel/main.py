@@ -89,6 +89,8 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
     environment = describe_environment()
     print_environment(environment)
     dtype, why = resolve_dtype(config.train.dtype, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the matmuls autocast leaves in fp32
     seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process
     if processes.is_main:
         ensure_writable(out_dir)
