@@ -14,6 +14,7 @@ processes) is the config's `batch_size x grad_accum_steps` whatever the number o
 compare and a checkpoint written by N processes resumes on M.
 """
 
+import ast
 import contextlib
 import linecache
 import os
@@ -192,6 +193,12 @@ def notebook_sections_source(namespace: dict) -> str:
 
 def program_source(call: dict, namespace: dict, package: str | None) -> str:
     """A script that runs main(**call): the notebook's own cells, or (when this code is a package) an import."""
+    arguments = {k: v for k, v in call.items() if k != "processes"}
+    try:
+        ast.literal_eval(repr(arguments))
+    except (ValueError, SyntaxError):
+        raise KernelError(f"the run's settings must be plain values (text, numbers, lists, dicts) to be passed to "
+                          f"the training processes, got {arguments!r}") from None
     if package:
         root = str(Path(sys.modules[package].__path__[0]).parent)
         head = f"import sys\nsys.path.insert(0, {root!r})\nfrom {package}.main import main\n"
@@ -200,7 +207,7 @@ def program_source(call: dict, namespace: dict, package: str | None) -> str:
     return (f"{head}\n\n# Written by the launching process: one of the {call.get('processes', 'N')} training "
             "processes torchrun starts.\n"
             "from torch.distributed.elastic.multiprocessing.errors import record\n"
-            f"record(main)(**{ {k: v for k, v in call.items() if k != 'processes'}!r})\n")
+            f"record(main)(**{arguments!r})\n")
 
 
 @contextlib.contextmanager

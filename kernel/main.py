@@ -159,7 +159,7 @@ def main(config: str = "auto", overrides: dict | list | None = None, data_glob: 
     if data_glob:
         settings["data.text_glob"] = data_glob
     resolved = load_config(pick_config(config), settings, overrides_origin="parameters cell")
-    out_dir = out_dir or default_out_dir()
+    out_dir = str(out_dir or default_out_dir())
     return run_or_launch(resolved, out_dir, dict(config=config, overrides=overrides, data_glob=data_glob, out_dir=out_dir))
 
 
@@ -172,8 +172,12 @@ def run_or_launch(config: Config, out_dir: str, call: dict) -> dict:
     started_at = time.time()
     ensure_writable(Path(out_dir))
     package = __name__.rpartition(".")[0] or None  # "kernel" when imported; in a notebook, its own cells
+    summary_path = Path(out_dir) / "summary.json"
     launch_torchrun(program_source({**call, "processes": count}, globals(), package), count, Path(out_dir), started_at)
-    summary = json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
+    if not summary_path.is_file() or summary_path.stat().st_mtime < started_at:  # none, or an earlier run's
+        raise KernelError(f"the training processes stopped before writing {summary_path}; run again to resume "
+                          f"from the newest checkpoint in {Path(out_dir) / 'checkpoints'}")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     show_in_notebook(Path(out_dir) / "loss.png")
     return summary
 
@@ -227,6 +231,8 @@ def check_env_command(args: argparse.Namespace) -> None:
     for device in devices:
         dtype, why = resolve_dtype("auto", device)
         print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    count = processes_to_launch("auto", args.device)
+    print(f"[env] train.devices=auto trains with {count} process{'es (torchrun, one per GPU)' if count > 1 else ''}")
     print(f"[env] outputs would go to {default_out_dir()}")
 
 

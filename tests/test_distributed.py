@@ -212,3 +212,28 @@ def test_the_grad_scaler_skips_a_step_on_every_process_when_one_has_an_infinite_
         {"finite": True, "scale": 512.0, "updated": True}]
     for name, tensor in rank0["weights"].items():
         assert torch.equal(tensor, rank1["weights"][name])
+
+
+def test_settings_that_cannot_be_written_into_the_launched_program_are_refused():
+    from kernel.distributed import program_source
+    with pytest.raises(KernelError, match="must be plain values"):
+        program_source({"config": "auto", "overrides": {"data.text_glob": Path("x")}}, {}, "kernel")
+    source = program_source({"config": "auto", "overrides": {"train.lr": 0.001}, "out_dir": "o"}, {}, "kernel")
+    assert source.endswith("record(main)(**{'config': 'auto', 'overrides': {'train.lr': 0.001}, 'out_dir': 'o'})\n")
+
+
+def test_how_many_processes_train_devices_asks_for(monkeypatch):
+    from kernel.distributed import processes_to_launch
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert processes_to_launch("auto", "auto") == 2  # Kaggle's T4 x2
+    assert processes_to_launch("auto", "cuda:1") == 1  # one named GPU
+    assert processes_to_launch("auto", "cpu") == 1
+    assert processes_to_launch(1, "auto") == 1
+    assert processes_to_launch(3, "cpu") == 3
+    with pytest.raises(KernelError, match="train.devices=4 but 2 CUDA GPU"):
+        processes_to_launch(4, "cuda")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert processes_to_launch("auto", "auto") == 1  # already one of torchrun's processes

@@ -38,6 +38,7 @@ def test_check_env_on_cpu_reports_versions_device_and_dtype():
     import torch
     assert f"torch {torch.__version__}" in done.stdout and "transformers " in done.stdout
     assert "GPUs: none" in done.stdout and "device cpu | dtype float32" in done.stdout
+    assert "train.devices=auto trains with 1 process\n" in done.stdout
 
 
 def test_old_packages_are_warned_about():
