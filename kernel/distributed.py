@@ -22,10 +22,12 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,6 +41,11 @@ SECTION_MARKER = "# kernel section {number} of {total}: {name}"
 SECTION_MARKER_PATTERN = re.compile(r"# kernel section (\d+) of (\d+): (\w+)$")
 # Wall-clock time (time.time()) at which the launching process started: the time budget counts from there.
 RUN_STARTED_ENV = "KERNEL_RUN_STARTED_AT"
+# A file the launcher writes (holding a signal's name) to ask the training processes to stop after a step.
+STOP_FILE_ENV = "KERNEL_STOP_FILE"
+# Processes wait for each other this long at most: rank 0 may tokenize a large corpus or write a checkpoint
+# while the others wait (NCCL's default of 10 minutes is too short for a big corpus).
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 # How a process's bad-input error shows in its traceback (as kernel.env.KernelError, or KernelError in a notebook).
 KERNEL_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]: )?(?:kernel\.env\.)?KernelError: (.*)$")
 
@@ -77,7 +84,7 @@ def join_process_group(device_request: str) -> tuple[Processes, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Processes(rank, local_rank, world_size, device), device
 
 
@@ -174,21 +181,22 @@ def notebook_sections_source(namespace: dict) -> str:
     """The notebook's section cells as they ran (an edited and re-run cell counts in its new form), found in
     the line cache where IPython keeps every cell it ran (for tracebacks)."""
     live_files = {value.__code__.co_filename for value in namespace.values() if isinstance(value, types.FunctionType)}
-    found: dict[int, tuple[bool, str]] = {}
-    total = 0
+    found: dict[int, tuple[bool, int, str]] = {}  # section number -> (in use, total sections, code)
     for filename, entry in list(linecache.cache.items()):
         lines = entry[2] if len(entry) > 2 else None
         match = SECTION_MARKER_PATTERN.match(lines[0].rstrip("\n")) if lines else None
         if not match:
             continue
-        number, total, live = int(match[1]), int(match[2]), filename in live_files
+        number, live = int(match[1]), filename in live_files
         if number not in found or live or not found[number][0]:  # prefer the cell whose functions are in use
-            found[number] = (live, "".join(lines))
+            found[number] = (live, int(match[2]), "".join(lines))
+    chosen = [entry for entry in found.values() if entry[0]] or list(found.values())
+    total = chosen[-1][1] if chosen else 0
     missing = [n for n in range(1, total + 1) if n not in found]
     if not total or missing:
         raise KernelError("the notebook's code cells were not all run in this session (missing sections "
                           f"{missing or 'all'}): use Run All, so the training processes get the whole program")
-    return "\n\n".join(found[n][1].rstrip("\n") for n in range(1, total + 1)) + "\n"
+    return "\n\n".join(found[n][2].rstrip("\n") for n in range(1, total + 1)) + "\n"
 
 
 def program_source(call: dict, namespace: dict, package: str | None) -> str:
@@ -210,18 +218,30 @@ def program_source(call: dict, namespace: dict, package: str | None) -> str:
             f"record(main)(**{arguments!r})\n")
 
 
+def launcher_stop_request() -> str | None:
+    """The signal the launcher passed on through its stop file, if it did (checked by every process, every step)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    return Path(path).read_text(encoding="utf-8").strip() or "SIGTERM"
+
+
 @contextlib.contextmanager
-def forwarding_stop_signals(proc: subprocess.Popen, received: list):
-    """SIGTERM / SIGINT to this process (Kaggle ending the session, a notebook's interrupt) become a SIGTERM
-    to torchrun, which passes it to every training process: they stop after the current step and save."""
+def forwarding_stop_signals(proc: subprocess.Popen, stop_file: Path, received: list):
+    """SIGTERM / SIGINT to this process (Kaggle ending the session, a notebook's interrupt, Ctrl-C) write the
+    stop file: every training process stops after the current step, checkpoints and writes its outputs, with
+    no deadline (torchrun itself, in its own session, sees no signal: it would kill them after 30 s). A second
+    signal means now: torchrun's whole process group gets SIGTERM."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def forward(signum, frame) -> None:
         received.append(signal.Signals(signum).name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        if len(received) == 1:
+            stop_file.write_text(received[0], encoding="utf-8")
+        elif proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -238,21 +258,21 @@ def launch_torchrun(program: str, processes: int, folder: Path, started_at: floa
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(path)]
     print(f"[dist] {processes} processes: torchrun --standalone --nproc_per_node={processes} {path}", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_STARTED_ENV: repr(started_at)}
     errors, received = [], []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                          errors="replace", bufsize=1) as proc, forwarding_stop_signals(proc, received):
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            if explained := KERNEL_ERROR_LINE.search(line):
-                errors.append(explained[1].strip())
-        code = proc.wait()
-    if received:  # torchrun exits non-zero after passing a signal on, even when every process stopped cleanly
+    with tempfile.TemporaryDirectory(prefix="kernel-launch-") as control:
+        stop_file = Path(control) / "stop"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_STARTED_ENV: repr(started_at), STOP_FILE_ENV: str(stop_file)}
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                              errors="replace", bufsize=1, start_new_session=True) as proc, \
+                forwarding_stop_signals(proc, stop_file, received):
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                if explained := KERNEL_ERROR_LINE.search(line):
+                    errors.append(explained[1].strip())
+            code = proc.wait()
+    if received:
         print(f"[dist] stopped by {received[0]}: the training processes saved a checkpoint; run again to resume",
               flush=True)
-        if "SIGINT" in received:
-            raise KeyboardInterrupt
-        return
     if code != 0:
         reason = f": {errors[0]}" if errors else "; its output above shows which process failed and why"
         raise KernelError(f"the {processes}-process training run failed (torchrun exit code {code}){reason}")

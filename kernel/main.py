@@ -26,7 +26,8 @@ from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import prepare_data, print_data_report
 from kernel.model import GPT
 from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
-                                only_main_prints, processes_to_launch, program_source, run_started_at, wait_for_all)
+                                only_main_prints, processes_to_launch, program_source, run_started_at,
+                                split_global_batch, wait_for_all)
 from kernel.train import (build_model, check_resume_compatible, probe_cpu_dtype, find_resume_checkpoint, load_checkpoint,
                           train)
 from kernel.sample import format_samples, sample_texts
@@ -80,6 +81,21 @@ def prepare_data_once(config: Config, cache_root: Path, tokenizer: Tokenizer | N
     return data
 
 
+def agreed_resume_checkpoint(resume: str, out_dir: Path, processes: Processes) -> tuple[Path | None, dict | None]:
+    """Rank 0 picks the checkpoint to resume from (or none); every process then loads that same file, so no
+    process can start from another step (e.g. a machine whose output folder is not shared)."""
+    found = find_resume_checkpoint(resume, out_dir) if processes.is_main else None
+    path = from_main(processes, str(found[0]) if found else None)
+    if path is None:
+        return None, None
+    if processes.is_main:
+        return found
+    if not Path(path).is_file():
+        raise KernelError(f"process {processes.rank} cannot read {path}, the checkpoint rank 0 resumes from: give "
+                          "every machine the same (shared) output folder, or set train.resume to a path all can read")
+    return Path(path), load_checkpoint(path)
+
+
 def run_process(config: Config, out_dir: Path, processes: Processes, device: torch.device) -> dict | None:
     # The budget counts from the start of the whole run: in a launched process, from the launcher's start.
     started = time.perf_counter() - max(0.0, time.time() - run_started_at())
@@ -95,7 +111,7 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
     if processes.is_main:
         ensure_writable(out_dir)
 
-    resume_path, checkpoint = find_resume_checkpoint(config.train.resume, out_dir) or (None, None)
+    resume_path, checkpoint = agreed_resume_checkpoint(config.train.resume, out_dir, processes)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
     cache_root = Path(config.data.cache_dir or out_dir / "cache")
@@ -169,6 +185,7 @@ def run_or_launch(config: Config, out_dir: str, call: dict) -> dict:
     count = processes_to_launch(config.train.devices, config.train.device)
     if count == 1:
         return run(config, out_dir)
+    split_global_batch(config.train.batch_size, config.train.grad_accum_steps, count)  # fail before launching
     started_at = time.time()
     ensure_writable(Path(out_dir))
     package = __name__.rpartition(".")[0] or None  # "kernel" when imported; in a notebook, its own cells

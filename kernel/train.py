@@ -33,7 +33,8 @@ from kernel.env import KernelError, is_batch_run, is_kaggle, kaggle_root, peak_f
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
-from kernel.distributed import Processes, gather_objects, max_across, split_global_batch, sum_across
+from kernel.distributed import (Processes, gather_objects, launcher_stop_request, max_across, split_global_batch,
+                                sum_across)
 
 
 # --- Learning rate -------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def rng_states() -> dict:
     bit_generator, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [bit_generator, keys.tolist(), pos, has_gauss, gauss],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}  # this process's GPU
 
 
 def restore_rng_states(states: dict) -> None:
@@ -329,8 +330,8 @@ def restore_rng_states(states: dict) -> None:
     bit_generator, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((bit_generator, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and torch.cuda.is_available():  # older checkpoints hold every visible GPU's state
+        torch.cuda.set_rng_state(states["cuda"][min(torch.cuda.current_device(), len(states["cuda"]) - 1)])
 
 
 # Model settings that may change between a checkpoint and the run resuming it (the weights still fit).
@@ -416,6 +417,10 @@ class StopRequests:
         self.signal_name = signal.Signals(signum).name
         print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
 
+    def reason(self) -> str | None:
+        """The signal received here, or the one the multi-process launcher passed on, or None."""
+        return self.signal_name or launcher_stop_request()
+
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
@@ -469,8 +474,10 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         step, tokens, last_eval = checkpoint["step"], checkpoint["tokens"], checkpoint["last_eval"]
         train_loss, best, history = checkpoint["train_loss"], checkpoint["best"], list(checkpoint["metrics"])
         print(f"[train] resumed from {checkpoint_source} at step {step:,} ({tokens:,} tokens)")
-        same_world = checkpoint.get("world_size", 1) == world
-        if same_world and checkpoint["micro_batch"] != t.batch_size:  # an out-of-memory retry shrank it: keep what fit
+        # An out-of-memory retry shrank the micro-batch: keep what fit while each process's share is the same.
+        same_share = (checkpoint.get("world_size", 1) == world
+                      and checkpoint["micro_batch"] * checkpoint["grad_accum_steps"] == share)
+        if same_share and checkpoint["micro_batch"] != t.batch_size:
             t = replace(t, batch_size=checkpoint["micro_batch"], grad_accum_steps=checkpoint["grad_accum_steps"])
             print(f"[train] micro-batch {t.batch_size} x {t.grad_accum_steps} accumulation, as when it was saved")
     if processes.distributed:
@@ -548,13 +555,13 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                 out_of_time = time.perf_counter() >= training_ends
             # Processes decide together: one process's clock or signal stops all, and all use one schedule.
             out_of_time, signalled, time_progress = max_across(
-                processes, [float(out_of_time), float(bool(stop_requests.signal_name)), time_progress])
+                processes, [float(out_of_time), float(bool(stop_requests.reason())), time_progress])
             if out_of_time:
                 stopped_by = "time_budget"
                 progress.write(f"[train] time budget nearly spent at step {step:,}: stopping to evaluate and save")
                 break
             if signalled:
-                stopped_by = f"signal ({stop_requests.signal_name or 'SIGTERM to another process'})"
+                stopped_by = f"signal ({stop_requests.reason() or 'SIGTERM to another process'})"
                 break
             lr = lr_at(step, t, time_progress)
             for group in optimizer.param_groups:

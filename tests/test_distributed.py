@@ -138,19 +138,20 @@ def start_launcher(out: Path, settings: dict) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_stops_every_process_cleanly_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_every_process_cleanly_with_a_checkpoint(tmp_path, sent):
     out = tmp_path / "out"
     launcher = start_launcher(out, {**SETTINGS, "train.max_steps": 100_000, "train.checkpoint_interval": 0})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(train_losses(out) if (out / "metrics.jsonl").exists() else {}) < 5:
         time.sleep(0.05)
-    launcher.send_signal(signal.SIGTERM)
+    launcher.send_signal(sent)
     output, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_by"] == "signal (SIGTERM)" and summary["processes"] == 2
+    assert summary["stopped_by"] == f"signal ({sent.name})" and summary["processes"] == 2
     assert (out / "checkpoints" / f"ckpt_{summary['steps']:08d}.pt").exists()
-    assert "[dist] stopped by SIGTERM" in output
+    assert f"[dist] stopped by {sent.name}" in output
 
 
 @pytest.mark.slow
