@@ -16,6 +16,7 @@ compare and a checkpoint written by N processes resumes on M.
 
 import ast
 import contextlib
+import gc
 import linecache
 import os
 import re
@@ -90,6 +91,9 @@ def join_process_group(device_request: str) -> tuple[Processes, torch.device]:
 
 def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
+        # DistributedDataParallel lives in reference cycles: free it (and the gloo/NCCL work it holds) now,
+        # while the group and the interpreter are alive; freed at interpreter exit, it can abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 

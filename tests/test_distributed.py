@@ -105,7 +105,8 @@ def rewind_to_step_4(out: Path) -> None:
 
 def test_a_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, single_run):
     # 2 processes write the step-4 checkpoint, 1 process goes on to step 8
-    assert torchrun(2, tmp_path / "two-one", SETTINGS).returncode == 0
+    first = torchrun(2, tmp_path / "two-one", SETTINGS)
+    assert first.returncode == 0, first.stdout + first.stderr
     rewind_to_step_4(tmp_path / "two-one")
     run(load_settings(SETTINGS), tmp_path / "two-one")
     assert_same_run(single_run, tmp_path / "two-one")
