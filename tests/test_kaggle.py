@@ -103,3 +103,19 @@ def test_no_credential_reaches_any_written_file(tmp_path, monkeypatch):
     for path in written:
         data = path.read_bytes()
         assert secret_user.encode() not in data and secret_key.encode() not in data, path
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_simulated_kaggle_use_its_inputs_outputs_and_budget(tmp_path, monkeypatch, capsys):
+    """Kaggle's T4 x2 path, with the 2 GPUs faked as 2 CPU processes: the launched processes see the same
+    Kaggle (attached inputs, /kaggle/working/outputs, the default 8 h budget) as the notebook."""
+    root = kaggle(tmp_path, monkeypatch)
+    attach_dataset(root, "datasets/someone/stories")
+    summary = main("llm_cpu.yaml", {**TINY, "train.max_steps": 10, "train.devices": 2})
+    out = root / "working" / "outputs"
+    assert summary["processes"] == 2 and summary["steps"] == 10 and summary["out_dir"] == str(out)
+    assert "attached under" in summary["data"]["source"] and summary["data"]["documents"] == 3
+    assert (out / "train_gpt_program.py").is_file() and list_checkpoints(out / "checkpoints")
+    printed = capsys.readouterr().out
+    assert printed.count("[env] Kaggle: train.time_budget defaults to 8h") == 1  # rank 0 only
+    assert "\r" not in printed
