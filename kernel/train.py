@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernel.env import KernelError, is_batch_run, is_kaggle, kaggle_root, peak_flops, write_atomic
+from kernel.env import KernelError, dtype_name, is_batch_run, is_kaggle, kaggle_root, peak_flops, write_atomic
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
@@ -463,7 +463,8 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
     sampler = BatchSampler(data.train, m.block_size, t.batch_size, t.seed)  # the same stream on every process
     global_batch = t.batch_size * t.grad_accum_steps  # sequences per optimizer step, over all processes
     share = global_batch // world
-    t = replace(t, **dict(zip(("batch_size", "grad_accum_steps"), split_global_batch(t.batch_size, t.grad_accum_steps, world))))
+    micro, accum = split_global_batch(t.batch_size, t.grad_accum_steps, world)  # this process's share
+    t = replace(t, batch_size=micro, grad_accum_steps=accum)
     step, tokens, last_eval, train_loss, best, history = 0, 0, {}, float("nan"), {}, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -507,7 +508,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         if not main_process:
             return
         payload = {"format": 2, "step": at_step, "tokens": tokens, "last_eval": last_eval, "train_loss": train_loss,
-                   "best": best, "metrics": history, "dtype": str(dtype).removeprefix("torch."),
+                   "best": best, "metrics": history, "dtype": dtype_name(dtype),
                    "micro_batch": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "world_size": world,
                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": process_rngs[0],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernel.config import load_config
 from kernel.distributed import Processes, split_global_batch
 from kernel.env import KernelError
 from kernel.main import run
@@ -67,7 +68,6 @@ def single_run(tmp_path_factory) -> Path:
 
 
 def load_settings(settings: dict):
-    from kernel.config import load_config
     return load_config("configs/llm_cpu.yaml", settings)
 
 
