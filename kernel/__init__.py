@@ -3,4 +3,5 @@
 Each module is one section of the notebook that build_kernel.py stitches from them, in this order.
 """
 
-NOTEBOOK_SECTIONS = ["env", "bundled_configs", "config", "tokenization", "data", "model", "distributed", "train", "sample", "export", "report", "main"]
+NOTEBOOK_SECTIONS = ["env", "bundled_configs", "tokenization", "config", "data", "model", "distributed", "checkpoint",
+                     "train", "sample", "export", "report", "main"]

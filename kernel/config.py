@@ -1,4 +1,4 @@
-"""# 2. Configuration
+"""## 4. Configuration
 
 Every knob lives in one typed dataclass per section (`model`, `tokenizer`, `data`, `train`, `sample`).
 A run's config is built in layers, each checked strictly as it is applied:
@@ -23,6 +23,7 @@ import yaml
 
 from kernel.env import KernelError
 from kernel.bundled_configs import BUNDLED_CONFIGS
+from kernel.tokenization import TOKENIZERS
 
 
 class ConfigError(KernelError):
@@ -111,7 +112,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ["gpt2", "llama"],
-    "tokenizer.mode": ["char", "bpe_simple", "hf"],
+    "tokenizer.mode": TOKENIZERS.keys(),  # a live view: a mode registered later is accepted too
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
     "train.schedule": ["cosine", "wsd"],
 }
@@ -355,11 +356,8 @@ def validate(config: Config) -> None:
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
     require(s.temperature >= 0, f"'sample.temperature' must be >= 0 (0 is greedy), got {s.temperature}")
     require(0 < s.top_p <= 1, f"'sample.top_p' must be in (0, 1], got {s.top_p}")
-    require(config.tokenizer.mode != "bpe_simple" or config.tokenizer.vocab_size >= 257,
-            f"'tokenizer.vocab_size' must be >= 257 for bpe_simple (256 bytes + end-of-document), "
-            f"got {config.tokenizer.vocab_size}")
-    require(config.tokenizer.mode != "hf" or bool(config.tokenizer.pretrained_name),
-            "'tokenizer.pretrained_name' must name a tokenizer folder or Hub id when tokenizer.mode is hf")
+    mode_class = TOKENIZERS.get(config.tokenizer.mode)  # an unknown mode is reported with CHOICES below
+    problems += mode_class.config_problems(config.tokenizer) if mode_class else []
     require(DEVICE_PATTERN.fullmatch(t.device) is not None,
             f"'train.device' must be auto, cpu, mps, cuda or cuda:N, got {t.device!r}")
     require(bool(t.resume.strip()), "'train.resume' must be auto, never or a checkpoint path, got ''")

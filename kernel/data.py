@@ -1,4 +1,4 @@
-"""# 4. Data
+"""## 5. Data
 
 Find the text, build the tokenizer from its training part, turn both splits into token files on disk, and
 serve random training windows from them. Built for corpora from one small .txt to many gigabytes:
@@ -39,8 +39,7 @@ import torch
 
 from kernel.env import KernelError, is_kaggle, kaggle_root, write_atomic
 from kernel.config import Config
-from kernel.tokenization import (BPETokenizer, CharTokenizer, HFTokenizer, Tokenizer, document_separator,
-                                 tokenizer_from_dict)
+from kernel.tokenization import Tokenizer, document_separator, tokenizer_class, tokenizer_from_dict
 
 DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
 READ_BLOCK_BYTES = 8 << 20       # bytes read from a file at a time
@@ -245,17 +244,22 @@ def training_text_sample(sources: list[Source], split_at: int, max_chars: int, c
         offset += len(text)
 
 
+@dataclass
+class TrainingText:
+    """The training split as a tokenizer learns from it (tokenization's TrainingCorpus), read on demand."""
+    sources: list[Source]
+    split_at: int
+
+    def pieces(self) -> Iterator[str]:
+        return (piece.text for piece in iterate_pieces(self.sources, self.split_at) if piece.split == "train")
+
+    def sample(self, max_chars: int) -> Iterator[str]:
+        return training_text_sample(self.sources, self.split_at, max_chars)
+
+
 def train_tokenizer(config: Config, sources: list[Source], split_at: int) -> Tokenizer:
-    tok = config.tokenizer
-    if tok.mode == "char":
-        chars: set[str] = set()
-        for piece in iterate_pieces(sources, split_at):
-            if piece.split == "train":
-                chars.update(piece.text)
-        return CharTokenizer.train("".join(sorted(chars)))
-    if tok.mode == "bpe_simple":
-        return BPETokenizer.train(training_text_sample(sources, split_at, tok.train_sample_mb << 20), tok.vocab_size)
-    return HFTokenizer.load(tok.pretrained_name)
+    settings = config.tokenizer
+    return tokenizer_class(settings.mode, "in tokenizer.mode").build(settings, TrainingText(sources, split_at))
 
 
 # --- Encoding in parallel, into token files ------------------------------------------------------------
@@ -346,18 +350,12 @@ def write_token_files(sources: list[Source], split_at: int, tokenizer: Tokenizer
 # --- The cache -----------------------------------------------------------------------------------------
 
 def tokenizer_fingerprint(config: Config, tokenizer: Tokenizer | None) -> str:
+    """What decides the tokenizer, in the cache key: a given one's state (hashed), else the settings."""
     if tokenizer is not None:
-        state = tokenizer.to_dict()
-        if isinstance(tokenizer, HFTokenizer) and getattr(tokenizer.hf, "is_fast", False):
-            state = {**state, "tokenizer_json": tokenizer.hf.backend_tokenizer.to_str()}
+        state = tokenizer.state_fingerprint()
         return "given:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-    tok = config.tokenizer
-    settings = {"mode": tok.mode}
-    if tok.mode == "bpe_simple":
-        settings.update(vocab_size=tok.vocab_size, train_sample_mb=tok.train_sample_mb)
-    if tok.mode == "hf":
-        settings.update(pretrained_name=tok.pretrained_name)
-    return json.dumps(settings, sort_keys=True)
+    settings = config.tokenizer
+    return json.dumps(tokenizer_class(settings.mode, "in tokenizer.mode").fingerprint(settings), sort_keys=True)
 
 
 def cache_key(sources: list[Source], config: Config, tokenizer: Tokenizer | None) -> str:

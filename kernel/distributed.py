@@ -1,4 +1,4 @@
-"""# 6. Several GPUs: one process per GPU (DistributedDataParallel)
+"""## 7. Several GPUs: one process per GPU (DistributedDataParallel)
 
 With more than one GPU the run becomes one process per GPU, started by `torchrun` (PyTorch's launcher).
 Each process holds a copy of the model and trains on its share of every batch; the gradients are averaged

@@ -1,4 +1,4 @@
-"""# 1. Environment
+"""## 1. Environment
 
 Where are we running (a laptop, a GPU box, or a Kaggle notebook), which device and number format will the
 model use, and why. Also the one error type the whole program raises for bad input: `KernelError`, whose

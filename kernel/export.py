@@ -1,4 +1,4 @@
-"""# 9. Export to Hugging Face transformers
+"""## 11. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json` and the
 tokenizer files, which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load

@@ -1,4 +1,4 @@
-"""# 11. Main
+"""## 13. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
 when a checkpoint is there), write samples and `summary.json`. The notebook's last cell calls `main(...)`
@@ -28,8 +28,8 @@ from kernel.model import GPT
 from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
-from kernel.train import (build_model, check_resume_compatible, probe_cpu_dtype, find_resume_checkpoint, load_checkpoint,
-                          train)
+from kernel.checkpoint import Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint
+from kernel.train import build_model, probe_cpu_dtype, train
 from kernel.sample import format_samples, sample_texts
 from kernel.export import export_hf
 from kernel.report import human_summary, plot_losses
@@ -81,7 +81,7 @@ def prepare_data_once(config: Config, cache_root: Path, tokenizer: Tokenizer | N
     return data
 
 
-def agreed_resume_checkpoint(resume: str, out_dir: Path, processes: Processes) -> tuple[Path | None, dict | None]:
+def agreed_resume_checkpoint(resume: str, out_dir: Path, processes: Processes) -> tuple[Path | None, Checkpoint | None]:
     """Rank 0 picks the checkpoint to resume from (or none); every process then loads that same file, so no
     process can start from another step (e.g. a machine whose output folder is not shared)."""
     found = find_resume_checkpoint(resume, out_dir) if processes.is_main else None
@@ -115,11 +115,11 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
     cache_root = Path(config.data.cache_dir or out_dir / "cache")
-    given_tokenizer = tokenizer_from_dict(checkpoint["tokenizer"]) if checkpoint else None
+    given_tokenizer = tokenizer_from_dict(checkpoint.tokenizer) if checkpoint else None
     data = prepare_data_once(config, cache_root, given_tokenizer, processes)
     print_data_report(data)
     if config.train.dtype == "auto" and checkpoint is not None:  # keep the precision the run started with
-        dtype, why = DTYPES[checkpoint["dtype"]], "as when the checkpoint was written"
+        dtype, why = DTYPES[checkpoint.dtype], "as when the checkpoint was written"
     elif config.train.dtype == "auto" and device.type == "cpu":  # measured once, the same for every process
         dtype, why = from_main(processes, probe_cpu_dtype(config, data.tokenizer.vocab_size) if processes.is_main else None)
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
@@ -214,13 +214,13 @@ def sample_command(args: argparse.Namespace) -> None:
     print(format_samples(sample_texts(model, tokenizer, config.sample, device, args.seed)))
 
 
-def load_trained(path: str, checkpoint: dict | None = None) -> tuple[Config, Tokenizer, GPT]:
+def load_trained(path: str, checkpoint: Checkpoint | None = None) -> tuple[Config, Tokenizer, GPT]:
     """The config, tokenizer and model of a checkpoint (pass it when it is already loaded)."""
     checkpoint = checkpoint or load_checkpoint(path)
-    config = config_from_dict(checkpoint["config"], f"{path} (saved config)")
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    config = config_from_dict(checkpoint.config, f"{path} (saved config)")
+    tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
     model = build_model(config, tokenizer.vocab_size)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.model)
     return config, tokenizer, model
 
 

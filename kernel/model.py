@@ -1,4 +1,4 @@
-"""# 5. The model
+"""## 6. The model
 
 A decoder-only transformer in two presets that share one implementation:
 
@@ -18,27 +18,33 @@ keeps each layer's keys and values, so every new token costs one forward step ov
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernel.config import ModelConfig
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """The embedding's row count: the vocabulary rounded up, since matrix shapes that are multiples of 64
+    run faster on tensor cores. The extra rows are never targets; sampling and export mask them."""
+    return multiple * math.ceil(vocab_size / multiple)
+
 
 @dataclass
-class GPTConfig:
-    vocab_size: int
-    block_size: int = 256          # longest sequence (the learned position table's size for gpt2)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = True              # gpt2: biases in Linear and LayerNorm, as in GPT-2 (llama has none)
-    gradient_checkpointing: bool = False
-    arch: str = "gpt2"             # gpt2 | llama
-    qk_norm: bool = False          # llama: RMSNorm on queries and keys per head
-    rope_theta: float = 10000.0    # llama: the rotary embedding's base
+class GPTConfig(ModelConfig):
+    """The `model` section of the config (section 4: shape, arch, dropout, ...) plus the vocabulary size,
+    which the tokenizer decides."""
+    vocab_size: int = field(kw_only=True)  # embedding rows, padding included
+
+    @classmethod
+    def from_settings(cls, model: ModelConfig, vocab_size: int) -> "GPTConfig":
+        """The model for these settings and a tokenizer of `vocab_size` tokens."""
+        padded = padded_vocab_size(vocab_size, model.vocab_multiple)
+        return cls(**{f.name: getattr(model, f.name) for f in fields(ModelConfig)}, vocab_size=padded)
 
     @property
     def head_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""# 10. Report
+"""## 12. Report
 
 What people look at after a run: `loss.png` (train and validation loss against tokens seen and against
 wall-clock time, with the learning rate on a second axis) and a short summary in words.

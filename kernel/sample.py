@@ -1,4 +1,4 @@
-"""# 8. Sampling
+"""## 10. Sampling
 
 Text from the trained model. The prompt is encoded, then tokens are drawn one at a time from the softmax
 of the last position's logits, sharpened by `temperature`, limited to the `top_k` most likely tokens and to

@@ -1,4 +1,4 @@
-"""# 3. Tokenization
+"""## 3. Tokenization
 
 Text in, integer ids out, and back. Every tokenizer offers the same small interface, so the data pipeline,
 the trainer and the sampler never ask which kind they hold:
@@ -16,6 +16,11 @@ the trainer and the sampler never ask which kind they hold:
 
 Every mode saves a `tokenizer.json` that `AutoTokenizer.from_pretrained(folder)` loads offline and that
 encodes to the same ids, plus `kernel_tokenizer.json`, which this program reads back.
+
+`TOKENIZERS` maps each mode to its class. The class also knows how to build itself from the config's
+`tokenizer` settings and the training text, which settings identify it (part of the token cache key), which
+settings cannot work, and how to come back from `to_dict()` or a saved folder. The config, the data pipeline
+and restoring from a checkpoint only look modes up there, so a new mode is one class in this section.
 """
 
 import array
@@ -24,7 +29,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -45,6 +50,60 @@ class Tokenizer(Protocol):
     def decode(self, ids) -> str: ...
     def save(self, folder: str | Path) -> None: ...
     def to_dict(self) -> dict: ...
+    def state_fingerprint(self) -> dict: ...
+
+
+class TokenizerSettings(Protocol):
+    """The config's `tokenizer` section (TokenizerConfig; the config section comes after this one)."""
+    mode: str
+    vocab_size: int
+    train_sample_mb: int
+    pretrained_name: str
+
+
+class TrainingCorpus(Protocol):
+    """The training split, as the data section hands it to a tokenizer to learn from."""
+    def pieces(self) -> Iterator[str]: ...                # all of it, in order
+    def sample(self, max_chars: int) -> Iterator[str]: ...  # at most ~max_chars, evenly spread
+
+
+class RegisteredTokenizer:
+    """What a mode in TOKENIZERS offers besides the Tokenizer interface. Config checks, the data pipeline
+    and restoring all go through these, so a new mode is a new subclass here and one entry in TOKENIZERS."""
+    mode: str
+
+    @classmethod
+    def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "RegisteredTokenizer":
+        """The tokenizer a run with these settings uses, learnt from the training text where it learns."""
+        raise NotImplementedError
+
+    @classmethod
+    def fingerprint(cls, settings: TokenizerSettings) -> dict:
+        """The settings that decide what build() returns: part of the token cache key."""
+        return {"mode": cls.mode}
+
+    @classmethod
+    def config_problems(cls, settings: TokenizerSettings) -> list[str]:
+        """Settings this mode cannot work with, reported by config validation before anything runs."""
+        return []
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "RegisteredTokenizer":
+        """The tokenizer back from to_dict() (stored in every checkpoint and token cache)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "RegisteredTokenizer":
+        """The tokenizer back from save(folder)."""
+        raise NotImplementedError
+
+    def state_fingerprint(self) -> dict:
+        """What identifies this exact vocabulary: hashed into the cache key when a checkpoint's is reused."""
+        return self.to_dict()
+
+
+def read_state(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
 
 
 def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict, **special_tokens) -> None:
@@ -61,7 +120,7 @@ def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict,
 
 # --- char ----------------------------------------------------------------------------------------------
 
-class CharTokenizer:
+class CharTokenizer(RegisteredTokenizer):
     mode = "char"
     UNKNOWN = "\ufffd"  # what id 0 decodes to
     eos_id = None       # documents are separated by a blank line instead
@@ -79,6 +138,21 @@ class CharTokenizer:
         if not text:
             raise KernelError("cannot build a char vocabulary from empty text")
         return cls(sorted(set(text)))
+
+    @classmethod
+    def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "CharTokenizer":
+        chars: set[str] = set()  # piece by piece: the whole training text never sits in memory at once
+        for text in corpus.pieces():
+            chars.update(text)
+        return cls.train("".join(sorted(chars)))
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "CharTokenizer":
+        return cls(list(state["chars"]))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "CharTokenizer":
+        return cls.from_dict(read_state(folder))  # the state file holds the whole vocabulary
 
     def encode_array(self, text: str) -> np.ndarray:
         code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
@@ -110,7 +184,7 @@ class CharTokenizer:
 
 # --- bpe_simple ----------------------------------------------------------------------------------------
 
-class BPETokenizer:
+class BPETokenizer(RegisteredTokenizer):
     """Byte-level BPE. Encoding large corpora goes through a cache of text segments (see encode_array)."""
 
     mode = "bpe_simple"
@@ -144,6 +218,30 @@ class BPETokenizer:
             raise KernelError(f"tokenizer.vocab_size={vocab_size} is more than this corpus supports: BPE found only "
                               f"{backend.get_vocab_size()} tokens; lower tokenizer.vocab_size or add text")
         return cls(backend)
+
+    @classmethod
+    def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "BPETokenizer":
+        # the trainer holds what it reads, so it reads a bounded sample
+        return cls.train(corpus.sample(settings.train_sample_mb << 20), settings.vocab_size)
+
+    @classmethod
+    def fingerprint(cls, settings: TokenizerSettings) -> dict:
+        return {"mode": cls.mode, "vocab_size": settings.vocab_size, "train_sample_mb": settings.train_sample_mb}
+
+    @classmethod
+    def config_problems(cls, settings: TokenizerSettings) -> list[str]:
+        if settings.vocab_size >= 257:
+            return []
+        return [f"'tokenizer.vocab_size' must be >= 257 for bpe_simple (256 bytes + end-of-document), "
+                f"got {settings.vocab_size}"]
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "BPETokenizer":
+        return cls(FastBackend.from_str(state["tokenizer_json"]))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "BPETokenizer":
+        return cls(FastBackend.from_file(str(Path(folder) / "tokenizer.json")))  # its state file holds only the mode
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
@@ -228,7 +326,7 @@ def split_at_cuts(text: str, block_chars: int) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-class HFTokenizer:
+class HFTokenizer(RegisteredTokenizer):
     mode = "hf"
 
     def __init__(self, hf_tokenizer, name: str):
@@ -237,9 +335,29 @@ class HFTokenizer:
         self.eos_id = hf_tokenizer.eos_token_id
 
     @classmethod
-    def load(cls, name: str) -> "HFTokenizer":
+    def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "HFTokenizer":
+        return cls.load(settings.pretrained_name)  # already trained: the corpus is not needed
+
+    @classmethod
+    def fingerprint(cls, settings: TokenizerSettings) -> dict:
+        return {"mode": cls.mode, "pretrained_name": settings.pretrained_name}
+
+    @classmethod
+    def config_problems(cls, settings: TokenizerSettings) -> list[str]:
+        if settings.pretrained_name:
+            return []
+        return ["'tokenizer.pretrained_name' must name a tokenizer folder or Hub id when tokenizer.mode is hf"]
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "HFTokenizer":
+        return cls.load(state["name"])
+
+    @classmethod
+    def load(cls, name: str | Path) -> "HFTokenizer":
+        """From a folder (one that save() wrote, or any tokenizer folder) or a Hub id."""
         from transformers import AutoTokenizer
 
+        name = str(name)
         if not name:
             raise KernelError("tokenizer.mode=hf needs tokenizer.pretrained_name: a local tokenizer folder "
                               "(e.g. an attached Kaggle dataset) or a Hugging Face Hub id")
@@ -274,6 +392,12 @@ class HFTokenizer:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "name": self.name}
 
+    def state_fingerprint(self) -> dict:
+        # a folder or Hub id can change behind the same name: the vocabulary itself, when it is at hand
+        if not getattr(self.hf, "is_fast", False):
+            return self.to_dict()
+        return {**self.to_dict(), "tokenizer_json": self.hf.backend_tokenizer.to_str()}
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.hf.save_pretrained(str(folder))
@@ -289,16 +413,21 @@ def document_separator(tokenizer: Tokenizer) -> str:
     return tokenizer.decode([tokenizer.eos_id])
 
 
+# Every tokenizer.mode and its class; the config's choices are these names, in this order.
+TOKENIZERS: dict[str, type[RegisteredTokenizer]] = {cls.mode: cls for cls in (CharTokenizer, BPETokenizer, HFTokenizer)}
+
+
+def tokenizer_class(mode: object, where: str) -> type[RegisteredTokenizer]:
+    """The class registered for `mode`; `where` says where an unknown mode came from."""
+    found = TOKENIZERS.get(mode) if isinstance(mode, str) else None  # saved states may hold anything
+    if found is None:
+        raise KernelError(f"unknown tokenizer mode {mode!r} {where}")
+    return found
+
+
 def tokenizer_from_dict(state: dict) -> Tokenizer:
     """Rebuild a tokenizer from what to_dict() returned (stored in every checkpoint)."""
-    mode = state.get("mode")
-    if mode == "char":
-        return CharTokenizer(list(state["chars"]))
-    if mode == "bpe_simple":
-        return BPETokenizer(FastBackend.from_str(state["tokenizer_json"]))
-    if mode == "hf":
-        return HFTokenizer.load(state["name"])
-    raise KernelError(f"unknown tokenizer mode {mode!r} in saved tokenizer state")
+    return tokenizer_class(state.get("mode"), "in saved tokenizer state").from_dict(state)
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -308,11 +437,6 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if not path.is_file():
         raise KernelError(f"no saved tokenizer in {folder} (expected {STATE_FILE})")
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if state.get("mode") == "bpe_simple":
-            return BPETokenizer(FastBackend.from_file(str(folder / "tokenizer.json")))
-        if state.get("mode") == "hf":
-            return HFTokenizer.load(str(folder))
-        return tokenizer_from_dict(state)
+        return tokenizer_class(read_state(folder).get("mode"), "in saved tokenizer state").load(folder)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise KernelError(f"{folder} does not hold a valid saved tokenizer: {err}") from None

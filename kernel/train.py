@@ -1,22 +1,19 @@
-"""# 7. Training
+"""## 9. Training
 
 The loop: AdamW with weight-decay groups, mixed precision chosen by the hardware, gradient accumulation,
-a cosine learning-rate schedule with linear warm-up, gradient clipping, periodic evaluation, a JSON-lines
-metrics file, and checkpoints that hold everything a resumed run needs (model, optimizer, grad scaler,
-step, batch sampler and RNG states, config, tokenizer).
+a cosine (or warmup-stable-decay) learning-rate schedule with linear warm-up, gradient clipping, periodic
+evaluation, a JSON-lines metrics file and checkpoints (section 8).
 
-A step is `grad_accum_steps` micro-batches of `batch_size` sequences: the effective batch is their
-product, and k micro-batches give the same gradient as one batch k times as large. With several processes
-(section 6) each trains on its share of that batch and DistributedDataParallel averages the gradients.
+A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
+each process's share (section 7) and that share into micro-batches whose gradients accumulate, which gives
+the same gradient as one big batch. `train()` at the end reads top to bottom: a `Trainer` holds what stays
+fixed during a run (model, optimizer, data, files), a `LoopState` what changes (step, tokens, evaluations,
+the batch plan), and each phase of a step is one method: stop?, optimizer step, log, evaluate, checkpoint.
 """
 
 import contextlib
-import glob
-import hashlib
-import io
 import json
 import math
-import random
 import shutil
 import signal
 import sys
@@ -25,16 +22,17 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernel.env import KernelError, dtype_name, is_batch_run, is_kaggle, kaggle_root, peak_flops, write_atomic
+from kernel.env import KernelError, dtype_name, is_batch_run, peak_flops, write_atomic
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, GPTConfig
 from kernel.distributed import (Processes, gather_objects, launcher_stop_request, max_across, split_global_batch,
                                 sum_across)
+from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
+                               rng_states, save_checkpoint)
 
 
 # --- Learning rate -------------------------------------------------------------------------------------
@@ -61,18 +59,8 @@ def lr_at(step: int, train: TrainConfig, time_progress: float = 0.0) -> float:
 
 # --- Model, optimizer, precision -----------------------------------------------------------------------
 
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """The embedding's row count: the vocabulary rounded up, since matrix shapes that are multiples of 64
-    run faster on tensor cores. The extra rows are never targets; sampling and export mask them."""
-    return multiple * math.ceil(vocab_size / multiple)
-
-
 def build_model(config: Config, vocab_size: int) -> GPT:
-    m = config.model
-    return GPT(GPTConfig(vocab_size=padded_vocab_size(vocab_size, m.vocab_multiple), block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
-                         gradient_checkpointing=m.gradient_checkpointing, arch=m.arch, qk_norm=m.qk_norm,
-                         rope_theta=m.rope_theta))
+    return GPT(GPTConfig.from_settings(config.model, vocab_size))
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -190,7 +178,37 @@ def evaluate(model, data: TokenData, config: Config, device, dtype, processes: P
             "val_bpb": val_loss / math.log(2) * data.val_tokens_per_byte}
 
 
-# --- Files: metrics and checkpoints --------------------------------------------------------------------
+# --- The batch plan ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's sequences are split. The global batch is the same whatever the number of
+    processes; each process takes an equal share and feeds it through the model `micro_batch` sequences at a
+    time, accumulating the gradients of `accumulation` micro-batches. Only an out-of-memory retry changes it."""
+    global_batch: int   # sequences per optimizer step, over all processes (train.batch_size x grad_accum_steps)
+    share: int          # this process's sequences per step
+    micro_batch: int    # sequences per forward and backward pass
+    accumulation: int   # micro-batches per step: micro_batch x accumulation == share
+
+    @classmethod
+    def configured(cls, train: TrainConfig, world_size: int) -> "BatchPlan":
+        micro, accumulation = split_global_batch(train.batch_size, train.grad_accum_steps, world_size)
+        return cls(micro * accumulation * world_size, micro * accumulation, micro, accumulation)
+
+    def with_micro_batch(self, micro: int) -> "BatchPlan":
+        return replace(self, micro_batch=micro, accumulation=self.share // micro)
+
+    def halved(self) -> "BatchPlan":
+        """After an out-of-memory error: the largest micro-batch <= half the current one that divides it,
+        with the accumulation that keeps the share (and so the effective batch) unchanged."""
+        return self.with_micro_batch(next(d for d in range(self.micro_batch // 2, 0, -1) if self.micro_batch % d == 0))
+
+    def micro_batches(self, starts: list) -> list:
+        """This process's share of the step (its sequences' start positions) cut into micro-batches."""
+        return [starts[i:i + self.micro_batch] for i in range(0, self.share, self.micro_batch)]
+
+
+# --- Around the loop: metrics, progress, the clock, stop requests -----------------------------------------
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per log or eval step, appended and flushed as the run goes."""
@@ -201,168 +219,6 @@ class MetricsLog:
     def append(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-
-
-CHECKPOINT_PATTERN = "ckpt_*.pt"
-
-
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return folder / f"ckpt_{step:08d}.pt"
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints in `folder`, oldest step first."""
-    return sorted(folder.glob(CHECKPOINT_PATTERN)) if folder.is_dir() else []
-
-
-def checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def save_checkpoint(payload: dict, path: Path) -> None:
-    """The checkpoint and, beside it, the SHA-256 of its bytes (written last: no checksum, no checkpoint)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getbuffer()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
-        write_atomic(checksum_path(path), hashlib.sha256(data).hexdigest().encode())
-    except OSError as err:
-        path.unlink(missing_ok=True)
-        previous = [p.name for p in list_checkpoints(path.parent) if p != path]
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free there"
-        except OSError:
-            free = "free space unknown"
-        raise KernelError(f"could not write checkpoint {path}: {err.strerror or err}; it needs "
-                          f"{len(data) / 2**20:,.1f} MB ({free}). The previous checkpoint "
-                          f"{previous[-1] if previous else '(none yet)'} is intact. Free some space or choose "
-                          "another output folder (--out)") from None
-
-
-class CheckpointError(KernelError):
-    """A checkpoint file that is incomplete, truncated or corrupted."""
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KernelError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()
-    sidecar = checksum_path(path)
-    if not sidecar.is_file():
-        raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}: its writing was interrupted")
-    if hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
-        raise CheckpointError(f"checkpoint {path} does not match its checksum: it is truncated or corrupted")
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
-
-
-def load_newest_valid(candidates: list[Path]) -> tuple[Path, dict]:
-    """The newest checkpoint that loads; damaged newer ones are skipped with a warning."""
-    problems = []
-    for path in reversed(candidates):
-        try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as err:
-            print(f"[resume] warning: {err}; trying the one before it")
-            problems.append(str(err))
-            continue
-        if problems:
-            print(f"[resume] warning: resuming from {path.name}, an older checkpoint, because the newer ones are damaged")
-        return path, checkpoint
-    raise KernelError("no usable checkpoint: " + "; ".join(problems) +
-                      ". Set train.resume=never (or another --out) to start a new run")
-
-
-def attached_checkpoints() -> list[Path]:
-    """Checkpoints in the outputs of earlier notebook versions attached as inputs (kernel_sources), in the
-    2026 layout (/kaggle/input/notebooks/<owner>/<slug>/...) and the older one (/kaggle/input/<slug>/...)."""
-    root = kaggle_root() / "input"
-    return sorted(Path(p) for p in glob.glob(str(root / "**" / "checkpoints" / CHECKPOINT_PATTERN), recursive=True))
-
-
-def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, dict] | None:
-    """train.resume: 'never', 'auto' (the newest valid checkpoint in out_dir or, on Kaggle, in an attached
-    earlier version's output), a folder, or a file."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        attached = attached_checkpoints() if is_kaggle() else []
-        # by step; at equal steps the output folder's own checkpoint sorts last, so it is tried first
-        found = sorted(set(list_checkpoints(out_dir / "checkpoints") + attached), key=lambda p: (p.name, p not in attached))
-        return load_newest_valid(found) if found else None
-    path = Path(resume)
-    if path.is_dir():
-        found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
-        if not found:
-            raise KernelError(f"train.resume={resume!r}: no {CHECKPOINT_PATTERN} in that folder")
-        return load_newest_valid(found)
-    if not path.is_file():
-        raise KernelError(f"train.resume={resume!r}: no such checkpoint file or folder; "
-                          "use 'auto', 'never' or a path to a ckpt_*.pt file")
-    return path, load_checkpoint(path)
-
-
-def restore_process_rng(checkpoint: dict, processes: Processes, seed: int) -> None:
-    """Each process's own RNG state when the checkpoint has one for it (same number of processes), else rank
-    0's on rank 0 and a fresh seed per rank elsewhere (the RNG only drives dropout; data has its own)."""
-    saved = checkpoint.get("process_rngs") or [checkpoint["rng"]]
-    if len(saved) == processes.world_size or processes.is_main:
-        restore_rng_states(saved[processes.rank if len(saved) == processes.world_size else 0])
-    else:
-        torch.manual_seed(seed + processes.rank + checkpoint["step"])
-
-
-def rng_states() -> dict:
-    bit_generator, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [bit_generator, keys.tolist(), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}  # this process's GPU
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    bit_generator, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((bit_generator, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():  # older checkpoints hold every visible GPU's state
-        torch.cuda.set_rng_state(states["cuda"][min(torch.cuda.current_device(), len(states["cuda"]) - 1)])
-
-
-# Model settings that may change between a checkpoint and the run resuming it (the weights still fit).
-RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}
-
-
-def check_resume_compatible(checkpoint: dict, config: Config, path: Path) -> None:
-    saved, current = checkpoint["config"]["model"], config_to_dict(config)["model"]
-    changed = [k for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
-    if changed:
-        details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise KernelError(f"cannot resume from {path}: the model shape changed ({details}); "
-                          "set train.resume=never or choose another --out folder to start a new run")
-
-
-# --- The loop ------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainResult:
-    model: GPT
-    step: int
-    tokens: int
-    last_eval: dict
-    train_loss: float
-    tokens_per_s: float      # training throughput of this process (evaluation excluded)
-    wall_s: float            # this process's time in train()
-    stopped_by: str          # "max_steps", "time_budget" or "signal (SIGTERM)" / "signal (SIGINT)"
-    resumed_from: str | None = None
-    best: dict = field(default_factory=dict)  # {"step", "val_loss"} of the best checkpoint kept
-    mfu: float | None = None  # model FLOPs utilisation of this process's training
-    history: list = field(default_factory=list)
 
 
 def show_progress_bar() -> bool:
@@ -399,6 +255,58 @@ class Progress:
             self.bar.close()
 
 
+class TrainingClock:
+    """Time spent in train(), read from `now` (injectable). With a deadline (a `now()` value), training stops
+    when what is left is just enough to finish: 1.5 x (the longest evaluation + the longest checkpoint so
+    far) + 1 s; the share of the training time used lets the schedule's decay end with the budget."""
+
+    def __init__(self, deadline: float | None, now=time.perf_counter):
+        self.deadline, self.now = deadline, now
+        self.started = self.loop_started = now()
+        self.longest = {"eval": 0.0, "save": 0.0}
+
+    def start_loop(self) -> None:
+        self.loop_started = self.now()
+
+    @contextlib.contextmanager
+    def timing(self, kind: str):
+        begun = self.now()
+        yield
+        self.longest[kind] = max(self.longest[kind], self.now() - begun)
+
+    def training_time_used(self) -> tuple[float, bool]:
+        """(share of the time available for training used so far, whether it is all used)."""
+        if self.deadline is None:
+            return 0.0, False
+        training_ends = self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + 1)
+        now = self.now()
+        return (now - self.loop_started) / max(1e-9, training_ends - self.loop_started), now >= training_ends
+
+    def elapsed(self) -> float:
+        return self.now() - self.started
+
+
+class LossWindow:
+    """The training loss summed on the device between two log lines: read back (a host sync) only when logged."""
+
+    def __init__(self, device: torch.device, now):
+        self.device, self.now = device, now
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.steps, self.started = torch.zeros((), device=self.device), 0, self.now()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.steps += 1
+
+    def mean(self) -> float:
+        return (self.total / self.steps).item()
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return self.steps * tokens_per_step / (self.now() - self.started)
+
+
 class StopRequests:
     """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt) ask the loop to stop
     after the current step, so it can checkpoint and write its outputs instead of dying mid-step."""
@@ -426,13 +334,6 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
-def smaller_micro_batch(micro: int, accum: int) -> tuple[int, int]:
-    """After an out-of-memory error: the largest micro-batch <= half the current one that divides it, with the
-    accumulation that keeps micro x accumulation (the effective batch) unchanged."""
-    smaller = next(d for d in range(micro // 2, 0, -1) if micro % d == 0)
-    return smaller, accum * (micro // smaller)
-
-
 def out_of_memory_error(config: Config, micro: int, distributed: bool) -> KernelError:
     m = config.model
     if distributed:  # processes must take the same steps together, so one cannot retry alone
@@ -446,186 +347,271 @@ def out_of_memory_error(config: Config, micro: int, distributed: bool) -> Kernel
         "train.dtype=float16/bfloat16 also halves activation memory")
 
 
-def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
-          checkpoint: dict | None = None, checkpoint_source: Path | None = None,
-          deadline: float | None = None, processes: Processes = Processes()) -> TrainResult:
-    """Train to train.max_steps, or until `deadline` (a time.perf_counter() value) leaves just enough time to
-    evaluate, checkpoint and sample, or until a stop signal. Every process calls it; only rank 0 writes."""
-    t, m = config.train, config.model
-    main_process, world = processes.is_main, processes.world_size
-    started = time.perf_counter()
-    finish_s = {"eval": 0.0, "save": 0.0}  # the longest evaluation and checkpoint so far: the time to finish
-    ckpt_dir, metrics = out_dir / "checkpoints", MetricsLog(out_dir / "metrics.jsonl")
-
-    model = build_model(config, data.tokenizer.vocab_size).to(device)
-    optimizer = make_optimizer(model, t, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    sampler = BatchSampler(data.train, m.block_size, t.batch_size, t.seed)  # the same stream on every process
-    global_batch = t.batch_size * t.grad_accum_steps  # sequences per optimizer step, over all processes
-    share = global_batch // world
-    micro, accum = split_global_batch(t.batch_size, t.grad_accum_steps, world)  # this process's share
-    t = replace(t, batch_size=micro, grad_accum_steps=accum)
-    step, tokens, last_eval, train_loss, best, history = 0, 0, {}, float("nan"), {}, []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        restore_process_rng(checkpoint, processes, t.seed)
-        step, tokens, last_eval = checkpoint["step"], checkpoint["tokens"], checkpoint["last_eval"]
-        train_loss, best, history = checkpoint["train_loss"], checkpoint["best"], list(checkpoint["metrics"])
-        print(f"[train] resumed from {checkpoint_source} at step {step:,} ({tokens:,} tokens)")
-        # An out-of-memory retry shrank the micro-batch: keep what fit while each process's share is the same.
-        same_share = (checkpoint.get("world_size", 1) == world
-                      and checkpoint["micro_batch"] * checkpoint["grad_accum_steps"] == share)
-        if same_share and checkpoint["micro_batch"] != t.batch_size:
-            t = replace(t, batch_size=checkpoint["micro_batch"], grad_accum_steps=checkpoint["grad_accum_steps"])
-            print(f"[train] micro-batch {t.batch_size} x {t.grad_accum_steps} accumulation, as when it was saved")
-    if processes.distributed:
-        print(f"[dist] {world} processes, each {t.batch_size} x {t.grad_accum_steps} accumulation of the global "
-              f"batch of {global_batch} sequences")
-    # The metrics file always restarts from what the checkpoint knew: steps after it are replayed.
-    if main_process:
-        write_atomic(metrics.path, "".join(json.dumps(r) + "\n" for r in history))
-    evaluator = maybe_compile(model, t.compile, device)
-    runner = evaluator
-    if processes.distributed:  # averages the gradients across processes during the last backward of a step
-        runner = torch.nn.parallel.DistributedDataParallel(
-            evaluator, device_ids=[device.index] if device.type == "cuda" else None)
-    runner.train()
-
-    def record(entry: dict) -> None:
-        history.append(entry)
-        if main_process:
-            metrics.append(entry)
-
-    def save(at_step: int) -> None:
-        nonlocal best
-        evaluated = last_eval if last_eval.get("step") == at_step else {}
-        if evaluated and (not best or evaluated["val_loss"] < best["val_loss"]):
-            best = {"step": at_step, "val_loss": evaluated["val_loss"]}
-        process_rngs = gather_objects(processes, rng_states())  # every process's dropout RNG, for exact resumes
-        if not main_process:
-            return
-        payload = {"format": 2, "step": at_step, "tokens": tokens, "last_eval": last_eval, "train_loss": train_loss,
-                   "best": best, "metrics": history, "dtype": dtype_name(dtype),
-                   "micro_batch": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "world_size": world,
-                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": process_rngs[0],
-                   "process_rngs": process_rngs, "config": config_to_dict(config), "tokenizer": data.tokenizer.to_dict()}
-        path = checkpoint_path(ckpt_dir, at_step)
-        save_started = time.perf_counter()
-        save_checkpoint(payload, path)
-        finish_s["save"] = max(finish_s["save"], time.perf_counter() - save_started)
-        write_atomic(ckpt_dir / "config.yaml", config_to_yaml(config))
-        keep = set(list_checkpoints(ckpt_dir)[-t.keep_checkpoints:])
-        if best:
-            keep.add(checkpoint_path(ckpt_dir, best["step"]))
-        for old in list_checkpoints(ckpt_dir):
-            if old not in keep:
-                old.unlink()
-                checksum_path(old).unlink(missing_ok=True)
-
-    def run_eval(at_step: int) -> dict:
-        eval_started = time.perf_counter()
-        result = evaluate(evaluator, data, config, device, dtype, processes)
-        finish_s["eval"] = max(finish_s["eval"], time.perf_counter() - eval_started)
-        entry = {"step": at_step, "tokens": tokens, **result, "elapsed_s": round(time.perf_counter() - started, 3)}
-        record(entry)
-        progress.write(f"[eval] step {at_step:,}: train {result['eval_train_loss']:.4f} | val {result['val_loss']:.4f}"
-                   f" | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
-        return entry
-
-    tokens_per_step = global_batch * m.block_size
-    peak = peak_flops(device, dtype)
-    peak = peak * world if peak else None  # every process's device works on the step
-    flops_per_token = model.flops_per_token()
-    train_seconds, window_loss, window_steps, window_start = 0.0, torch.zeros((), device=device), 0, time.perf_counter()
-    start_step, stopped_by, nonfinite_run = step, "max_steps", 0
-    progress = Progress(t.max_steps, step, shown=main_process)
-    pending_starts = None  # a step's sequences, kept while it is retried with a smaller micro-batch
-    loop_start = time.perf_counter()
-    if step == 0:
-        last_eval = run_eval(0)
-    with StopRequests() as stop_requests:
-        while step < t.max_steps:
-            training_ends = None if deadline is None else deadline - (1.5 * (finish_s["eval"] + finish_s["save"]) + 1)
-            time_progress, out_of_time = 0.0, False
-            if training_ends is not None:  # the share of the time available for training that is used up
-                time_progress = (time.perf_counter() - loop_start) / max(1e-9, training_ends - loop_start)
-                out_of_time = time.perf_counter() >= training_ends
-            # Processes decide together: one process's clock or signal stops all, and all use one schedule.
-            out_of_time, signalled, time_progress = max_across(
-                processes, [float(out_of_time), float(bool(stop_requests.reason())), time_progress])
-            if out_of_time:
-                stopped_by = "time_budget"
-                progress.write(f"[train] time budget nearly spent at step {step:,}: stopping to evaluate and save")
-                break
-            if signalled:
-                stopped_by = f"signal ({stop_requests.reason() or 'SIGTERM to another process'})"
-                break
-            lr = lr_at(step, t, time_progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.perf_counter()
-            if pending_starts is None:  # this process's share of the step's sequences
-                pending_starts = sampler.draw(global_batch)[processes.rank * share:(processes.rank + 1) * share]
-            batches = [sampler.windows(pending_starts[i:i + t.batch_size]) for i in range(0, share, t.batch_size)]
-            try:
-                loss, loss_finite = train_step(runner, optimizer, scaler, batches, t, device, dtype, processes)
-            except torch.cuda.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if t.batch_size == 1 or processes.distributed:  # other processes wait inside this step: no retry
-                    progress.close()
-                    raise out_of_memory_error(config, t.batch_size, processes.distributed) from None
-                micro, accum = smaller_micro_batch(t.batch_size, t.grad_accum_steps)
-                progress.write(f"[train] out of memory at micro-batch {t.batch_size}: retrying step {step + 1:,} with "
-                           f"micro-batch {micro} x {accum} accumulation (the effective batch is unchanged)")
-                t = replace(t, batch_size=micro, grad_accum_steps=accum)
-                continue
-            pending_starts = None
-            nonfinite_run = 0 if loss_finite else nonfinite_run + 1
-            if nonfinite_run >= t.nan_patience:
-                progress.close()
-                raise_nonfinite(t, step + 1, ckpt_dir)
-            window_loss += loss
-            step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
-            train_seconds += time.perf_counter() - step_start
-            if step % t.log_interval == 0 or step == t.max_steps:
-                train_loss = (window_loss / window_steps).item()
-                tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-                record({"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr,
-                        "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(time.perf_counter() - started, 3),
-                        "mfu": round(flops_per_token * tokens_per_s / peak, 5) if peak else None})
-                progress.advance(step, train_loss, tokens_per_s)
-                window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-            else:
-                progress.advance(step)
-            if step % t.eval_interval == 0 or step == t.max_steps:
-                last_eval = run_eval(step)
-            if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step != t.max_steps:
-                save(step)
-        progress.close()
-        if window_steps:  # the loop stopped between log steps (time budget, signal)
-            train_loss = (window_loss / window_steps).item()
-        if last_eval.get("step") != step:
-            last_eval = run_eval(step)
-        save(step)
-    trained_tokens = (step - start_step) * tokens_per_step
-    tokens_per_s = trained_tokens / train_seconds if train_seconds else 0.0
-    return TrainResult(model=model, step=step, tokens=tokens, last_eval=last_eval, train_loss=train_loss,
-                       tokens_per_s=tokens_per_s, mfu=flops_per_token * tokens_per_s / peak if peak else None,
-                       wall_s=time.perf_counter() - started, stopped_by=stopped_by,
-                       resumed_from=str(checkpoint_source) if checkpoint is not None else None,
-                       best=best, history=history)
-
-
-def raise_nonfinite(t: TrainConfig, step: int, ckpt_dir: Path) -> None:
+def nonfinite_error(t: TrainConfig, step: int, ckpt_dir: Path) -> KernelError:
     saved = list_checkpoints(ckpt_dir)
-    raise KernelError(
+    return KernelError(
         f"the training loss was NaN or infinite for {t.nan_patience} consecutive steps (up to step {step:,}); "
         f"the run stopped without saving them. The last good checkpoint is "
         f"{saved[-1] if saved else '(none: no checkpoint was written yet)'}. Try a lower train.lr (now {t.lr:g}), "
         "keep train.grad_clip on, or use train.dtype=bfloat16 or float32 instead of float16")
+
+
+def is_due(step: int, interval: int, max_steps: int) -> bool:
+    """Every `interval` steps, and at the last step."""
+    return step % interval == 0 or step == max_steps
+
+
+# --- The loop ------------------------------------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    """What changes as the run goes; a checkpoint saves it and a resumed run starts from it."""
+    plan: BatchPlan
+    step: int = 0
+    tokens: int = 0
+    train_loss: float = float("nan")                  # the last logged training loss
+    last_eval: dict = field(default_factory=dict)     # the last evaluation's metrics line
+    best: dict = field(default_factory=dict)          # {"step", "val_loss"} of the best checkpoint kept
+    history: list = field(default_factory=list)       # every metrics line so far
+    nonfinite_run: int = 0                            # consecutive steps whose loss was NaN or infinite
+    train_seconds: float = 0.0                        # time inside optimizer steps (evaluation excluded)
+
+
+@dataclass
+class TrainResult:
+    model: GPT
+    step: int
+    tokens: int
+    last_eval: dict
+    train_loss: float
+    tokens_per_s: float      # training throughput of this process (evaluation excluded)
+    wall_s: float            # this process's time in train()
+    stopped_by: str          # "max_steps", "time_budget" or "signal (SIGTERM)" / "signal (SIGINT)"
+    resumed_from: str | None = None
+    best: dict = field(default_factory=dict)  # {"step", "val_loss"} of the best checkpoint kept
+    mfu: float | None = None  # model FLOPs utilisation of this process's training
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """What stays fixed during a run (model, optimizer, sampler, files), and one method per phase of the loop.
+    Every process makes one; only rank 0 writes files."""
+
+    def __init__(self, config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
+                 processes: Processes, clock: TrainingClock, on_eval=None):
+        self.config, self.t, self.data, self.device, self.dtype = config, config.train, data, device, dtype
+        self.processes, self.clock = processes, clock
+        self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
+        self.ckpt_dir, self.metrics = out_dir / "checkpoints", MetricsLog(out_dir / "metrics.jsonl")
+        self.model = build_model(config, data.tokenizer.vocab_size).to(device)
+        self.optimizer = make_optimizer(self.model, self.t, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+        # The same stream on every process: each step draws the global batch and a process takes its share.
+        self.sampler = BatchSampler(data.train, config.model.block_size, self.t.batch_size, self.t.seed)
+        self.tokens_per_step = self.t.batch_size * self.t.grad_accum_steps * config.model.block_size
+        peak = peak_flops(device, dtype)
+        self.peak = peak * processes.world_size if peak else None  # every process's device works on the step
+        self.flops_per_token = self.model.flops_per_token()
+        self.window = LossWindow(device, clock.now)
+        self.evaluator = self.runner = self.model
+        self.progress: Progress | None = None
+
+    # --- Restore: a new run, or the state a checkpoint saved --------------------------------------------
+
+    def restore(self, checkpoint: Checkpoint | None, source: Path | None) -> LoopState:
+        state = LoopState(plan=BatchPlan.configured(self.t, self.processes.world_size))
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.scaler.load_state_dict(checkpoint.scaler)
+            self.sampler.load_state_dict(checkpoint.sampler)
+            restore_process_rng(checkpoint, self.processes, self.t.seed)
+            state = LoopState(plan=self.resumed_plan(state.plan, checkpoint), step=checkpoint.step,
+                              tokens=checkpoint.tokens, train_loss=checkpoint.train_loss,
+                              last_eval=checkpoint.last_eval, best=checkpoint.best, history=list(checkpoint.metrics))
+            print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
+        if self.processes.distributed:
+            print(f"[dist] {self.processes.world_size} processes, each {state.plan.micro_batch} x "
+                  f"{state.plan.accumulation} accumulation of the global batch of {state.plan.global_batch} sequences")
+        if self.processes.is_main:  # the metrics file restarts from what the checkpoint knew: later steps replay
+            write_atomic(self.metrics.path, "".join(json.dumps(r) + "\n" for r in state.history))
+        return state
+
+    @staticmethod
+    def resumed_plan(plan: BatchPlan, checkpoint: Checkpoint) -> BatchPlan:
+        """An out-of-memory retry shrank the micro-batch: keep what fit while each process's share is the same."""
+        same_share = (checkpoint.world_size == plan.global_batch // plan.share
+                      and checkpoint.micro_batch * checkpoint.grad_accum_steps == plan.share)
+        if not same_share or checkpoint.micro_batch == plan.micro_batch:
+            return plan
+        print(f"[train] micro-batch {checkpoint.micro_batch} x {checkpoint.grad_accum_steps} accumulation, "
+              "as when it was saved")
+        return plan.with_micro_batch(checkpoint.micro_batch)
+
+    def prepare(self, state: LoopState) -> None:
+        """Compile and wrap the model (after its weights are loaded), start the progress display."""
+        self.evaluator = self.runner = maybe_compile(self.model, self.t.compile, self.device)
+        if self.processes.distributed:  # averages the gradients across processes in a step's last backward
+            self.runner = torch.nn.parallel.DistributedDataParallel(
+                self.evaluator, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.runner.train()
+        self.window.reset()
+        self.progress = Progress(self.t.max_steps, state.step, shown=self.processes.is_main)
+        self.clock.start_loop()
+
+    # --- Stop? (the time budget, a signal: every process takes the same decision) ---------------------------
+
+    def stop_reason(self, state: LoopState, stop_requests: StopRequests) -> tuple[str | None, float]:
+        """Why to stop before the next step (None: go on), and the share of the training time used, which
+        drives the schedule. One process's clock or signal stops all, and all use one schedule."""
+        time_used, out_of_time = self.clock.training_time_used()
+        out_of_time, signalled, time_used = max_across(
+            self.processes, [float(out_of_time), float(bool(stop_requests.reason())), time_used])
+        if out_of_time:
+            self.progress.write(f"[train] time budget nearly spent at step {state.step:,}: stopping to evaluate and save")
+            return "time_budget", time_used
+        if signalled:
+            return f"signal ({stop_requests.reason() or 'SIGTERM to another process'})", time_used
+        return None, time_used
+
+    # --- One optimizer step, retried with smaller micro-batches after running out of GPU memory -------------
+
+    def optimizer_step(self, state: LoopState, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        begun = self.clock.now()
+        rank, share = self.processes.rank, state.plan.share
+        starts = self.sampler.draw(state.plan.global_batch)[rank * share:(rank + 1) * share]
+        while True:
+            batches = [self.sampler.windows(part) for part in state.plan.micro_batches(starts)]
+            try:
+                loss, loss_finite = train_step(self.runner, self.optimizer, self.scaler, batches, self.t,
+                                               self.device, self.dtype, self.processes)
+                break
+            except torch.cuda.OutOfMemoryError:
+                state.plan = self.smaller_plan_after_oom(state)
+        state.nonfinite_run = 0 if loss_finite else state.nonfinite_run + 1
+        if state.nonfinite_run >= self.t.nan_patience:
+            raise nonfinite_error(self.t, state.step + 1, self.ckpt_dir)
+        state.step, state.tokens = state.step + 1, state.tokens + self.tokens_per_step
+        state.train_seconds += self.clock.now() - begun
+        return loss
+
+    def smaller_plan_after_oom(self, state: LoopState) -> BatchPlan:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        micro = state.plan.micro_batch
+        if micro == 1 or self.processes.distributed:  # other processes wait inside this step: no retry
+            raise out_of_memory_error(self.config, micro, self.processes.distributed) from None
+        plan = state.plan.halved()
+        self.progress.write(f"[train] out of memory at micro-batch {micro}: retrying step {state.step + 1:,} with "
+                            f"micro-batch {plan.micro_batch} x {plan.accumulation} accumulation "
+                            "(the effective batch is unchanged)")
+        return plan
+
+    # --- Log, evaluate, checkpoint -----------------------------------------------------------------------
+
+    def record(self, state: LoopState, entry: dict) -> None:
+        state.history.append(entry)
+        if self.processes.is_main:
+            self.metrics.append(entry)
+
+    def log(self, state: LoopState, loss: torch.Tensor, lr: float) -> None:
+        self.window.add(loss)
+        if not is_due(state.step, self.t.log_interval, self.t.max_steps):
+            self.progress.advance(state.step)
+            return
+        state.train_loss, tokens_per_s = self.window.mean(), self.window.tokens_per_s(self.tokens_per_step)
+        self.record(state, {"step": state.step, "tokens": state.tokens, "train_loss": state.train_loss, "lr": lr,
+                            "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(self.clock.elapsed(), 3),
+                            "mfu": round(self.flops_per_token * tokens_per_s / self.peak, 5) if self.peak else None})
+        self.progress.advance(state.step, state.train_loss, tokens_per_s)
+        self.window.reset()
+
+    def run_eval(self, state: LoopState) -> None:
+        with self.clock.timing("eval"):
+            result = evaluate(self.evaluator, self.data, self.config, self.device, self.dtype, self.processes)
+        state.last_eval = {"step": state.step, "tokens": state.tokens, **result,
+                           "elapsed_s": round(self.clock.elapsed(), 3)}
+        self.record(state, state.last_eval)
+        self.progress.write(f"[eval] step {state.step:,}: train {result['eval_train_loss']:.4f} | val "
+                            f"{result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
+        if self.on_eval is not None:
+            self.on_eval(state.history)
+
+    def save(self, state: LoopState) -> None:
+        evaluated = state.last_eval if state.last_eval.get("step") == state.step else {}
+        if evaluated and (not state.best or evaluated["val_loss"] < state.best["val_loss"]):
+            state.best = {"step": state.step, "val_loss": evaluated["val_loss"]}
+        process_rngs = gather_objects(self.processes, rng_states())  # every process's dropout RNG: exact resumes
+        if not self.processes.is_main:
+            return
+        checkpoint = Checkpoint(
+            step=state.step, tokens=state.tokens, train_loss=state.train_loss, last_eval=state.last_eval,
+            best=state.best, metrics=state.history, dtype=dtype_name(self.dtype),
+            micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
+            world_size=self.processes.world_size, process_rngs=process_rngs, config=config_to_dict(self.config),
+            tokenizer=self.data.tokenizer.to_dict(), model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict())
+        with self.clock.timing("save"):
+            save_checkpoint(checkpoint, checkpoint_path(self.ckpt_dir, state.step))
+        write_atomic(self.ckpt_dir / "config.yaml", config_to_yaml(self.config))
+        prune_checkpoints(self.ckpt_dir, self.t.keep_checkpoints, state.best.get("step"))
+
+    def finish(self, state: LoopState) -> None:
+        """The step the loop stopped at is always evaluated and saved."""
+        self.progress.close()
+        if self.window.steps:  # the loop stopped between log steps (time budget, signal)
+            state.train_loss = self.window.mean()
+        if state.last_eval.get("step") != state.step:
+            self.run_eval(state)
+        self.save(state)
+
+    def result(self, state: LoopState, start_step: int, stopped_by: str, resumed_from: Path | None) -> TrainResult:
+        trained_tokens = (state.step - start_step) * self.tokens_per_step
+        tokens_per_s = trained_tokens / state.train_seconds if state.train_seconds else 0.0
+        return TrainResult(model=self.model, step=state.step, tokens=state.tokens, last_eval=state.last_eval,
+                           train_loss=state.train_loss, tokens_per_s=tokens_per_s,
+                           mfu=self.flops_per_token * tokens_per_s / self.peak if self.peak else None,
+                           wall_s=self.clock.elapsed(), stopped_by=stopped_by,
+                           resumed_from=str(resumed_from) if resumed_from is not None else None,
+                           best=state.best, history=state.history)
+
+
+def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
+          checkpoint: Checkpoint | None = None, checkpoint_source: Path | None = None,
+          deadline: float | None = None, processes: Processes = Processes(), now=time.perf_counter,
+          on_eval=None) -> TrainResult:
+    """Train to train.max_steps, or until `deadline` (a `now()` value) leaves just enough time to evaluate,
+    checkpoint and sample, or until a stop signal. Every process calls it; only rank 0 writes, and calls
+    `on_eval(history)` after each evaluation (e.g. to redraw the curves)."""
+    t = config.train
+    trainer = Trainer(config, data, out_dir, device, dtype, processes, TrainingClock(deadline, now), on_eval)
+    state = trainer.restore(checkpoint, checkpoint_source)
+    start_step, stopped_by = state.step, "max_steps"
+    trainer.prepare(state)
+    try:
+        if state.step == 0:
+            trainer.run_eval(state)  # the untrained model: the first point of the curves
+        with StopRequests() as stop_requests:
+            while state.step < t.max_steps:
+                # --- stop for the time budget or a signal?
+                reason, time_used = trainer.stop_reason(state, stop_requests)
+                if reason:
+                    stopped_by = reason
+                    break
+                # --- one optimizer step: forward, backward and update over the global batch
+                lr = lr_at(state.step, t, time_used)
+                loss = trainer.optimizer_step(state, lr)
+                # --- log, evaluate and checkpoint when due
+                trainer.log(state, loss, lr)
+                if is_due(state.step, t.eval_interval, t.max_steps):
+                    trainer.run_eval(state)
+                if t.checkpoint_interval and state.step % t.checkpoint_interval == 0 and state.step != t.max_steps:
+                    trainer.save(state)
+            # --- the end: evaluate and save the last step
+            trainer.finish(state)
+    finally:
+        trainer.progress.close()
+    return trainer.result(state, start_step, stopped_by, checkpoint_source if checkpoint is not None else None)

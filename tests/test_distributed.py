@@ -14,7 +14,8 @@ from kernel.config import load_config
 from kernel.distributed import Processes, split_global_batch
 from kernel.env import KernelError
 from kernel.main import run
-from kernel.train import build_model, load_checkpoint, make_optimizer, train_step
+from kernel.checkpoint import load_checkpoint
+from kernel.train import build_model, make_optimizer, train_step
 from tests.conftest import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +55,8 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-5), step
     for step, loss in val_losses(a).items():
         assert val_losses(b)[step] == pytest.approx(loss, rel=1e-5)
-    weights_a = load_checkpoint(a / "checkpoints" / "ckpt_00000008.pt")["model"]
-    weights_b = load_checkpoint(b / "checkpoints" / "ckpt_00000008.pt")["model"]
+    weights_a = load_checkpoint(a / "checkpoints" / "ckpt_00000008.pt").model
+    weights_b = load_checkpoint(b / "checkpoints" / "ckpt_00000008.pt").model
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-5)
 
@@ -118,7 +119,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, singl
     assert "ckpt_00000004.pt at step 4" in resumed.stdout
     assert_same_run(single_run, tmp_path / "one-two")
     saved = load_checkpoint(tmp_path / "one-two" / "checkpoints" / "ckpt_00000008.pt")
-    assert saved["world_size"] == 2 and len(saved["process_rngs"]) == 2
+    assert saved.world_size == 2 and len(saved.process_rngs) == 2
 
 
 def test_a_failing_rank_ends_the_run_with_an_error_instead_of_hanging(tmp_path):

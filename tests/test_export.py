@@ -11,7 +11,7 @@ from kernel.export import export_hf
 from kernel.model import GPT, GPTConfig
 from kernel.sample import generate
 from kernel.tokenization import BPETokenizer, CharTokenizer
-from kernel.train import list_checkpoints
+from kernel.checkpoint import list_checkpoints
 
 TEXT = "".join(s.text for s in demo_sources()[:5])
 

@@ -9,7 +9,7 @@ import pytest
 import build_kernel
 from kernel.data import kaggle_text_files
 from kernel.main import main
-from kernel.train import list_checkpoints
+from kernel.checkpoint import list_checkpoints
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent

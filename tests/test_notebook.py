@@ -1,5 +1,6 @@
 import ast
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import build_kernel
 from build_kernel import BuildError, build_notebook, notebook_text, stitch
 from kernel import NOTEBOOK_SECTIONS
 from kernel.bundled_configs import BUNDLED_CONFIGS
+from kernel.distributed import SECTION_MARKER_PATTERN
 from kernel.env import KernelError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,3 +203,59 @@ def test_the_launcher_takes_each_section_cell_as_it_last_ran(monkeypatch):
     monkeypatch.delitem(linecache.cache, "/tmp/ipykernel_1/b.py")
     with pytest.raises(KernelError, match=r"missing sections \[2\]"):
         notebook_sections_source(namespace)
+
+
+# build_notebook reads the code cells' marker from the package's distributed module.
+DISTRIBUTED = '"""## 1. Launch"""\nSECTION_MARKER = "# kernel section {number} of {total}: {name}"\n'
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("## 3. A", r"kernel/a.py: its docstring starts with '## 3. A'; it is section 2 of NOTEBOOK_SECTIONS, so it "
+                r"must start with the heading '## 2. Title'"),
+    ("# 2. A", r"kernel/a.py: .*must start with the heading '## 2. Title'"),
+    ("A module without a heading.", r"kernel/a.py: .*'## 2. Title'"),
+    ("## 2. A\n\n# Details\n\nText.", r"kernel/a.py: its docstring has the H1 heading '# Details'"),
+])
+def test_build_fails_on_a_section_heading_that_is_not_its_number(tmp_path, doc, message):
+    root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": f'"""{doc}"""\nX = 1\n'})
+    with pytest.raises(BuildError, match=message):
+        build_notebook(root)
+
+
+def test_headings_may_hold_h1_lines_inside_code_fences(tmp_path):
+    doc = "## 2. A\n\n```python\n# a comment, not a heading\n```\n\n### Details"
+    root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": f'"""{doc}"""\nX = 1\n'})
+    assert "".join(build_notebook(root)["cells"][4]["source"]) == doc
+
+
+def method_of(lines: int) -> str:
+    """A module whose one method spans `lines` lines from its `def` (line 4) on, below a decorator."""
+    body = "".join(f"        x{i} = {i}\n" for i in range(lines - 2))
+    return f'"""## 2. A"""\nclass Box:\n    @staticmethod\n    def f():\n{body}        return 0\n'
+
+
+def test_build_fails_on_a_function_longer_than_the_limit(tmp_path):
+    assert build_kernel.MAX_FUNCTION_LINES == 80
+    root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": method_of(81)})
+    with pytest.raises(BuildError, match=r"kernel/a.py:4: Box.f is 81 lines"):
+        build_notebook(root)
+    (root / "kernel" / "a.py").write_text(method_of(80))
+    build_notebook(root)
+    nested = textwrap.indent(method_of(81).split("\n", 1)[1], "    ")  # the class, inside a function
+    (root / "kernel" / "a.py").write_text(f'"""## 2. A"""\ndef outer():\n{nested}')
+    with pytest.raises(BuildError, match=r"kernel/a.py:2: outer is 84 lines; kernel/a.py:5: outer.<locals>.Box.f is 81 lines; split"):
+        build_notebook(root)
+
+
+def test_each_section_heading_is_its_code_cells_section_number():
+    cells = build_notebook()["cells"]
+    numbers = []
+    for markdown, code in zip(cells, cells[1:]):
+        match = SECTION_MARKER_PATTERN.match(code["source"][0].rstrip("\n")) if code["cell_type"] == "code" else None
+        if match:
+            assert markdown["cell_type"] == "markdown" and markdown["source"][0].startswith(f"## {match[1]}. "), \
+                (match[3], markdown["source"][0])
+            numbers.append(int(match[1]))
+    assert numbers == list(range(1, len(NOTEBOOK_SECTIONS) + 1))
+    h1 = [c["id"] for c in cells if c["cell_type"] == "markdown" and any(re.match(r" {0,3}# ", line) for line in c["source"])]
+    assert h1 == ["title"]

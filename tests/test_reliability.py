@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernel.checkpoint as checkpoint_module
 import kernel.train as train_module
 from kernel.env import KernelError
 from kernel.main import run
 from kernel.model import GPT
-from kernel.train import checksum_path, list_checkpoints, load_checkpoint
+from kernel.checkpoint import checksum_path, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def test_a_few_nan_losses_are_skipped_and_training_goes_on(tmp_path, tiny, monke
     monkeypatch.setattr(GPT, "forward", nan_forward_at({3, 4, 5}))
     summary = run(tiny(train__max_steps=30), tmp_path)
     assert summary["steps"] == 30 and summary["val_loss"] == summary["val_loss"]  # finite, not NaN
-    weights = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])["model"]
+    weights = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1]).model
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -106,7 +107,7 @@ def test_a_loss_that_stays_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
     config = tiny(train__max_steps=40, train__checkpoint_interval=20)
-    original = train_module.write_atomic
+    original = checkpoint_module.write_atomic
     calls = {"n": 0}
 
     def full_disk(path, data):
@@ -115,14 +116,14 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(t
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return original(path, data)
 
-    monkeypatch.setattr(train_module, "write_atomic", full_disk)
+    monkeypatch.setattr(checkpoint_module, "write_atomic", full_disk)
     with pytest.raises(KernelError) as err:
         run(config, tmp_path)
     message = str(err.value)
     assert "ckpt_00000040.pt" in message and "No space left on device" in message and " MB (" in message
     assert "ckpt_00000020.pt is intact" in message
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt_00000020.pt"]
-    assert load_checkpoint(tmp_path / "checkpoints" / "ckpt_00000020.pt")["step"] == 20
+    assert load_checkpoint(tmp_path / "checkpoints" / "ckpt_00000020.pt").step == 20
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -190,8 +191,8 @@ def test_sigkill_at_several_steps_then_resume_equals_the_straight_run_bit_for_bi
     assert len(set(kills)) == 3 and all(k < 60 for k in kills)
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000060.pt")
     b = load_checkpoint(out / "checkpoints" / "ckpt_00000060.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert all(torch.equal(x, y) for x, y in zip(a.optimizer["state"][0].values(), b.optimizer["state"][0].values()))
     assert metrics_without_timing(out) == metrics_without_timing(tmp_path / "straight")
     assert json.loads((out / "summary.json").read_text())["val_loss"] == json.loads(
         (tmp_path / "straight" / "summary.json").read_text())["val_loss"]
@@ -226,7 +227,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-4)
     saved = load_checkpoint(list_checkpoints(tmp_path / "squeezed" / "checkpoints")[-1])
-    assert (saved["micro_batch"], saved["grad_accum_steps"]) == (3, 4)
+    assert (saved.micro_batch, saved.grad_accum_steps) == (3, 4)
 
 
 def test_out_of_memory_at_micro_batch_one_gives_up_with_advice(tmp_path, tiny, monkeypatch):

@@ -81,7 +81,7 @@ def test_sample_texts_are_seeded_and_reproducible():
 
 
 def test_padding_rows_of_the_vocabulary_are_never_sampled():
-    from kernel.train import padded_vocab_size
+    from kernel.model import padded_vocab_size
     assert padded_vocab_size(104, 64) == 128 and padded_vocab_size(128, 64) == 128 and padded_vocab_size(5, 1) == 5
     model = small_model()
     with torch.no_grad():

@@ -5,10 +5,11 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
+from kernel.config import CHOICES, ConfigError
 from kernel.env import KernelError
-from kernel.data import Source, training_text_sample
-from kernel.tokenization import (END_OF_DOCUMENT, BPETokenizer, CharTokenizer, HFTokenizer, load_tokenizer,
-                                 tokenizer_from_dict)
+from kernel.data import Source, prepare_data, training_text_sample
+from kernel.tokenization import (END_OF_DOCUMENT, TOKENIZERS, BPETokenizer, CharTokenizer, HFTokenizer,
+                                 load_tokenizer, tokenizer_from_dict)
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog.\n",
@@ -159,3 +160,40 @@ def test_bpe_fast_path_on_random_prose_like_text(bpe):
     assert len(fast) > 500  # most of them exercise the str.split path
     for text in texts:
         assert bpe.encode_array(text).tolist() == bpe.encode(text), repr(text)
+
+
+class SampledChar(CharTokenizer):
+    """A mode defined outside tokenization.py: char, learnt from the bounded sample of the training text."""
+    mode = "sampled_char"
+
+    @classmethod
+    def build(cls, settings, corpus):
+        return cls.train("".join(corpus.sample(settings.vocab_size)))
+
+    @classmethod
+    def fingerprint(cls, settings):
+        return {"mode": cls.mode, "vocab_size": settings.vocab_size}
+
+    @classmethod
+    def config_problems(cls, settings):
+        return [] if settings.vocab_size <= 4096 else ["sampled_char reads at most 4096 characters"]
+
+
+def test_config_modes_are_the_registry_and_a_registered_mode_needs_nothing_else(tmp_path, tiny, monkeypatch):
+    assert list(CHOICES["tokenizer.mode"]) == list(TOKENIZERS) == ["char", "bpe_simple", "hf"]
+    monkeypatch.setitem(TOKENIZERS, SampledChar.mode, SampledChar)
+    with pytest.raises(ConfigError, match="sampled_char reads at most 4096 characters"):
+        tiny(tokenizer__mode="sampled_char", tokenizer__vocab_size=5000)
+    with pytest.raises(ConfigError, match="did you mean 'sampled_char'"):
+        tiny(tokenizer__mode="sampled_chr")
+    (tmp_path / "c.txt").write_text("ab " * 50_000 + "q" + "ab " * 50_000, encoding="utf-8")
+    config = tiny(tokenizer__mode="sampled_char", tokenizer__vocab_size=2000, data__text_glob=str(tmp_path / "c.txt"))
+    built = prepare_data(config, tmp_path / "cache")
+    # the sample is the first 64K-char chunk: the "q" in the middle of the training text is not in it
+    assert type(built.tokenizer) is SampledChar and built.tokenizer.chars == ["\ufffd", " ", "a", "b"]
+    cached = prepare_data(config, tmp_path / "cache")  # restored from meta.json through the registry
+    assert cached.stats["cached"] and type(cached.tokenizer) is SampledChar
+    char = prepare_data(tiny(data__text_glob=str(tmp_path / "c.txt")), tmp_path / "cache")
+    assert char.stats["cache"] != built.stats["cache"] and "q" in char.tokenizer.chars
+    built.tokenizer.save(tmp_path / "tok")
+    assert type(load_tokenizer(tmp_path / "tok")) is SampledChar

@@ -1,0 +1,230 @@
+"""## 8. Checkpoints
+
+A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights, the
+optimizer and grad-scaler states, the step, the batch sampler's position, every process's random-number
+state, the metrics so far, the config and the tokenizer. One dataclass, `Checkpoint`, names those fields:
+the training loop fills one in, `save_checkpoint` writes it and `load_checkpoint` reads the same fields
+back, so the format is defined in one place.
+
+Files are `checkpoints/ckpt_<step>.pt`, each with a `.sha256` beside it that is written last: a checkpoint
+without its checksum was interrupted while being written and is never trusted. Resuming takes the newest
+checkpoint that loads (on Kaggle also from an earlier version of the notebook attached as an input);
+older ones are pruned, except the best by validation loss.
+"""
+
+import glob
+import hashlib
+import io
+import random
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernel.env import KernelError, is_kaggle, kaggle_root, write_atomic
+from kernel.config import Config, config_to_dict
+from kernel.distributed import Processes
+
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_PATTERN = "ckpt_*.pt"
+
+
+@dataclass
+class Checkpoint:
+    step: int                 # optimizer steps taken
+    tokens: int               # training tokens seen
+    train_loss: float         # the last logged training loss
+    last_eval: dict           # the last evaluation's figures (step, losses, ppl, bpb)
+    best: dict                # {"step", "val_loss"} of the best evaluated checkpoint kept on disk
+    metrics: list             # every metrics.jsonl record so far: the file is rewritten from it on resume
+    dtype: str                # the precision the run trains in (kept on resume)
+    micro_batch: int          # the batch plan as last used (an out-of-memory retry may have shrunk it)
+    grad_accum_steps: int
+    world_size: int           # the number of processes that trained
+    process_rngs: list        # every process's RNG states (dropout), in rank order
+    config: dict
+    tokenizer: dict
+    model: dict
+    optimizer: dict
+    scaler: dict
+    sampler: dict
+
+    def payload(self) -> dict:
+        """What torch.save writes: the fields, plus the format number."""
+        return {"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_payload(cls, payload: dict, path: Path) -> "Checkpoint":
+        payload = upgrade_payload(payload)
+        if missing := [f.name for f in fields(cls) if f.name not in payload]:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by this program")
+        return cls(**{f.name: payload[f.name] for f in fields(cls)})
+
+
+def upgrade_payload(payload: dict) -> dict:
+    """Checkpoints written before several processes were supported hold one RNG state ("rng") and no
+    process count."""
+    if "process_rngs" not in payload and "rng" in payload:
+        return {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
+    return payload
+
+
+# --- Writing -------------------------------------------------------------------------------------------
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder`, oldest step first."""
+    return sorted(folder.glob(CHECKPOINT_PATTERN)) if folder.is_dir() else []
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
+    """The checkpoint and, beside it, the SHA-256 of its bytes (written last: no checksum, no checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint.payload(), buffer)
+    data = buffer.getbuffer()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        write_atomic(checksum_path(path), hashlib.sha256(data).hexdigest().encode())
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        previous = [p.name for p in list_checkpoints(path.parent) if p != path]
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        raise KernelError(f"could not write checkpoint {path}: {err.strerror or err}; it needs "
+                          f"{len(data) / 2**20:,.1f} MB ({free}). The previous checkpoint "
+                          f"{previous[-1] if previous else '(none yet)'} is intact. Free some space or choose "
+                          "another output folder (--out)") from None
+
+
+def prune_checkpoints(folder: Path, keep: int, best_step: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints and the best one (with their checksums)."""
+    kept = set(list_checkpoints(folder)[-keep:])
+    if best_step is not None:
+        kept.add(checkpoint_path(folder, best_step))
+    for old in list_checkpoints(folder):
+        if old not in kept:
+            old.unlink()
+            checksum_path(old).unlink(missing_ok=True)
+
+
+# --- Reading -------------------------------------------------------------------------------------------
+
+class CheckpointError(KernelError):
+    """A checkpoint file that is incomplete, truncated or corrupted."""
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KernelError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}: its writing was interrupted")
+    if hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
+        raise CheckpointError(f"checkpoint {path} does not match its checksum: it is truncated or corrupted")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    return Checkpoint.from_payload(payload, path)
+
+
+def load_newest_valid(candidates: list[Path]) -> tuple[Path, Checkpoint]:
+    """The newest checkpoint that loads; damaged newer ones are skipped with a warning."""
+    problems = []
+    for path in reversed(candidates):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as err:
+            print(f"[resume] warning: {err}; trying the one before it")
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"[resume] warning: resuming from {path.name}, an older checkpoint, because the newer ones are damaged")
+        return path, checkpoint
+    raise KernelError("no usable checkpoint: " + "; ".join(problems) +
+                      ". Set train.resume=never (or another --out) to start a new run")
+
+
+def attached_checkpoints() -> list[Path]:
+    """Checkpoints in the outputs of earlier notebook versions attached as inputs (kernel_sources), in the
+    2026 layout (/kaggle/input/notebooks/<owner>/<slug>/...) and the older one (/kaggle/input/<slug>/...)."""
+    root = kaggle_root() / "input"
+    return sorted(Path(p) for p in glob.glob(str(root / "**" / "checkpoints" / CHECKPOINT_PATTERN), recursive=True))
+
+
+def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, Checkpoint] | None:
+    """train.resume: 'never', 'auto' (the newest valid checkpoint in out_dir or, on Kaggle, in an attached
+    earlier version's output), a folder, or a file."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        attached = attached_checkpoints() if is_kaggle() else []
+        # by step; at equal steps the output folder's own checkpoint sorts last, so it is tried first
+        found = sorted(set(list_checkpoints(out_dir / "checkpoints") + attached), key=lambda p: (p.name, p not in attached))
+        return load_newest_valid(found) if found else None
+    path = Path(resume)
+    if path.is_dir():
+        found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+        if not found:
+            raise KernelError(f"train.resume={resume!r}: no {CHECKPOINT_PATTERN} in that folder")
+        return load_newest_valid(found)
+    if not path.is_file():
+        raise KernelError(f"train.resume={resume!r}: no such checkpoint file or folder; "
+                          "use 'auto', 'never' or a path to a ckpt_*.pt file")
+    return path, load_checkpoint(path)
+
+
+# Model settings that may change between a checkpoint and the run resuming it (the weights still fit).
+RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}
+
+
+def check_resume_compatible(checkpoint: Checkpoint, config: Config, path: Path) -> None:
+    saved, current = checkpoint.config["model"], config_to_dict(config)["model"]
+    changed = [k for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise KernelError(f"cannot resume from {path}: the model shape changed ({details}); "
+                          "set train.resume=never or choose another --out folder to start a new run")
+
+
+# --- Random-number states ------------------------------------------------------------------------------
+
+def rng_states() -> dict:
+    bit_generator, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [bit_generator, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}  # this process's GPU
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    bit_generator, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((bit_generator, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():  # older checkpoints hold every visible GPU's state
+        torch.cuda.set_rng_state(states["cuda"][min(torch.cuda.current_device(), len(states["cuda"]) - 1)])
+
+
+def restore_process_rng(checkpoint: Checkpoint, processes: Processes, seed: int) -> None:
+    """Each process's own RNG state when the checkpoint has one for it (same number of processes), else rank
+    0's on rank 0 and a fresh seed per rank elsewhere (the RNG only drives dropout; data has its own)."""
+    saved = checkpoint.process_rngs
+    if len(saved) == processes.world_size or processes.is_main:
+        restore_rng_states(saved[processes.rank if len(saved) == processes.world_size else 0])
+    else:
+        torch.manual_seed(seed + processes.rank + checkpoint.step)
