@@ -57,11 +57,15 @@ OVERRIDES = {}  # config values to change, e.g. {"train.max_steps": 500, "model.
 OUT_DIR = ""  # "" means /kaggle/working/outputs on Kaggle, ./outputs elsewhere
 '''
 
-RUN_MARKDOWN = "## Run\n\nEverything above only defines functions; this cell trains, samples and writes the outputs."
+RUN_MARKDOWN = ("## Run\n\nEverything above only defines functions; this cell trains, samples and writes the outputs. "
+                "The loss curve under it is redrawn after every evaluation while the run trains.")
 RUN_CODE = "summary = main(CONFIG, OVERRIDES, DATA_GLOB, OUT_DIR)"
-SAMPLE_MARKDOWN = "## Sample more\n\nEdit the prompts and run this cell again; it reads the newest checkpoint."
+SAMPLE_MARKDOWN = ("## Sample more\n\nEdit the prompts and run this cell again; it reads the newest checkpoint. "
+                   "Settings left out of `SETTINGS` are the run's own (its `sample.*` config). Past the context "
+                   "length the window slides, so `max_new_tokens` may exceed it.")
 SAMPLE_CODE = '''PROMPTS = ["\\n", "The "]
-print(sample_from_run(summary["out_dir"], PROMPTS, max_new_tokens=200, temperature=0.8, top_k=200, top_p=0.95))'''
+SETTINGS = {}  # e.g. {"max_new_tokens": 500, "temperature": 0.7, "top_p": 0.95, "num_samples": 2, "seed": 1}
+print(sample_from_run(summary["out_dir"], PROMPTS, **SETTINGS))'''
 
 
 class BuildError(Exception):

@@ -31,7 +31,7 @@ NANOGPT_CPU = {"model.arch": "gpt2", "model.n_layer": 4, "model.n_head": 4, "mod
                "train.warmup_steps": 100, "train.max_steps": 2000, "train.beta2": 0.99, "train.weight_decay": 0.1,
                "train.grad_clip": 1.0, "train.dtype": "float32"}
 LLAMA_WSD = {**NANOGPT_CPU, "model.arch": "llama", "train.schedule": "wsd", "train.max_steps": 10**9,
-             "train.dtype": "auto"}  # the run's length is the budget; dtype by the CPU probe
+             "train.dtype": "auto"}  # the run's length is the budget; dtype by the CPU rule
 SETTINGS = {
     "baseline: gpt2, nanoGPT CPU recipe": NANOGPT_CPU,
     "llama 4x128 (the baseline's shape), lr 2e-3, wsd to the budget": {**LLAMA_WSD, "train.lr": 2e-3},

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernel.env import KernelError, is_kaggle, kaggle_root, write_atomic
-from kernel.config import Config, config_to_dict
+from kernel.env import (TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root, process_alive, write_atomic,
+                        write_error_advice)
+from kernel.tokenization import tokenizer_class
+from kernel.config import Config, config_from_dict, config_to_dict
 from kernel.distributed import Processes
 
 CHECKPOINT_FORMAT = 2
@@ -40,6 +42,7 @@ class Checkpoint:
     best: dict                # {"step", "val_loss"} of the best evaluated checkpoint kept on disk
     metrics: list             # every metrics.jsonl record so far: the file is rewritten from it on resume
     dtype: str                # the precision the run trains in (kept on resume)
+    loss_window: dict         # {"sum", "steps"}: training losses since the last log line (exact metrics on resume)
     micro_batch: int          # the batch plan as last used (an out-of-memory retry may have shrunk it)
     grad_accum_steps: int
     world_size: int           # the number of processes that trained
@@ -64,11 +67,11 @@ class Checkpoint:
 
 
 def upgrade_payload(payload: dict) -> dict:
-    """Checkpoints written before several processes were supported hold one RNG state ("rng") and no
-    process count."""
+    """Older checkpoints: before several processes they held one RNG state ("rng") and no process count;
+    before exact metrics on resume, no loss window."""
     if "process_rngs" not in payload and "rng" in payload:
-        return {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
-    return payload
+        payload = {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
+    return {"loss_window": {"sum": 0.0, "steps": 0}, **payload}
 
 
 # --- Writing -------------------------------------------------------------------------------------------
@@ -104,8 +107,25 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
             free = "free space unknown"
         raise KernelError(f"could not write checkpoint {path}: {err.strerror or err}; it needs "
                           f"{len(data) / 2**20:,.1f} MB ({free}). The previous checkpoint "
-                          f"{previous[-1] if previous else '(none yet)'} is intact. Free some space or choose "
-                          "another output folder (--out)") from None
+                          f"{previous[-1] if previous else '(none yet)'} is intact. {write_error_advice(err)}"
+                          ) from None
+
+
+def remove_output_debris(out_dir: Path) -> None:
+    """What a run that died left in its output folder: write_atomic's temporary files, checksums whose
+    checkpoint is gone, and half-written folders (`<name>.partial-PID`, token caches included) of processes
+    that no longer run.
+    Called by the run holding the folder's lock: nobody else is writing there."""
+    for folder in (out_dir, out_dir / "checkpoints", out_dir / "cache"):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            temporary = path.is_file() and path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+            orphan = path.name.endswith(".sha256") and not path.with_name(path.name.removesuffix(".sha256")).exists()
+            pid = path.name.rpartition(".partial-")[2]
+            dead_partial = path.is_dir() and pid.isdigit() and not process_alive(int(pid))
+            if temporary or orphan:
+                path.unlink(missing_ok=True)
+            elif dead_partial:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_checkpoints(folder: Path, keep: int, best_step: int | None) -> None:
@@ -125,16 +145,19 @@ class CheckpointError(KernelError):
     """A checkpoint file that is incomplete, truncated or corrupted."""
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs)."""
+def load_checkpoint(path: str | Path, require_checksum: bool = True) -> Checkpoint:
+    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs).
+    require_checksum=False also loads one without a checksum file (a user's copy of a single file); a
+    checksum file that is there must still match."""
     path = Path(path)
     if not path.is_file():
         raise KernelError(f"checkpoint {path} does not exist")
     data = path.read_bytes()
     sidecar = checksum_path(path)
     if not sidecar.is_file():
-        raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}: its writing was interrupted")
-    if hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
+        if require_checksum:
+            raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}: its writing was interrupted")
+    elif hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
         raise CheckpointError(f"checkpoint {path} does not match its checksum: it is truncated or corrupted")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -194,12 +217,32 @@ RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}
 
 
 def check_resume_compatible(checkpoint: Checkpoint, config: Config, path: Path) -> None:
+    """The run resuming a checkpoint must have its model shape and its tokenizer: a different one would
+    silently train on other token ids (or not fit the weights)."""
     saved, current = checkpoint.config["model"], config_to_dict(config)["model"]
     changed = [k for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
     if changed:
         details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise KernelError(f"cannot resume from {path}: the model shape changed ({details}); "
-                          "set train.resume=never or choose another --out folder to start a new run")
+        raise KernelError(f"cannot resume from {path}: the model shape changed ({details}); {START_AFRESH}")
+    check_same_tokenizer(checkpoint, config, path)
+
+
+START_AFRESH = "set train.resume=never or choose another --out folder to start a new run"
+
+
+def check_same_tokenizer(checkpoint: Checkpoint, config: Config, path: Path) -> None:
+    saved = config_from_dict(checkpoint.config, f"{path} (saved config)").tokenizer
+    before, now = (tokenizer_class(s.mode, "in tokenizer.mode").fingerprint(s) for s in (saved, config.tokenizer))
+    if before != now:
+        details = ", ".join(f"tokenizer.{k}: {before.get(k)!r} -> {now.get(k)!r}"
+                            for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k))
+        raise KernelError(f"cannot resume from {path}: the tokenizer changed ({details}); {START_AFRESH}")
+    current = tokenizer_class(config.tokenizer.mode, "in tokenizer.mode").current_state(config.tokenizer)
+    comparable = current is not None and set(current) == set(checkpoint.tokenizer)  # older checkpoints: a name
+    if comparable and current != checkpoint.tokenizer:
+        raise KernelError(f"cannot resume from {path}: the tokenizer at tokenizer.pretrained_name="
+                          f"{config.tokenizer.pretrained_name!r} is not the one the checkpoint was trained with "
+                          f"(its files changed); restore them, or {START_AFRESH}")
 
 
 # --- Random-number states ------------------------------------------------------------------------------

@@ -94,11 +94,30 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    prompts: list[str] = field(default_factory=lambda: ["\n"])  # one sample is written per prompt
-    max_new_tokens: int = 300
-    temperature: float = 0.8              # 0: greedy (always the most likely token)
-    top_k: int = 200                      # keep the k most likely tokens; 0 keeps all
-    top_p: float = 1.0                    # keep the smallest set of tokens whose probability reaches p; 1 keeps all
+    """How text is sampled: at the end of a run, and the defaults of `python -m kernel sample`,
+    `sample_from_run` and the notebook's last cell, which take a checkpoint's saved values for what they
+    do not set. The help texts are the command line's."""
+    prompts: list[str] = field(default_factory=lambda: ["\n"], metadata={"help": "one sample per prompt"})
+    max_new_tokens: int = field(default=300, metadata={"help": "tokens per sample"})
+    temperature: float = field(default=0.8, metadata={"help": "below 1 is more conservative; 0 is greedy"})
+    top_k: int = field(default=200, metadata={"help": "sample among the k most likely tokens; 0 keeps all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens whose "
+                                                        "probability reaches p; 1 keeps all"})
+    num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
+
+
+def sample_problems(settings: SampleConfig, name=lambda key: f"'sample.{key}'") -> list[str]:
+    """Sampling values that cannot work, one message each; `name` says how the caller calls a field (a config
+    key, a command-line flag, a keyword argument)."""
+    s, problems = settings, []
+    for key, least in (("max_new_tokens", 0), ("top_k", 0), ("num_samples", 1)):
+        if getattr(s, key) < least:
+            problems.append(f"{name(key)} must be >= {least}, got {getattr(s, key)}")
+    if not s.temperature >= 0:  # written so that NaN fails too
+        problems.append(f"{name('temperature')} must be >= 0 (0 is greedy), got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        problems.append(f"{name('top_p')} must be in (0, 1], got {s.top_p}")
+    return problems
 
 
 @dataclass
@@ -132,7 +151,26 @@ def section_fields_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
+# Names other trainers (nanoGPT, transformers, litgpt) use for our keys: suggested before spelling matches.
+SYNONYMS = {
+    "learning_rate": "lr", "max_lr": "lr", "lr_min": "min_lr", "max_iters": "max_steps", "iters": "max_steps",
+    "num_steps": "max_steps", "train_steps": "max_steps", "epochs": "max_steps", "num_train_epochs": "max_steps",
+    "warmup": "warmup_steps", "warmup_iters": "warmup_steps", "gradient_accumulation_steps": "grad_accum_steps",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size", "max_grad_norm": "grad_clip",
+    "n_layers": "n_layer", "num_layers": "n_layer", "num_hidden_layers": "n_layer", "n_heads": "n_head",
+    "num_heads": "n_head", "num_attention_heads": "n_head", "d_model": "n_embd", "hidden_size": "n_embd",
+    "n_embed": "n_embd", "context_length": "block_size", "seq_len": "block_size", "max_seq_length": "block_size",
+    "max_position_embeddings": "block_size", "eval_iters": "eval_batches", "eval_every": "eval_interval",
+    "save_interval": "checkpoint_interval", "save_every": "checkpoint_interval", "precision": "dtype",
+}
+
+
 def did_you_mean(word: str, options: Sequence[str]) -> str:
+    section, _, key = word.rpartition(".")
+    synonym = ".".join(filter(None, [section, SYNONYMS.get(key)]))
+    if key in SYNONYMS and synonym in options:
+        hint = " (it counts optimizer steps, not epochs)" if "epoch" in key else ""
+        return f"; did you mean {synonym!r}?{hint}"
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
 
@@ -271,12 +309,22 @@ def read_config_source(name: str, relative_to: Path | None = None) -> tuple[str,
     candidates = [Path(name)] if relative_to is None else [relative_to / name, Path(name)]
     for path in candidates:
         if path.is_file():
-            return str(path), path.read_text(encoding="utf-8"), path.parent
+            return str(path), read_utf8(path), path.parent
     bundled = Path(name).name
     if bundled in BUNDLED_CONFIGS:
         return f"configs/{bundled}", BUNDLED_CONFIGS[bundled], None
     raise ConfigError(f"config {name!r} not found: it is neither a file nor a bundled config"
                       f"{did_you_mean(bundled, list(BUNDLED_CONFIGS))}")
+
+
+def read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                          "UTF-8 (most editors: Save with encoding > UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
 
 
 def parse_yaml_mapping(origin: str, text: str) -> dict:
@@ -338,7 +386,7 @@ def validate(config: Config) -> None:
                 "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints", "train.nan_patience"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
-    for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval", "sample.max_new_tokens", "sample.top_k"):
+    for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval"):
         require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")
     require(m.n_head < 1 or m.n_embd % m.n_head == 0,
             f"'model.n_embd' ({m.n_embd}) must be divisible by 'model.n_head' ({m.n_head}); "
@@ -354,8 +402,7 @@ def validate(config: Config) -> None:
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "'train.beta1'/'train.beta2' must be in [0, 1)")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
-    require(s.temperature >= 0, f"'sample.temperature' must be >= 0 (0 is greedy), got {s.temperature}")
-    require(0 < s.top_p <= 1, f"'sample.top_p' must be in (0, 1], got {s.top_p}")
+    problems += sample_problems(s)
     mode_class = TOKENIZERS.get(config.tokenizer.mode)  # an unknown mode is reported with CHOICES below
     problems += mode_class.config_problems(config.tokenizer) if mode_class else []
     require(DEVICE_PATTERN.fullmatch(t.device) is not None,

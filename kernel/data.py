@@ -11,7 +11,8 @@ serve random training windows from them. Built for corpora from one small .txt t
   overlap and the split is the same on every run. The tokenizer learns from the training part only.
 * **Tokens**: documents are encoded in pieces of about a megabyte, in parallel worker processes, and
   appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32), with the
-  end-of-document token (a blank line for `char`) after each document. Memory stays flat as the corpus grows.
+  end-of-document token after each document (a blank line for a tokenizer that has none, such as a `char`
+  vocabulary saved before `char` had one). Memory stays flat as the corpus grows.
 * **Cache**: the token files live in a folder named by a hash of the files (path, size, mtime), the split
   and the tokenizer settings; a second run with the same inputs reuses them. A build is written to a
   temporary folder and renamed when complete, so an interrupted build never looks complete.
@@ -21,6 +22,8 @@ serve random training windows from them. Built for corpora from one small .txt t
 
 import codecs
 import collections
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -28,6 +31,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,14 +41,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kernel.env import KernelError, is_kaggle, kaggle_root, write_atomic
+from kernel.env import KernelError, is_kaggle, kaggle_root, process_alive, write_atomic, write_error_advice
 from kernel.config import Config
 from kernel.tokenization import Tokenizer, document_separator, tokenizer_class, tokenizer_from_dict
 
 DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
 READ_BLOCK_BYTES = 8 << 20       # bytes read from a file at a time
 PIECE_CHARS = 1 << 20            # characters per encoding task
-CACHE_FORMAT = 1                 # bump when the token files' layout changes
+CACHE_FORMAT = 2                 # bump when the token files' layout changes (2: char's end-of-text token)
 
 
 # --- Sources: files or the demo corpus -----------------------------------------------------------------
@@ -57,6 +61,11 @@ def count_invalid_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
 
 INVALID_BYTE_COUNTS = [0]
 codecs.register_error("kernel_count_invalid", count_invalid_bytes)
+
+
+# Byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's); the codecs strip them when decoding.
+UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+                (codecs.BOM_UTF16_BE, "utf-16")]
 
 
 @dataclass
@@ -72,18 +81,25 @@ class Source:
         stat = self.path.stat()
         return [str(self.path), stat.st_size, stat.st_mtime_ns]
 
+    def encoding(self) -> str:
+        """UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (as Windows tools often write)."""
+        with open(self.path, "rb") as f:
+            head = f.read(4)
+        return next((name for bom, name in UNICODE_BOMS if head.startswith(bom)), "utf-8")
+
     def looks_binary(self) -> bool:
-        if self.path is None:
+        if self.path is None or self.encoding() != "utf-8":  # UTF-16/32 text is full of NUL bytes
             return False
         with open(self.path, "rb") as f:
             return b"\x00" in f.read(8192)
 
     def blocks(self) -> Iterator[str]:
-        """The text in blocks: UTF-8, BOM stripped, invalid bytes replaced by U+FFFD (and counted)."""
+        """The text in blocks: decoded (UTF-8 or as its BOM says), BOM stripped, invalid bytes replaced by
+        U+FFFD (and counted)."""
         if self.path is None:
             yield self.text
             return
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="kernel_count_invalid")
+        decoder = codecs.getincrementaldecoder(self.encoding())(errors="kernel_count_invalid")
         first = True
         with open(self.path, "rb") as f:
             while True:
@@ -127,9 +143,22 @@ def glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def unique_files(paths) -> list[Path]:
+    """Existing files in name order, each real file once: a symlink loop under '**' (or a link beside its
+    target) would otherwise read the same text many times, and copies would leak into validation."""
+    seen, unique = set(), []
+    for path in sorted(Path(p) for p in paths):
+        if path.is_file() and (real := os.path.realpath(path)) not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
+
+
 def find_text_files(pattern: str) -> list[Path]:
     pattern = os.path.expanduser(pattern)
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if os.path.isfile(pattern):  # an existing path is taken literally, even with [ ] or * in its name
+        return [Path(pattern)]
+    paths = unique_files(glob.glob(pattern, recursive=True))
     if not paths:
         raise KernelError(f"data.text_glob={pattern!r} matches no file; {describe_folder(glob_root(pattern))}")
     return paths
@@ -148,8 +177,8 @@ def kaggle_text_files() -> list[Path]:
         return []
     found = []
     for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in KAGGLE_NOT_TEXT):
-        found += [Path(p) for p in glob.glob(str(top / "**" / "*.txt"), recursive=True) if Path(p).is_file()]
-    return sorted(found)
+        found += glob.glob(str(top / "**" / "*.txt"), recursive=True)
+    return unique_files(found)
 
 
 def list_sources(text_glob: str) -> tuple[str, list[Source]]:
@@ -289,6 +318,13 @@ def worker_count(requested: int) -> int:
     return max(1, min(requested or available, available))
 
 
+def quiet_worker() -> None:
+    """In a worker: die silently when the pool is terminated or the terminal sends Ctrl-C (the parent
+    handles stops); a forked worker would otherwise run the parent's signal handlers and print tracebacks."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ordered_map(function, items: Iterator, workers: int, window: int = 8) -> Iterator:
     """function(item) for each item, in order, with at most `window` pieces in flight (bounded memory)."""
     if workers <= 1:
@@ -297,7 +333,7 @@ def ordered_map(function, items: Iterator, workers: int, window: int = 8) -> Ite
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no Rust thread pools
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker) as pool:
             pending: collections.deque = collections.deque()
             for item in items:
                 pending.append(pool.apply_async(function, (item,)))
@@ -417,25 +453,70 @@ def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | No
         write_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise cache_os_error(err, staging, folder) from None
         raise
 
 
-def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | None = None) -> TokenData:
+def cache_os_error(err: OSError, staging: Path, folder: Path) -> KernelError:
+    """A failed write of the token cache (full disk, no permission), or a source file that cannot be read."""
+    written = err.filename is None or Path(err.filename).is_relative_to(staging) or Path(err.filename) == folder
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or written:
+        return KernelError(f"could not write the token cache in {folder.parent}: {err.strerror or err}; "
+                           f"{write_error_advice(err)}, or set data.cache_dir to a folder with more room")
+    return KernelError(f"could not read {err.filename}: {err.strerror or err}")
+
+
+def remove_cache_debris(cache_root: Path, keep: Path | None) -> None:
+    """Half-built caches of runs that died (their process is gone) and, when `keep` is given (a cache folder
+    private to this output folder), every other complete cache, which this run will never read."""
+    for entry in sorted(cache_root.glob("tokens-*")) if cache_root.is_dir() else []:
+        pid = entry.name.rpartition(".partial-")[2]
+        stale_partial = ".partial-" in entry.name and pid.isdigit() and not process_alive(int(pid))
+        superseded = keep is not None and ".partial-" not in entry.name and entry != keep
+        if stale_partial or superseded:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def cached_with(folder: Path, tokenizer: Tokenizer) -> bool:
+    """Whether the cache in `folder` was encoded with exactly this tokenizer."""
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))["tokenizer"] == tokenizer.to_dict()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | None = None,
+                 private: bool = False) -> TokenData:
     """Token files for this corpus, split and tokenizer: from the cache, or built now. Pass a checkpoint's
-    tokenizer to resume with the same vocabulary."""
-    started = time.perf_counter()
+    tokenizer to resume with the same vocabulary: the cache the run started with is reused when it holds
+    that tokenizer. `private`: the cache root belongs to this output folder alone (superseded caches and a
+    cache too short to train on are removed)."""
+    started, cache_root = time.perf_counter(), Path(cache_root)
     description, sources = list_sources(config.data.text_glob)
     if not sources:
         raise KernelError(f"data.text_glob={config.data.text_glob!r}: every matching file is binary")
-    folder = Path(cache_root) / f"tokens-{cache_key(sources, config, tokenizer)}"
+    folder = cache_root / f"tokens-{cache_key(sources, config, None)}"  # the same key before and after a resume
+    if tokenizer is not None and not cached_with(folder, tokenizer):
+        folder = cache_root / f"tokens-{cache_key(sources, config, tokenizer)}"
     cached = (folder / "meta.json").is_file()
     if not cached:
+        remove_cache_debris(cache_root, None)
         build_cache(sources, config, tokenizer, folder, description)
     data = load_cached(folder)
     data.stats.update(seconds=round(time.perf_counter() - started, 2), cache=str(folder), cached=cached)
-    check_split_lengths(data, config.model.block_size)
+    try:
+        check_split_lengths(data, config.model.block_size)
+    except KernelError:
+        if private and not cached:
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                cache_root.rmdir()  # only if empty
+        raise
+    if private and not cached:  # only once the new cache is usable: a failed try keeps the old one
+        remove_cache_debris(cache_root, folder)
     return data
 
 

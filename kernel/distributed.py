@@ -4,7 +4,10 @@ With more than one GPU the run becomes one process per GPU, started by `torchrun
 Each process holds a copy of the model and trains on its share of every batch; the gradients are averaged
 across processes before each update (DistributedDataParallel). A notebook cannot fork itself into
 several GPU processes once CUDA is initialised, so it writes this program (the code of its own cells, as
-they ran) to a file and runs `torchrun --standalone --nproc_per_node=N FILE`, streaming the output.
+they ran) to a file and runs `torchrun --standalone --nproc_per_node=N FILE`, streaming the output. Cells
+you added go along, in notebook order, when they only define things (`def`, `class`, `import`,
+`name = value`): a redefined function is used by every process. Any other added cell ran in the notebook
+only, and a line before the launch names it.
 From a shell `python -m kernel` runs under any torchrun, several machines included:
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 -m kernel ...
@@ -181,9 +184,9 @@ def processes_to_launch(devices: int | str, device_request: str) -> int:
     return devices
 
 
-def notebook_sections_source(namespace: dict) -> str:
-    """The notebook's section cells as they ran (an edited and re-run cell counts in its new form), found in
-    the line cache where IPython keeps every cell it ran (for tracebacks)."""
+def ran_section_cells(namespace: dict) -> dict[int, str]:
+    """The notebook's section cells as they ran (an edited and re-run cell counts in its new form), by
+    number, found in the line cache where IPython keeps every cell it ran (for tracebacks)."""
     live_files = {value.__code__.co_filename for value in namespace.values() if isinstance(value, types.FunctionType)}
     found: dict[int, tuple[bool, int, str]] = {}  # section number -> (in use, total sections, code)
     for filename, entry in list(linecache.cache.items()):
@@ -200,7 +203,98 @@ def notebook_sections_source(namespace: dict) -> str:
     if not total or missing:
         raise KernelError("the notebook's code cells were not all run in this session (missing sections "
                           f"{missing or 'all'}): use Run All, so the training processes get the whole program")
-    return "\n\n".join(found[n][2].rstrip("\n") for n in range(1, total + 1)) + "\n"
+    return {n: found[n][2].rstrip("\n") for n in range(1, total + 1)}
+
+
+# What a cell the user added may hold to be carried into the training processes: definitions, which are safe to
+# run again there. Anything else (a call, a loop, a shell command) ran once in the notebook and is left out.
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
+LAUNCHING_FUNCTIONS = {"main", "sample_from_run"}  # a cell calling these is a run cell, never part of the program
+
+
+def dotted_name(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) or isinstance(node, ast.Attribute) and dotted_name(node.value)
+
+
+def literal(node: ast.AST) -> bool:
+    try:
+        ast.literal_eval(node)
+        return True
+    except ValueError:
+        return False
+
+
+def literal_assignment(statement: ast.stmt) -> bool:
+    """`NAME = literal`, as in a parameters cell."""
+    return (isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets)
+            and literal(statement.value))
+
+
+def definition(statement: ast.stmt) -> bool:
+    """def, class, import, a docstring, or a (dotted) name bound to a literal or a name: `GPT.forward = mine`."""
+    bound_plainly = (isinstance(statement, ast.Assign) and all(dotted_name(t) for t in statement.targets)
+                     and (literal(statement.value) or dotted_name(statement.value)))
+    docstring = isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+    return isinstance(statement, DEFINITIONS) or bound_plainly or docstring
+
+
+def cell_kind(code: str) -> str:
+    """'section', 'launch' (it runs or samples), 'values' (literal assignments only: a parameters cell),
+    'definitions', or 'other'."""
+    if SECTION_MARKER_PATTERN.match(code.split("\n", 1)[0].rstrip()):
+        return "section"
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return "other"
+    if any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in LAUNCHING_FUNCTIONS
+           for node in ast.walk(tree)):
+        return "launch"
+    if all(literal_assignment(s) for s in tree.body):
+        return "values"
+    return "definitions" if all(definition(s) for s in tree.body) else "other"
+
+
+def added_cells(namespace: dict) -> tuple[dict[int, list[str]], list[int], list[int]]:
+    """The cells the user ran besides the notebook's own, from IPython's input history (`_ih`, in the order
+    they ran): definition cells by the section they followed, and the numbers (In [n]) of the definition
+    cells and of the other cells, which the training processes will not run."""
+    history = namespace.get("_ih") or []
+    after: dict[int, list[str]] = {}
+    carried, left_out, section = [], [], 0
+    for number, code in enumerate(history[:-1]):  # the last one is the cell launching this run
+        kind = cell_kind(code) if code.strip() else "empty"
+        if kind == "section":
+            section = int(SECTION_MARKER_PATTERN.match(code.split("\n", 1)[0].rstrip())[1])
+        elif kind in ("definitions", "values"):
+            after.setdefault(section, []).append(code.rstrip("\n"))
+            carried += [number] if kind == "definitions" else []
+        elif kind == "other":
+            left_out.append(number)
+    return after, carried, left_out
+
+
+def notebook_sections_source(namespace: dict) -> str:
+    """The program the notebook's cells make: its sections as they last ran and, in the order they ran, the
+    definition cells the user added (a redefined function, an import). Says in one line which added cells
+    the training processes will not run."""
+    sections = ran_section_cells(namespace)
+    after, carried, left_out = added_cells(namespace)
+    cells = [*after.get(0, [])]
+    for number, code in sections.items():
+        cells += [code, *after.get(number, [])]
+    if carried:
+        print(f"[dist] your added cell(s) {cell_list(carried)} hold only definitions: the training processes "
+              "run them too, in notebook order", flush=True)
+    if left_out:
+        print(f"[dist] your added cell(s) {cell_list(left_out)} ran here only: the training processes run the "
+              "notebook's sections and added cells that hold only definitions (def, class, import, name = value)",
+              flush=True)
+    return "\n\n".join(cells) + "\n"
+
+
+def cell_list(numbers: list[int]) -> str:
+    return ", ".join(f"In [{n}]" for n in numbers)
 
 
 def program_source(call: dict, namespace: dict, package: str | None) -> str:

@@ -1,21 +1,33 @@
 """## 11. Export to Hugging Face transformers
 
-Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json` and the
-tokenizer files, which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load
-offline. Each preset is exactly its namesake's architecture, so only names and layout change:
-`gpt2` loads as `GPT2LMHeadModel` (its `Conv1D` stores linear weights transposed; a model trained without
-biases gets zero biases, which compute the same), `llama` as `LlamaForCausalLM` (the fused q/k/v matrix is
-split), `llama` with QK-norm as `Qwen3ForCausalLM`. `python -m kernel export CKPT OUT` does the same from a
-checkpoint.
+Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
+files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
+`AutoTokenizer.from_pretrained` and `pipeline("text-generation")` load offline. Each preset is exactly its
+namesake's architecture, so only names and layout change: `gpt2` loads as `GPT2LMHeadModel` (its `Conv1D`
+stores linear weights transposed; a model trained without biases gets zero biases, which compute the same),
+`llama` as `LlamaForCausalLM` (the fused q/k/v matrix is split), `llama` with QK-norm as `Qwen3ForCausalLM`.
+
+What transformers needs to generate well is set here: the generation config holds the run's `sample.*`
+settings and `max_length` = the context (transformers' classes cannot slide a window past it, so `generate()`
+with its defaults stops there; `python -m kernel sample` slides and goes further), the tokenizer knows the
+context (`model_max_length`), pads on the left with the end-of-text token (a padded batch of prompts
+generates correctly), and the end-of-text token also starts a prompt-less `generate()` and stops it.
+
+`python -m kernel export CKPT OUT` does the same from a checkpoint. It never deletes what it did not
+write: a folder holding other files is refused, and `--force` replaces only the export's own files there.
 """
 
+import json
+import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kernel.config import SampleConfig
+from kernel.env import KernelError
+from kernel.config import Config, SampleConfig, config_to_yaml
 from kernel.tokenization import Tokenizer
 from kernel.model import GPT
 
@@ -80,31 +92,243 @@ def hf_config(model: GPT, special: dict):
                         architectures=[architecture], **special)
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, sampling: SampleConfig, folder: str | Path) -> Path:
-    """Write a transformers model folder, atomically (a staging folder renamed at the end)."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig  # imported late: transformers is slow to import
+# --- The folder ----------------------------------------------------------------------------------------
 
-    folder = Path(folder)
-    c = model.config
-    staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+# The names an export writes (which tokenizer files depends on the tokenizer). A folder that holds nothing
+# else, and no README.md but this program's model card, holds an earlier export that a new one may replace.
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "README.md",
+                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                          "chat_template.jinja", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+                          "spiece.model"})
+OLD_EXPORT_FILES = ("kernel_tokenizer.json",)  # written by earlier versions; removed when an export replaces them
+CARD_TAG = "train-gpt-notebook"  # in the model card's tags: marks a README.md as this program's
+
+
+@dataclass
+class RunFacts:
+    """What the model card says about the training run, as far as the exporter knows it."""
+    name: str = ""                                  # the run's output folder
+    steps: int | None = None
+    tokens: int | None = None
+    evaluation: dict = field(default_factory=dict)  # the last evaluation: val_loss, val_ppl, val_bpb
+    data: dict = field(default_factory=dict)        # the data statistics (known at the end of a run)
+    trained_on: str = ""                            # device, precision, processes, time
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Path, run: RunFacts | None = None,
+              force: bool = False) -> Path:
+    """Write a transformers model folder: staged in a sibling folder, then moved in (each file appears whole).
+    A folder holding files an export did not write is refused unless `force`, which replaces only the
+    export's own files and keeps the others."""
+    from safetensors.torch import save_file  # imported late: transformers is slow to import
+
+    location, folder = str(folder), Path(folder).expanduser().resolve()
+    check_export_target(folder, force)
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        special = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
-        hf_config(model, special).save_pretrained(staging)
-        weights = gpt2_state_dict(model) if c.arch == "gpt2" else llama_state_dict(model)
+        special = save_hf_tokenizer(tokenizer, staging, model.config.block_size)
+        architecture = hf_config(model, special)
+        architecture.save_pretrained(staging)
+        weights = gpt2_state_dict(model) if model.config.arch == "gpt2" else llama_state_dict(model)
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        GenerationConfig(do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                         top_k=sampling.top_k or None, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens or None,
-                         pad_token_id=tokenizer.eos_id, **special,
-                         # padding rows of the embedding (see model.vocab_multiple) are never generated
-                         suppress_tokens=list(range(tokenizer.vocab_size, c.vocab_size)) or None,
-                         ).save_pretrained(staging)
-        tokenizer.save(staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
-    except BaseException:
+        padding_rows = range(tokenizer.vocab_size, model.config.vocab_size)
+        generation_config(config.sample, model.config.block_size, special, padding_rows).save_pretrained(staging)
+        card = ModelCardFacts(model, tokenizer, config, run or RunFacts(), architecture, location)
+        write_model_card(card, staging / "README.md")
+        move_into(staging, folder)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
+
+
+def check_export_target(folder: Path, force: bool) -> None:
+    """Refuse, before writing anything, a file, or a folder holding what an export did not write (without force)."""
+    if folder.exists() and not folder.is_dir():
+        raise KernelError(f"{folder} is a file; export into a new or empty folder")
+    if force or not folder.is_dir():
+        return
+    if foreign := foreign_entries(folder):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise KernelError(f"{folder} already holds files that an export did not write ({shown}); nothing was "
+                          "changed. Export into a new or empty folder, or add --force to replace only the "
+                          "export's own files there (config.json, model.safetensors, tokenizer files, README.md) "
+                          "and keep the others")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` an export did not write: other names, subfolders, a README.md that is not our card."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        ours = entry.is_file() and (entry.name in EXPORT_FILES or entry.name in OLD_EXPORT_FILES)
+        if ours and entry.name == "README.md":
+            ours = is_our_model_card(entry)
+        if not ours:
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def is_our_model_card(path: Path) -> bool:
+    from huggingface_hub import metadata_load
+
+    try:
+        return CARD_TAG in ((metadata_load(path) or {}).get("tags") or [])
+    except Exception:  # unreadable, or no valid YAML front matter: not a card this program wrote
+        return False
+
+
+def move_into(staging: Path, folder: Path) -> None:
+    """The staged files into `folder`: the whole staging folder when there is none yet, else file by file
+    (a file of the same name is replaced, nothing else is touched but what older versions wrote)."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    for path in sorted(staging.iterdir()):
+        os.replace(path, folder / path.name)
+    for name in OLD_EXPORT_FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+# --- Tokenizer and generation settings -----------------------------------------------------------------
+
+def save_hf_tokenizer(tokenizer: Tokenizer, staging: Path, block_size: int) -> dict:
+    """The tokenizer files for transformers: the context as model_max_length, padding on the left (what a
+    decoder-only model needs to generate for a padded batch) with the end-of-text token unless the
+    tokenizer has a pad token of its own. Returns the special token ids for the configs."""
+    from transformers import AutoTokenizer
+
+    source = staging / "tokenizer-source"
+    tokenizer.save(source)
+    hf = AutoTokenizer.from_pretrained(str(source), model_max_length=block_size,  # a folder: never online
+                                       padding_side="left")
+    if hf.pad_token is None and hf.eos_token is not None:
+        hf.pad_token = hf.eos_token
+    hf.save_pretrained(str(staging))
+    shutil.rmtree(source)
+    eos = tokenizer.eos_id
+    return {"bos_token_id": eos if hf.bos_token_id is None else hf.bos_token_id, "eos_token_id": eos,
+            "pad_token_id": hf.pad_token_id}
+
+
+def generation_config(sampling: SampleConfig, block_size: int, special: dict, padding_rows: range):
+    """The run's sampling settings. `max_length` is the context, prompt included: generate() with these
+    defaults never runs past the positions the model was trained on."""
+    from transformers import GenerationConfig
+
+    sampled = dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    return GenerationConfig(max_length=block_size, **(sampled if sampling.temperature > 0 else {"do_sample": False}),
+                            # padding rows of the embedding (see model.vocab_multiple) are never generated
+                            suppress_tokens=list(padding_rows) or None, **special)
+
+
+# --- The model card ------------------------------------------------------------------------------------
+
+ARCHITECTURE_WORDS = {"GPT2LMHeadModel": "GPT-2 (learned positions, LayerNorm, GELU)",
+                      "LlamaForCausalLM": "Llama (rotary positions, RMSNorm, SwiGLU)",
+                      "Qwen3ForCausalLM": "Llama with QK-norm, as Qwen3 (rotary positions, RMSNorm, SwiGLU)"}
+EVAL_METRICS = (("val_loss", "loss", "validation loss (nats per token)", 4),  # (key, type, label, decimals)
+                ("val_ppl", "perplexity", "validation perplexity", 2),
+                ("val_bpb", "bits_per_byte", "validation bits per byte", 3))
+
+
+@dataclass
+class ModelCardFacts:
+    model: GPT
+    tokenizer: Tokenizer
+    config: Config
+    run: RunFacts
+    hf_config: object   # the transformers config written beside the card
+    location: str       # the folder as the user named it, for the snippet
+
+    @property
+    def architecture(self) -> str:
+        return self.hf_config.architectures[0]
+
+    def data_source(self) -> str:
+        return self.run.data.get("source") or self.config.data.text_glob or "the demo corpus (pydoc_data.topics)"
+
+
+def count_words(count: float) -> str:
+    """2.31M, 840K: parameter counts as people say them."""
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
+
+
+def write_model_card(facts: ModelCardFacts, path: Path) -> None:
+    """README.md: YAML metadata (model-index with the validation figures) through huggingface_hub's
+    ModelCardData, then what the model is, its figures, data, shape, how to load it and the config."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    evaluation = {k: v for k, v in facts.run.evaluation.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    results = [EvalResult(task_type="text-generation", dataset_type="text", dataset_name=facts.data_source(),
+                          dataset_split="validation", metric_type=metric, metric_name=label,
+                          metric_value=round(evaluation[key], decimals))
+               for key, metric, label, decimals in EVAL_METRICS if key in evaluation]
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                             model_name=facts.run.name or "model", eval_results=results or None,
+                             tags=[facts.hf_config.model_type, "text-generation", "trained-from-scratch", CARD_TAG])
+    body = [f"# {facts.run.name or 'model'}", "", card_summary(facts), "",
+            "## Results", "", markdown_table(result_rows(facts.run)), "",
+            "## Data", "", markdown_table(data_rows(facts)), "",
+            "## Model", "", markdown_table(model_rows(facts)), "",
+            "## Use", "", card_usage(facts), "",
+            "## Training config", "", "```yaml", config_to_yaml(facts.config).rstrip(), "```", ""]
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body)).save(path)
+
+
+def card_summary(facts: ModelCardFacts) -> str:
+    return (f"A {count_words(facts.model.num_params())}-parameter language model trained from scratch on "
+            f"{facts.data_source()} with the *Train a GPT from scratch on Kaggle* notebook. Architecture: "
+            f"{ARCHITECTURE_WORDS[facts.architecture]}; transformers loads it as `{facts.architecture}`.")
+
+
+def markdown_table(rows: list[tuple[str, str]]) -> str:
+    if not rows:
+        return "Not recorded."
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {str(v).replace('|', chr(92) + '|')} |" for k, v in rows])
+
+
+def result_rows(run: RunFacts) -> list[tuple[str, str]]:
+    rows = [(label, f"{run.evaluation[key]:.{decimals}f}") for key, _, label, decimals in EVAL_METRICS
+            if key in run.evaluation]
+    if run.steps is not None:
+        rows.append(("optimizer steps", f"{run.steps:,}"))
+    if run.tokens is not None:
+        rows.append(("training tokens seen", f"{run.tokens:,}"))
+    return rows + ([("trained on", run.trained_on)] if run.trained_on else [])
+
+
+def data_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:
+    d, tokenizer = facts.run.data, facts.tokenizer
+    rows = [("source", facts.data_source())]
+    for key, label in (("documents", "documents"), ("chars", "characters"), ("bytes", "bytes"),
+                       ("train_tokens", "training split, tokens"), ("val_tokens", "validation split, tokens")):
+        if key in d:
+            rows.append((label, f"{d[key]:,}"))
+    end = "`<|endoftext|>` between documents" if tokenizer.eos_id is not None else "no end-of-text token"
+    return rows + [("tokenizer", f"{tokenizer.mode}, {tokenizer.vocab_size:,} tokens, {end}")]
+
+
+def model_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:
+    c = facts.model.config
+    return [("architecture", f"`{facts.architecture}` ({c.arch})"),
+            ("layers x width", f"{c.n_layer} x {c.n_embd}, {c.n_head} heads"),
+            ("context", f"{c.block_size} tokens"),
+            ("parameters", f"{facts.model.num_params():,}"),
+            ("embedding rows", f"{c.vocab_size:,} (rows past the tokenizer's {facts.tokenizer.vocab_size:,} are "
+                               "padding, never generated)")]
+
+
+def card_usage(facts: ModelCardFacts) -> str:
+    s, context = facts.config.sample, facts.model.config.block_size
+    settings = (f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}" if s.temperature > 0
+                else "greedy decoding")
+    return "\n".join([
+        "```python", "from transformers import pipeline", "",
+        f"generator = pipeline(\"text-generation\", model={json.dumps(facts.location)})",
+        "print(generator(\"The \")[0][\"generated_text\"])", "```", "",
+        f"The generation config holds the run's sampling settings ({settings}) and `max_length` = {context}, the "
+        "context the model was trained on, prompt included: transformers' model classes cannot slide a window "
+        "past it, so generation stops there (or at `<|endoftext|>`). For longer text, `python -m kernel sample` "
+        "on the run's checkpoint slides the window. The tokenizer pads on the left, so a batch of prompts "
+        "of different lengths generates correctly."])

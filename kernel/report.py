@@ -1,57 +1,154 @@
 """## 12. Report
 
-What people look at after a run: `loss.png` (train and validation loss against tokens seen and against
-wall-clock time, with the learning rate on a second axis) and a short summary in words.
+What people look at after a run: `loss.png` and a short summary in words. The figure shows train and
+validation loss against tokens seen (optimizer steps on the top axis, the learning rate on a second axis)
+and against wall-clock time. The loss axis starts below the lowest loss and ends above the losses after the
+first 5% of training, so the first steps' high loss (off the top) does not squeeze the curve that matters;
+the title holds the run's name and its latest validation figures. In a notebook it is one figure, redrawn
+in place after every evaluation (an IPython display handle), so the curve grows while the run trains;
+elsewhere `loss.png` is written at the end.
 """
 
 import io
 import math
+import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from kernel.env import write_atomic
+from kernel.config import Config
+from kernel.export import count_words
 
 
-def plot_losses(history: list[dict], path: str | Path) -> Figure:
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def run_label(out_dir: Path, config: Config) -> str:
+    """The run as the figure's title names it: its output folder, model and tokenizer."""
+    m = config.model
+    return f"{Path(out_dir).name}: {m.arch} {m.n_layer} x {m.n_embd}, {config.tokenizer.mode} tokens"
+
+
+def loss_range(losses: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(bottom, top) of the loss axis for (x, loss) points: below the lowest loss; above every loss after the
+    first 5% of the x range, so the first steps' high loss does not squeeze the rest of the curve."""
+    finite = [(x, y) for x, y in losses if math.isfinite(y) and y > 0]
+    if not finite:
+        return None
+    start, end = min(x for x, _ in finite), max(x for x, _ in finite)
+    later = [y for x, y in finite if x >= start + 0.05 * (end - start)]
+    bottom, top = min(y for _, y in finite), max(later or [y for _, y in finite])
+    return bottom / 1.05, max(top * 1.05, bottom * 1.2)
+
+
+def title_figures(history: list[dict]) -> str:
+    evaluations = [r for r in history if "val_loss" in r]
+    if not evaluations:
+        return "no evaluation yet"
+    last = evaluations[-1]
+    return (f"step {last['step']:,}, {count_words(last.get('tokens', 0))} tokens: val loss {last['val_loss']:.3f}, "
+            f"ppl {last['val_ppl']:.2f}, {last['val_bpb']:.3f} bits/byte")
+
+
+def plot_losses(history: list[dict], path: str | Path, label: str = "") -> Figure:
     """Draw the metrics into loss.png (written atomically); returns the figure."""
     train = [r for r in history if "train_loss" in r]
     val = [r for r in history if "val_loss" in r]
     figure = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     by_tokens, by_time = figure.subplots(1, 2)
-    for axis, x_key, label in ((by_tokens, "tokens", "tokens seen"), (by_time, "elapsed_s", "wall-clock (s)")):
+    limits = loss_range([(r["tokens"], r["train_loss"]) for r in train] + [(r["tokens"], r["val_loss"]) for r in val])
+    for axis, x_key, x_label in ((by_tokens, "tokens", "tokens seen"), (by_time, "elapsed_s", "wall-clock (s)")):
         axis.plot([r[x_key] for r in train], [r["train_loss"] for r in train], label="train loss", color="tab:blue",
                   alpha=0.8)
         axis.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss",
                   color="tab:orange")
-        axis.set_xlabel(label)
-        axis.set_ylabel("loss (nats / token)")
-        axis.grid(alpha=0.3)
+        format_loss_axis(axis, limits)
+        axis.set_xlabel(x_label)
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.5M, not a bare 1e6 offset
+    add_step_axis(by_tokens, history)
     learning_rate = by_tokens.twinx()
     learning_rate.plot([r["tokens"] for r in train], [r["lr"] for r in train], color="tab:green", alpha=0.5,
                        linestyle="--", label="learning rate")
     learning_rate.set_ylabel("learning rate")
+    learning_rate.set_ylim(bottom=0)
     handles = by_tokens.get_legend_handles_labels()[0] + learning_rate.get_legend_handles_labels()[0]
-    by_tokens.legend(handles=handles, loc="upper right")
-    by_time.legend(loc="upper right")
-    figure.suptitle("Training curves")
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    figure.suptitle(f"{label + ' | ' if label else ''}{title_figures(history)}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     write_atomic(path, buffer.getvalue())
     return figure
 
 
+def format_loss_axis(axis, limits: tuple[float, float] | None) -> None:
+    if limits:
+        axis.set_ylim(*limits)
+    axis.set_ylabel("loss (nats / token)")
+    axis.grid(alpha=0.3)
+
+
+def add_step_axis(by_tokens, history: list[dict]) -> None:
+    """Optimizer steps on the top axis (every step trains on the same number of tokens)."""
+    counted = [r for r in history if r.get("step") and r.get("tokens")]
+    if not counted:
+        return
+    per_step = counted[-1]["tokens"] / counted[-1]["step"]
+    steps = by_tokens.secondary_xaxis("top", functions=(lambda t: t / per_step, lambda s: s * per_step))
+    steps.set_xlabel("optimizer step")
+    steps.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+class LossCurves:
+    """loss.png for a run. In a notebook (`live`) one displayed image, updated in place through its IPython
+    display handle after every evaluation and at the end; elsewhere the file is written at the end only."""
+
+    def __init__(self, path: str | Path, label: str, live: bool | None = None):
+        self.path, self.label = Path(path), label
+        self.live = in_notebook() if live is None else live
+        self.handle = None  # the IPython DisplayHandle, once displayed
+        self.redraw = self.live  # redrawn after each evaluation (until a redraw fails)
+
+    def update(self, history: list[dict]) -> None:
+        """After an evaluation (train()'s on_eval): redraw, in a notebook. A figure that cannot be drawn (a full
+        disk, a display error) must not stop the training: it says so once and waits for the end."""
+        if not self.redraw:
+            return
+        try:
+            self.draw(history)
+        except Exception as err:  # noqa: BLE001 - a convenience, never worth the run
+            print(f"[warn] could not redraw loss.png ({type(err).__name__}: {err}); it is drawn again at the end")
+            self.redraw = False
+
+    def finish(self, history: list[dict]) -> Figure:
+        """The final figure: written, and shown (updated in place) in a notebook."""
+        return self.draw(history)
+
+    def draw(self, history: list[dict]) -> Figure:
+        figure = plot_losses(history, self.path, self.label)
+        if self.live:
+            from IPython.display import Image, display
+
+            image = Image(data=self.path.read_bytes(), format="png")
+            if self.handle is None:
+                self.handle = display(image, display_id=True)
+            else:
+                self.handle.update(image)
+        return figure
+
+
 def human_summary(summary: dict) -> str:
     """A few lines a person reads at the end of the notebook."""
-    params = summary["params"]
-    size = f"{params / 1e6:.2f}M" if params >= 1e6 else f"{params / 1e3:.0f}K"
     out = summary["out_dir"]
     return "\n".join([
-        f"Model: {size} parameters, trained {summary['steps']:,} steps on {summary['tokens']:,} tokens "
-        f"({summary['device']}, {summary['dtype']}), stopped by {summary['stopped_by']}.",
+        f"Model: {count_words(summary['params'])} parameters, trained {summary['steps']:,} steps on "
+        f"{summary['tokens']:,} tokens ({summary['device']}, {summary['dtype']}), stopped by {summary['stopped_by']}.",
         f"Validation: loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}, "
         f"{summary['val_bpb']:.3f} bits per byte" + ("" if math.isfinite(summary["val_loss"]) else " (diverged)") + ".",
         f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s of training"
         + (f", {100 * summary['mfu']:.1f}% model FLOPs utilisation." if summary.get("mfu") else "."),
-        f"Files in {out}: loss.png, samples.txt, summary.json, metrics.jsonl, config.yaml, tokenizer/, checkpoints/.",
+        f"Files in {out}: loss.png, samples.txt, summary.json, metrics.jsonl, config.yaml, hf/ (the model for "
+        "transformers, with its model card README.md), tokenizer/, checkpoints/.",
     ])

@@ -1,6 +1,8 @@
 """## 10. Sampling
 
-Text from the trained model. The prompt is encoded, then tokens are drawn one at a time from the softmax
+Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
+section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
+own values for the rest). The prompt is encoded, then tokens are drawn one at a time from the softmax
 of the last position's logits, sharpened by `temperature`, limited to the `top_k` most likely tokens and to
 the smallest set whose probability reaches `top_p`, until `max_new_tokens` or the end-of-document token.
 A key-value cache makes each new token one forward step over that token alone; past the context length
@@ -8,10 +10,13 @@ the window slides and the context is recomputed, exactly as without the cache. S
 generator, so the same checkpoint, prompt and seed give the same text.
 """
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from kernel.config import SampleConfig
+from kernel.env import KernelError
+from kernel.config import SampleConfig, sample_problems
 from kernel.tokenization import Tokenizer
 from kernel.model import GPT, KVCache
 
@@ -65,21 +70,31 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 
 def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device,
                  seed: int) -> list[tuple[str, str]]:
-    """[(prompt, prompt + continuation), ...], one per prompt in settings.prompts."""
+    """[(prompt, prompt + continuation), ...]: settings.num_samples per prompt in settings.prompts."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = []
     for prompt in settings.prompts:
         ids = tokenizer.encode(prompt) if prompt else []
-        if not ids:  # the model needs a token to condition on: start a new document
-            ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                       generator, tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
-        samples.append((prompt, tokenizer.decode(out[0].tolist())))
+        # the model needs a token to condition on: an empty prompt starts a new document (not shown)
+        start = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
+        idx = torch.tensor([ids or start], dtype=torch.long, device=device)
+        for _ in range(settings.num_samples):
+            out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k,
+                           settings.top_p, generator, tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
+            samples.append((prompt, tokenizer.decode(out[0, 0 if ids else len(start):].tolist())))
     model.train(was_training)
     return samples
+
+
+def sampling_settings(saved: SampleConfig, name=lambda key: key, **changes) -> SampleConfig:
+    """`saved` (a checkpoint's sample.* settings) with the values given (not None) changed. A value that cannot
+    work stops here, in one line that names it as `name(field)` does (a flag, a keyword argument)."""
+    settings = dataclasses.replace(saved, **{key: value for key, value in changes.items() if value is not None})
+    if problems := sample_problems(settings, name):
+        raise KernelError("; ".join(problems))
+    return settings
 
 
 def format_samples(samples: list[tuple[str, str]]) -> str:

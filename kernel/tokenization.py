@@ -7,7 +7,8 @@ the trainer and the sampler never ask which kind they hold:
 
 * `char`: every distinct character of the training text gets its own id, in code-point order, so the same
   text always yields the same vocabulary. Id 0 stands for characters never seen in training: they encode
-  to it and it decodes to U+FFFD, so unseen text never crashes the model.
+  to it and it decodes to U+FFFD, so unseen text never crashes the model. The last id is `<|endoftext|>`,
+  put between documents, so generation learns where a text ends.
 * `bpe_simple`: byte-level BPE (GPT-2's scheme: any text, any language, no unknown tokens) trained offline
   on the training text with the `tokenizers` library, on an evenly spread sample of at most
   `tokenizer.train_sample_mb` so memory stays bounded, with `<|endoftext|>` between documents.
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as FastBackend
 
 from kernel.env import KernelError, write_atomic
@@ -101,6 +102,12 @@ class RegisteredTokenizer:
         """What identifies this exact vocabulary: hashed into the cache key when a checkpoint's is reused."""
         return self.to_dict()
 
+    @classmethod
+    def current_state(cls, settings: TokenizerSettings) -> dict | None:
+        """For tokenizers that live outside the run (a folder, a Hub id): to_dict() of what those settings
+        name now, to notice on resume that it changed. None for tokenizers the run trains itself."""
+        return None
+
 
 def read_state(folder: str | Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
@@ -123,11 +130,13 @@ def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict,
 class CharTokenizer(RegisteredTokenizer):
     mode = "char"
     UNKNOWN = "\ufffd"  # what id 0 decodes to
-    eos_id = None       # documents are separated by a blank line instead
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], end_of_text: bool = True):
         self.chars = [self.UNKNOWN] + [c for c in chars if c != self.UNKNOWN]
-        self.vocab_size = len(self.chars)
+        # The end-of-text token comes after the characters. Vocabularies saved before it existed have none
+        # (their runs separated documents by a blank line) and load without it, so their models still fit.
+        self.eos_id = len(self.chars) if end_of_text else None
+        self.vocab_size = len(self.chars) + end_of_text
         # Sorted code points let numpy map a whole text at once (searchsorted), not one dict lookup per char.
         self._code_points = np.array([ord(c) for c in self.chars[1:]], dtype=np.int64)
         self._order = np.argsort(self._code_points)
@@ -148,7 +157,7 @@ class CharTokenizer(RegisteredTokenizer):
 
     @classmethod
     def from_dict(cls, state: dict) -> "CharTokenizer":
-        return cls(list(state["chars"]))
+        return cls(list(state["chars"]), end_of_text=bool(state.get("end_of_text", False)))
 
     @classmethod
     def load(cls, folder: str | Path) -> "CharTokenizer":
@@ -163,23 +172,37 @@ class CharTokenizer(RegisteredTokenizer):
         return np.where(known, self._order[slots] + 1, 0)
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
+        """The ids of the text; a literal `<|endoftext|>` in it is the end-of-text token (as in bpe_simple and
+        in the saved tokenizer.json). encode_array, for the corpus, reads every character as a character."""
+        if self.eos_id is None or END_OF_DOCUMENT not in text:
+            return self.encode_array(text).tolist()
+        ids: list[int] = []
+        for i, part in enumerate(text.split(END_OF_DOCUMENT)):
+            ids += ([self.eos_id] if i else []) + self.encode_array(part).tolist()
+        return ids
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] if 0 <= i < self.vocab_size else self.UNKNOWN for i in map(int, ids))
+        names = self.chars + [END_OF_DOCUMENT] * (self.eos_id is not None)
+        return "".join(names[i] if 0 <= i < self.vocab_size else self.UNKNOWN for i in map(int, ids))
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "chars": self.chars[1:]}
+        return {"mode": self.mode, "chars": self.chars[1:], "end_of_text": self.eos_id is not None}
 
     def backend(self) -> FastBackend:
         """The same vocabulary as a `tokenizers` word-level model that splits text into single characters."""
-        backend = FastBackend(models.WordLevel({c: i for i, c in enumerate(self.chars)}, unk_token=self.UNKNOWN))
+        vocabulary = {c: i for i, c in enumerate(self.chars)}
+        if self.eos_id is not None:
+            vocabulary[END_OF_DOCUMENT] = self.eos_id
+        backend = FastBackend(models.WordLevel(vocabulary, unk_token=self.UNKNOWN))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
+        if self.eos_id is not None:  # matched whole before the text is split into characters
+            backend.add_special_tokens([AddedToken(END_OF_DOCUMENT, special=True)])
         return backend
 
     def save(self, folder: str | Path) -> None:
-        save_for_transformers(folder, self.backend(), self.to_dict(), unk_token=self.UNKNOWN)
+        special = {"bos_token": END_OF_DOCUMENT, "eos_token": END_OF_DOCUMENT} if self.eos_id is not None else {}
+        save_for_transformers(folder, self.backend(), self.to_dict(), unk_token=self.UNKNOWN, **special)
 
 
 # --- bpe_simple ----------------------------------------------------------------------------------------
@@ -350,7 +373,21 @@ class HFTokenizer(RegisteredTokenizer):
 
     @classmethod
     def from_dict(cls, state: dict) -> "HFTokenizer":
-        return cls.load(state["name"])
+        if "tokenizer_json" not in state:  # saved before tokenizers were carried whole: only the name
+            return cls.load(state["name"])
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(tokenizer_object=FastBackend.from_str(state["tokenizer_json"]),
+                                     clean_up_tokenization_spaces=state["clean_up_tokenization_spaces"],
+                                     **state["special_tokens"])
+        return cls(hf, state["name"])
+
+    @classmethod
+    def current_state(cls, settings: TokenizerSettings) -> dict | None:
+        try:
+            return cls.load(settings.pretrained_name).to_dict()
+        except KernelError:  # gone or offline: the checkpoint's own copy is used
+            return None
 
     @classmethod
     def load(cls, name: str | Path) -> "HFTokenizer":
@@ -390,18 +427,19 @@ class HFTokenizer(RegisteredTokenizer):
         return self.hf.decode([int(i) for i in ids])
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "name": self.name}
-
-    def state_fingerprint(self) -> dict:
-        # a folder or Hub id can change behind the same name: the vocabulary itself, when it is at hand
-        if not getattr(self.hf, "is_fast", False):
-            return self.to_dict()
-        return {**self.to_dict(), "tokenizer_json": self.hf.backend_tokenizer.to_str()}
+        """The name and, for a fast tokenizer, the tokenizer itself (vocabulary, rules, special tokens): a
+        checkpoint then needs neither the folder nor the internet, and a folder changed since is noticed."""
+        state = {"mode": self.mode, "name": self.name}
+        if getattr(self.hf, "is_fast", False):
+            state.update(tokenizer_json=self.hf.backend_tokenizer.to_str(),
+                         special_tokens={k: str(v) for k, v in self.hf.special_tokens_map.items() if isinstance(v, str)},
+                         clean_up_tokenization_spaces=bool(self.hf.clean_up_tokenization_spaces))
+        return state
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.hf.save_pretrained(str(folder))
-        write_atomic(folder / STATE_FILE, json.dumps(self.to_dict()))
+        write_atomic(folder / STATE_FILE, json.dumps({"mode": self.mode, "name": self.name}))
 
 
 # --- Choosing, restoring -------------------------------------------------------------------------------

@@ -78,28 +78,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def probe_cpu_dtype(config: Config, vocab_size: int, timer=time.perf_counter, steps: int = 3) -> tuple[torch.dtype, str]:
-    """On a CPU, bf16 autocast is about twice as fast as fp32 for mid-size models on chips with bf16 matrix
-    units (AMX, AVX-512 BF16) but slower for tiny models or elsewhere: time a few training steps of this
-    model both ways and keep bf16 only when it is clearly faster."""
-    with torch.random.fork_rng(devices=[]):  # the probe must not shift the run's random numbers
-        model = build_model(config, vocab_size)
-        x = torch.randint(vocab_size, (config.train.batch_size, config.model.block_size))
-        seconds = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            for attempt in range(steps + 1):  # the first step warms up and is not counted
-                if attempt == 1:
-                    started = timer()
-                with autocast_context(torch.device("cpu"), dtype):
-                    loss = model(x, x)[1]
-                loss.backward()
-            seconds[dtype] = timer() - started
-    speedup = seconds[torch.float32] / max(seconds[torch.bfloat16], 1e-12)
-    if speedup >= 1.1:
-        return torch.bfloat16, f"cpu: bf16 autocast measured {speedup:.2f}x faster than fp32 for this model"
-    return torch.float32, f"cpu: fp32 (bf16 autocast measured {speedup:.2f}x the speed of fp32 for this model)"
-
-
 def compile_blocker(device: torch.device) -> str | None:
     """Why torch.compile cannot work here, or None when it can."""
     if sys.platform == "win32":
@@ -260,9 +238,10 @@ class TrainingClock:
     when what is left is just enough to finish: 1.5 x (the longest evaluation + the longest checkpoint so
     far) + 1 s; the share of the training time used lets the schedule's decay end with the budget."""
 
-    def __init__(self, deadline: float | None, now=time.perf_counter):
+    def __init__(self, deadline: float | None, now=time.perf_counter, run_started: float | None = None):
         self.deadline, self.now = deadline, now
         self.started = self.loop_started = now()
+        self.run_started = self.started if run_started is None else run_started  # where the budget began
         self.longest = {"eval": 0.0, "save": 0.0}
 
     def start_loop(self) -> None:
@@ -303,17 +282,36 @@ class LossWindow:
     def mean(self) -> float:
         return (self.total / self.steps).item()
 
+    def state(self) -> dict:
+        """For checkpoints: a resumed run's first log line then averages the same steps as a straight run's."""
+        return {"sum": self.total.item(), "steps": self.steps}
+
+    def restore(self, state: dict) -> None:
+        self.total = torch.tensor(state["sum"], dtype=torch.float32, device=self.device)
+        self.steps = state["steps"]
+
     def tokens_per_s(self, tokens_per_step: int) -> float:
         return self.steps * tokens_per_step / (self.now() - self.started)
 
 
+class RunStopped(KernelError):
+    """A stop signal outside the training loop (data preparation, sampling), where work cannot pause."""
+
+    def __init__(self, signal_name: str, message: str = ""):
+        super().__init__(message or f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
 class StopRequests:
-    """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt) ask the loop to stop
-    after the current step, so it can checkpoint and write its outputs instead of dying mid-step."""
+    """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt). Inside the training
+    loop (`between_steps`) they ask it to stop after the current step, so it can checkpoint and write its
+    outputs instead of dying mid-step; anywhere else they raise RunStopped at once, which the run turns into
+    a clean stop of that phase (half-written files are removed by the code that writes them)."""
 
     def __init__(self):
         self.signal_name: str | None = None
         self.previous: dict = {}
+        self.deferred = False
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -323,7 +321,17 @@ class StopRequests:
 
     def request(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        if not self.deferred:
+            raise RunStopped(self.signal_name)
         print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
+
+    @contextlib.contextmanager
+    def between_steps(self):
+        self.deferred = True
+        try:
+            yield self
+        finally:
+            self.deferred = False
 
     def reason(self) -> str | None:
         """The signal received here, or the one the multi-process launcher passed on, or None."""
@@ -429,12 +437,14 @@ class Trainer:
             state = LoopState(plan=self.resumed_plan(state.plan, checkpoint), step=checkpoint.step,
                               tokens=checkpoint.tokens, train_loss=checkpoint.train_loss,
                               last_eval=checkpoint.last_eval, best=checkpoint.best, history=list(checkpoint.metrics))
+            self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
         if self.processes.distributed:
             print(f"[dist] {self.processes.world_size} processes, each {state.plan.micro_batch} x "
                   f"{state.plan.accumulation} accumulation of the global batch of {state.plan.global_batch} sequences")
         if self.processes.is_main:  # the metrics file restarts from what the checkpoint knew: later steps replay
             write_atomic(self.metrics.path, "".join(json.dumps(r) + "\n" for r in state.history))
+        self.start_step = state.step
         return state
 
     @staticmethod
@@ -455,7 +465,7 @@ class Trainer:
             self.runner = torch.nn.parallel.DistributedDataParallel(
                 self.evaluator, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.runner.train()
-        self.window.reset()
+        self.window.started = self.clock.now()
         self.progress = Progress(self.t.max_steps, state.step, shown=self.processes.is_main)
         self.clock.start_loop()
 
@@ -467,12 +477,22 @@ class Trainer:
         time_used, out_of_time = self.clock.training_time_used()
         out_of_time, signalled, time_used = max_across(
             self.processes, [float(out_of_time), float(bool(stop_requests.reason())), time_used])
+        if out_of_time and state.step == self.start_step:
+            raise self.budget_spent_in_setup()
         if out_of_time:
             self.progress.write(f"[train] time budget nearly spent at step {state.step:,}: stopping to evaluate and save")
             return "time_budget", time_used
         if signalled:
             return f"signal ({stop_requests.reason() or 'SIGTERM to another process'})", time_used
         return None, time_used
+
+    def budget_spent_in_setup(self) -> KernelError:
+        clock = self.clock
+        return KernelError(
+            f"train.time_budget was used up before the first training step: setup (environment, data, model, the "
+            f"first evaluation) took {clock.loop_started - clock.run_started:.1f}s of the "
+            f"{clock.deadline - clock.run_started:.1f}s budget, and {1.5 * sum(clock.longest.values()) + 1:.1f}s "
+            "are kept to evaluate and save at the end. Raise train.time_budget, or lower train.eval_batches")
 
     # --- One optimizer step, retried with smaller micro-batches after running out of GPU memory -------------
 
@@ -551,7 +571,8 @@ class Trainer:
             step=state.step, tokens=state.tokens, train_loss=state.train_loss, last_eval=state.last_eval,
             best=state.best, metrics=state.history, dtype=dtype_name(self.dtype),
             micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
-            world_size=self.processes.world_size, process_rngs=process_rngs, config=config_to_dict(self.config),
+            loss_window=self.window.state(), world_size=self.processes.world_size, process_rngs=process_rngs,
+            config=config_to_dict(self.config),
             tokenizer=self.data.tokenizer.to_dict(), model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict())
         with self.clock.timing("save"):
@@ -568,8 +589,8 @@ class Trainer:
             self.run_eval(state)
         self.save(state)
 
-    def result(self, state: LoopState, start_step: int, stopped_by: str, resumed_from: Path | None) -> TrainResult:
-        trained_tokens = (state.step - start_step) * self.tokens_per_step
+    def result(self, state: LoopState, stopped_by: str, resumed_from: Path | None) -> TrainResult:
+        trained_tokens = (state.step - self.start_step) * self.tokens_per_step
         tokens_per_s = trained_tokens / state.train_seconds if state.train_seconds else 0.0
         return TrainResult(model=self.model, step=state.step, tokens=state.tokens, last_eval=state.last_eval,
                            train_loss=state.train_loss, tokens_per_s=tokens_per_s,
@@ -582,19 +603,21 @@ class Trainer:
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
           checkpoint: Checkpoint | None = None, checkpoint_source: Path | None = None,
           deadline: float | None = None, processes: Processes = Processes(), now=time.perf_counter,
-          on_eval=None) -> TrainResult:
-    """Train to train.max_steps, or until `deadline` (a `now()` value) leaves just enough time to evaluate,
-    checkpoint and sample, or until a stop signal. Every process calls it; only rank 0 writes, and calls
-    `on_eval(history)` after each evaluation (e.g. to redraw the curves)."""
+          on_eval=None, stop_requests: StopRequests | None = None, run_started: float | None = None) -> TrainResult:
+    """Train to train.max_steps, or until `deadline` (a `now()` value; the budget counts from `run_started`)
+    leaves just enough time to evaluate, checkpoint and sample, or until a stop signal. Every process calls
+    it; only rank 0 writes, and calls `on_eval(history)` after each evaluation (e.g. to redraw the curves)."""
     t = config.train
-    trainer = Trainer(config, data, out_dir, device, dtype, processes, TrainingClock(deadline, now), on_eval)
+    clock = TrainingClock(deadline, now, run_started)
+    trainer = Trainer(config, data, out_dir, device, dtype, processes, clock, on_eval)
     state = trainer.restore(checkpoint, checkpoint_source)
-    start_step, stopped_by = state.step, "max_steps"
+    stopped_by = "max_steps"
     trainer.prepare(state)
+    stops = StopRequests() if stop_requests is None else contextlib.nullcontext(stop_requests)
     try:
-        if state.step == 0:
-            trainer.run_eval(state)  # the untrained model: the first point of the curves
-        with StopRequests() as stop_requests:
+        with stops as stop_requests, stop_requests.between_steps():
+            if state.step == 0:
+                trainer.run_eval(state)  # the untrained model: the first point of the curves
             while state.step < t.max_steps:
                 # --- stop for the time budget or a signal?
                 reason, time_used = trainer.stop_reason(state, stop_requests)
@@ -614,4 +637,4 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             trainer.finish(state)
     finally:
         trainer.progress.close()
-    return trainer.result(state, start_step, stopped_by, checkpoint_source if checkpoint is not None else None)
+    return trainer.result(state, stopped_by, checkpoint_source if checkpoint is not None else None)

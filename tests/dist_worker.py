@@ -5,6 +5,8 @@
 - audit: every write-like file operation (open for writing, rename, mkdir, remove) under the output folder
   is recorded by a Python audit hook and listed in DIR/rank<N>.json at exit, to show who writes what.
 - fail_rank / fail_at_step: that rank raises an error in its training step number fail_at_step.
+- step_clock: the time budget's clock advances this many seconds per training step and not otherwise
+  (tests.conftest.StepClock), so a budget means the same number of steps on a busy machine.
 """
 
 import atexit
@@ -62,6 +64,12 @@ def main() -> int:
         install_write_audit(out, Path(options["audit"]) / f"rank{rank}.json")
     if options.get("fail_rank") == rank:
         fail_at_step(options["fail_at_step"])
+    if options.get("step_clock"):
+        import functools
+        import kernel.main as main_module
+        from tests.conftest import StepClock
+        clock = StepClock(options["step_clock"]).install(setattr)
+        main_module.run = functools.partial(main_module.run, now=clock)
     from kernel.main import cli
     return cli(argv)
 

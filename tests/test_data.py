@@ -68,7 +68,7 @@ def test_char_split_is_the_tail_never_overlaps_and_is_stable(tmp_path, tiny):
     config = tiny(data__text_glob=str(tmp_path / "c.txt"), data__val_fraction=0.1)
     data = prepare_data(config, tmp_path / "cache")
     train_text, val_text = data.tokenizer.decode(data.train.tolist()), data.tokenizer.decode(data.val.tolist())
-    assert train_text + val_text == text + "\n\n"  # the document ends with the char separator
+    assert train_text + val_text == text + "<|endoftext|>"  # the document ends with the end-of-text token
     assert len(train_text) == int(len(text) * 0.9)
     again = prepare_data(config, tmp_path / "cache2")
     assert np.array_equal(again.train, data.train) and np.array_equal(again.val, data.val)
@@ -143,7 +143,7 @@ def test_vocabularies_above_65535_use_uint32(tmp_path, tiny):
 
 def test_validation_split_shorter_than_a_block_is_an_error(tmp_path, tiny):
     write(tmp_path / "c.txt", "x" * 200)
-    with pytest.raises(KernelError, match="validation split has 22 tokens"):
+    with pytest.raises(KernelError, match="validation split has 21 tokens"):  # 20 characters + end-of-text
         prepare_data(tiny(data__text_glob=str(tmp_path / "c.txt")), tmp_path / "cache")
 
 
@@ -168,4 +168,4 @@ def test_validation_bytes_are_exact_for_bits_per_byte(tmp_path, tiny):
     data = prepare_data(tiny(data__text_glob=str(tmp_path / "mixed.txt"), data__val_fraction=0.25), tmp_path / "cache")
     val_text = text[int(len(text) * 0.75):]
     assert data.stats["val_bytes"] == len(val_text.encode("utf-8")) > len(val_text)
-    assert data.stats["val_tokens"] == len(val_text) + 2  # one char token each, plus the "\n\n" separator
+    assert data.stats["val_tokens"] == len(val_text) + 1  # one char token each, plus the end-of-text token

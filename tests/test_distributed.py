@@ -14,7 +14,7 @@ from kernel.config import load_config
 from kernel.distributed import Processes, split_global_batch
 from kernel.env import KernelError
 from kernel.main import run
-from kernel.checkpoint import load_checkpoint
+from kernel.checkpoint import list_checkpoints, load_checkpoint
 from kernel.train import build_model, make_optimizer, train_step
 from tests.conftest import TINY, tiny_config
 
@@ -159,12 +159,12 @@ def test_a_signal_to_the_launcher_stops_every_process_cleanly_with_a_checkpoint(
 @pytest.mark.slow
 def test_the_time_budget_stops_every_process_together(tmp_path):
     out = tmp_path / "out"
-    launcher = start_launcher(out, {**SETTINGS, "train.max_steps": 100_000, "train.time_budget": 8})
-    output, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 0, output
+    result = torchrun(2, out, {**SETTINGS, "train.max_steps": 100_000, "train.time_budget": 8}, step_clock=0.5)
+    assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped_by"] == "time_budget" and 0 < summary["steps"] < 100_000
-    assert summary["wall_s"] < 8
+    # Both processes stop after the same step: (8 - 1) s of 0.5 s steps, as one process would.
+    assert summary["stopped_by"] == "time_budget" and summary["steps"] == 14 and summary["processes"] == 2
+    assert max(train_losses(out)) == 14 and list_checkpoints(out / "checkpoints")[-1].name == "ckpt_00000014.pt"
 
 
 def test_bad_input_in_the_launched_processes_is_reported_in_one_line(tmp_path):

@@ -1,5 +1,6 @@
 """The notebook on a simulated Kaggle: /kaggle stands in as a temporary folder (KERNEL_KAGGLE_ROOT)."""
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -8,9 +9,10 @@ import pytest
 
 import build_kernel
 from kernel.data import kaggle_text_files
+import kernel.main as main_module
 from kernel.main import main
 from kernel.checkpoint import list_checkpoints
-from tests.conftest import TINY
+from tests.conftest import TINY, StepClock
 
 ROOT = Path(__file__).resolve().parent.parent
 FRENCH = "Il était une fois un modèle de langue qui apprenait à écrire sur Kaggle, lentement. "
@@ -76,15 +78,17 @@ def test_the_notebook_runs_offline_in_a_simulated_kaggle(tmp_path, monkeypatch, 
 def test_time_budget_then_resume_from_the_attached_earlier_version(tmp_path, monkeypatch, layout):
     root = kaggle(tmp_path, monkeypatch)
     attach_dataset(root, "datasets/someone/stories")
+    clock = StepClock(seconds_per_step=0.25).install(monkeypatch.setattr)
+    monkeypatch.setattr(main_module, "run", functools.partial(main_module.run, now=clock))
     overrides = {**TINY, "train.max_steps": 100_000, "train.time_budget": 4, "train.checkpoint_interval": 0}
     first = main("llm_cpu.yaml", overrides)
     out = root / "working" / "outputs"
-    assert first["stopped_by"] == "time_budget" and 0 < first["steps"] < 100_000
+    assert first["stopped_by"] == "time_budget" and first["steps"] == 12  # (4 - 1) s / 0.25 s
     saved_step = first["steps"]
     assert list_checkpoints(out / "checkpoints")[-1].name == f"ckpt_{saved_step:08d}.pt"
     # Version 2: the earlier output is attached as an input; /kaggle/working starts empty.
     shutil.move(str(out), str(root / "input" / layout / "outputs"))
-    second = main("llm_cpu.yaml", {**overrides, "train.max_steps": saved_step + 20})
+    second = main("llm_cpu.yaml", {**overrides, "train.max_steps": saved_step + 20, "train.time_budget": 60})
     assert second["resumed_from"].startswith(str(root / "input" / layout))
     assert second["steps"] == saved_step + 20
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 import ast
 import json
+import math
 import re
 import subprocess
 import sys
@@ -163,9 +164,17 @@ def test_notebook_with_two_devices_launches_its_own_cells_under_torchrun(tmp_pat
     notebook = json.loads((ROOT / build_kernel.NOTEBOOK).read_text())
     out = tmp_path / "out"
     overrides = {**TINY_OVERRIDES, "train.devices": 2, "train.batch_size": 4}
+    run_cell = next(i for i, c in enumerate(notebook["cells"]) if c.get("id") == "run")
+    added = [nbformat.v4.new_code_cell("def print_data_report(data):\n    print('[user] my data report')"),
+             nbformat.v4.new_code_cell("print('[user] an added cell that only prints')")]
+    notebook["cells"][run_cell:run_cell] = [dict(c, id=f"added-{i}") for i, c in enumerate(added)]
     executed = build_kernel.execute_notebook(notebook, tmp_path, {"OVERRIDES": overrides, "OUT_DIR": str(out)},
                                              timeout=300)
+    notebook["cells"][run_cell:run_cell + 2] = []
     printed = "".join("".join(o.get("text", "")) for c in code_cells(executed) for o in c["outputs"])
+    assert printed.count("[user] my data report") == 1 and "[data] tokens:" not in printed  # the user's version ran
+    assert re.search(r"\[dist\] your added cell\(s\) In \[\d+\] hold only definitions", printed)
+    assert re.search(r"\[dist\] your added cell\(s\) In \[\d+\] ran here only", printed)
     assert f"[dist] 2 processes: torchrun --standalone --nproc_per_node=2 {out / 'train_gpt_program.py'}" in printed
     assert "[dist] 2 processes, each 2 x 1 accumulation of the global batch of 4 sequences" in printed
     assert printed.count("[done] val loss") == 1  # streamed from rank 0 only
@@ -203,6 +212,38 @@ def test_the_launcher_takes_each_section_cell_as_it_last_ran(monkeypatch):
     monkeypatch.delitem(linecache.cache, "/tmp/ipykernel_1/b.py")
     with pytest.raises(KernelError, match=r"missing sections \[2\]"):
         notebook_sections_source(namespace)
+
+
+def test_added_definition_cells_are_carried_in_notebook_order_and_the_others_named(monkeypatch, capsys):
+    """IPython's input history (`_ih`) says which cells ran in which order; the launch cell is the last one."""
+    import linecache
+    from kernel.distributed import notebook_sections_source
+
+    sections = [f"# kernel section {n} of 2: s{n}\ndef s{n}():\n    return {n}\n" for n in (1, 2)]
+    for n, code in enumerate(sections, start=1):
+        monkeypatch.setitem(linecache.cache, f"/tmp/ipykernel_1/s{n}.py", (len(code), None, code.splitlines(True), ""))
+    history = ["", "CONFIG = 'auto'\nOVERRIDES = {}\n",  # the parameters cell: carried, not named
+               sections[0],
+               "import math\ndef s1():\n    return math.pi\n",  # In [3]: a redefinition after section 1
+               "get_ipython().system('nvidia-smi')\n",  # In [4]: a shell command
+               sections[1],
+               "GPT_forward = s1\n",  # In [6]: binds a name to a function
+               "summary = main(CONFIG, OVERRIDES)\n",  # In [7]: an earlier run: never carried
+               "print(s1())\n",  # In [8]
+               "summary = main(CONFIG, OVERRIDES)\n"]  # the launching cell
+    namespace = {"_ih": history}
+    program = notebook_sections_source(namespace)
+    order = [program.index(part) for part in ("CONFIG = 'auto'", "def s1():\n    return 1", "math.pi",
+                                              "def s2()", "GPT_forward = s1")]
+    assert order == sorted(order) and "nvidia-smi" not in program and "main(" not in program
+    assert "print(s1())" not in program
+    exec(compile(program, "program", "exec"), scope := {})
+    assert scope["s1"]() == scope["GPT_forward"]() == math.pi
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[dist] your added cell(s) In [3], In [6] hold only definitions: the training "
+                                 "processes run them too")
+    assert printed[1].startswith("[dist] your added cell(s) In [4], In [8] ran here only")
+    assert len(printed) == 2
 
 
 # build_notebook reads the code cells' marker from the package's distributed module.

@@ -1,7 +1,16 @@
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from kernel.config import SampleConfig
+from kernel.env import KernelError
+from kernel.main import cli, run, sample_from_run
 from kernel.model import GPT, GPTConfig, KVCache
 from kernel.sample import filter_logits, generate, sample_texts
 from kernel.tokenization import CharTokenizer
@@ -72,12 +81,15 @@ def test_generation_stops_at_the_end_of_document_token():
 
 
 def test_sample_texts_are_seeded_and_reproducible():
-    tokenizer = CharTokenizer.train("abcdefghij klmnop\n")
+    tokenizer = CharTokenizer(sorted(set("abcdefghij klmnop\n")), end_of_text=False)  # samples of full length
+    torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    settings = SampleConfig(prompts=["ab", ""], max_new_tokens=12, temperature=1.0, top_k=5, top_p=0.9)
+    settings = SampleConfig(prompts=["ab", ""], max_new_tokens=12, temperature=1.0, top_k=5, top_p=0.9, num_samples=2)
     first = sample_texts(model, tokenizer, settings, torch.device("cpu"), seed=11)
     again = sample_texts(model, tokenizer, settings, torch.device("cpu"), seed=11)
-    assert first == again and first[0][1].startswith("ab") and len(first[0][1]) == 14
+    assert first == again and [prompt for prompt, _ in first] == ["ab", "ab", "", ""]  # num_samples per prompt
+    assert first[0][1].startswith("ab") and len(first[0][1]) == 14 and first[0][1] != first[1][1]
+    assert len(first[2][1]) == 12  # an empty prompt starts a new text: the start token is not shown
 
 
 def test_padding_rows_of_the_vocabulary_are_never_sampled():
@@ -92,3 +104,95 @@ def test_padding_rows_of_the_vocabulary_are_never_sampled():
     sampled = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), vocab_size=30)
     assert unmasked[0, 4:].max() >= 30  # without the mask, padding rows win
     assert masked[0, 4:].max() < 30 and sampled[0, 4:].max() < 30
+
+
+# --- The command line and sample_from_run, on a real (tiny) run -----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    from conftest import tiny_config
+    out = tmp_path_factory.mktemp("run")
+    run(tiny_config(train__max_steps=20, sample__prompts=["The ", "\n"], sample__top_k=20), out)
+    return out
+
+
+@pytest.mark.slow
+def test_sample_without_flags_repeats_the_runs_own_samples_from_its_folder(trained_run, capsys):
+    capsys.readouterr()
+    assert cli(["sample", str(trained_run)]) == 0
+    printed = capsys.readouterr()
+    # the checkpoint's sample.* settings (prompts, 20 tokens, top_k 20) and train.seed: the same text
+    assert printed.out == (trained_run / "samples.txt").read_text() + "\n"
+    assert printed.err == f"[sample] {trained_run / 'checkpoints' / 'ckpt_00000020.pt'} (step 20)\n"
+
+
+@pytest.mark.slow
+def test_sample_a_checkpoint_copied_without_its_checksum_with_flags_and_a_prompt_file(trained_run, tmp_path, capsys):
+    copy = tmp_path / "ckpt_00000020.pt"
+    shutil.copy(trained_run / "checkpoints" / "ckpt_00000020.pt", copy)  # as downloaded alone from Kaggle
+    (tmp_path / "prompt.txt").write_text("def main():\n    return\n", encoding="utf-8")
+    capsys.readouterr()
+    code = cli(["sample", str(copy), "--prompt-file", str(tmp_path / "prompt.txt"), "--num-samples", "2",
+                "--max-new-tokens", "7", "--temperature", "0"])
+    printed = capsys.readouterr()
+    assert code == 0
+    warnings = [line for line in printed.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {copy} has no checksum file ckpt_00000020.pt.sha256 (copied alone?): "
+                        "loaded without verifying it"]
+    prompt = "def main():\n    return"  # the file as it is, but for its final line break
+    assert printed.out.count(f"prompt {prompt!r} ===") == 2 and "sample 3" not in printed.out
+    greedy = [block.split("===\n", 1)[1] for block in printed.out.split("=== sample ")[1:]]
+    assert greedy[0] == greedy[1] and greedy[0].startswith(prompt)  # temperature 0: the same text twice
+    (tmp_path / "ckpt_00000020.pt.sha256").write_text("0" * 64)
+    assert cli(["sample", str(copy)]) == 2  # a checksum that is there must still match
+    assert "does not match its checksum" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0 (0 is greedy), got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+    (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0 (0 is greedy), got nan"),
+    (["--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+    (["--prompt-file", "no-such-prompt.txt"], "--prompt-file no-such-prompt.txt: No such file or directory"),
+    (["--device", "gpu"], "--device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+])
+def test_each_bad_sampling_value_is_one_line(trained_run, capsys, flags, message):
+    capsys.readouterr()
+    assert cli(["sample", str(trained_run), *flags]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1 and printed.err.startswith(f"error: {message}")
+
+
+@pytest.mark.slow
+def test_sample_from_run_takes_the_runs_settings_and_names_bad_keywords(trained_run):
+    text = sample_from_run(trained_run, "def ", max_new_tokens=5, num_samples=2)
+    assert text.count("prompt 'def ' ===") == 2
+    assert sample_from_run(trained_run) == (trained_run / "samples.txt").read_text()
+    with pytest.raises(KernelError, match=r"^temperature must be >= 0 \(0 is greedy\), got -0.5; top_p must be in"):
+        sample_from_run(trained_run, top_p=2, temperature=-0.5)
+    with pytest.raises(KernelError, match="holds no checkpoint"):
+        sample_from_run(trained_run / "cache")
+
+
+def test_a_bad_value_on_the_real_command_line_is_one_line_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "kernel", "sample", str(tmp_path), "--top-p", "-0.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == "error: --top-p must be in (0, 1], got -0.5\n"
+
+
+def test_help_lists_the_commands_and_a_mistyped_command_gets_the_closest(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("sample", "export", "check-env"):
+        assert re.search(rf"^  {command} +\S", text, re.MULTILINE), command
+    assert cli(["sampel", "outputs"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown command 'sampel'; did you mean 'sample'?")
+    assert cli(["--sett", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: unrecognized arguments: --sett x")

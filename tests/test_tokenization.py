@@ -44,7 +44,7 @@ def test_bpe_round_trip_in_any_language(bpe, name):
 def test_char_vocabulary_is_sorted_and_independent_of_text_order():
     a, b = CharTokenizer.train("banana split"), CharTokenizer.train("split banana")
     assert a.chars == b.chars == ["\ufffd", " ", "a", "b", "i", "l", "n", "p", "s", "t"]
-    assert a.vocab_size == 10
+    assert a.vocab_size == 11 and a.eos_id == 10 and a.decode([10]) == END_OF_DOCUMENT  # end-of-text comes last
 
 
 def test_char_unseen_characters_become_the_unknown_token():

@@ -7,8 +7,10 @@ import torch
 
 from kernel.config import TrainConfig, load_config
 from kernel.env import KernelError, resolve_dtype
+import kernel.main as main_module
 from kernel.main import run
 from kernel.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
+from tests.conftest import StepClock
 from kernel.train import build_model, compile_blocker, lr_at, make_optimizer, train_step
 
 
@@ -62,7 +64,7 @@ def test_dtype_follows_compute_capability(monkeypatch, capability, expected):
 
 
 def test_dtype_on_cpu_and_overrides():
-    assert resolve_dtype("auto", torch.device("cpu"))[0] == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu"))[0] == torch.float32  # width 0: never bf16
     assert resolve_dtype("bfloat16", torch.device("cpu"))[0] == torch.bfloat16
     with pytest.raises(KernelError, match="float16 needs a CUDA GPU"):
         resolve_dtype("float16", torch.device("cpu"))
@@ -138,9 +140,11 @@ def test_resume_paths(tmp_path):
         find_resume_checkpoint(str(tmp_path), tmp_path)
 
 
-def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny):
-    summary = run(tiny(train__max_steps=100_000, train__time_budget=3), tmp_path)
-    assert summary["stopped_by"] == "time_budget" and 0 < summary["steps"] < 100_000
+def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny, monkeypatch):
+    clock = StepClock(seconds_per_step=0.125).install(monkeypatch.setattr)  # exact in binary: no rounding
+    summary = run(tiny(train__max_steps=100_000, train__time_budget=3), tmp_path, now=clock)
+    # 1 s is kept to finish (evaluations and checkpoints take no time on this clock): 2 s of 0.125 s steps
+    assert summary["stopped_by"] == "time_budget" and summary["steps"] == 16
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt_{summary['steps']:08d}.pt"
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
 
@@ -185,48 +189,55 @@ def test_wsd_schedule_and_the_decay_stretched_to_a_time_budget():
     assert lr_at(150, cosine, time_progress=0.0) == pytest.approx(1e-3, rel=1e-6)
 
 
-def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny):
+def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny, monkeypatch):
+    clock = StepClock(seconds_per_step=0.0625).install(monkeypatch.setattr)
     summary = run(tiny(train__max_steps=10**9, train__time_budget=4, train__schedule="wsd",
-                       train__warmup_steps=5, train__log_interval=1), tmp_path)
+                       train__warmup_steps=5, train__log_interval=1), tmp_path, now=clock)
     rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if '"lr"' in line]
-    assert summary["stopped_by"] == "time_budget"
+    assert summary["stopped_by"] == "time_budget" and summary["steps"] == 48  # (4 - 1) s / 0.0625 s
     assert rates[len(rates) // 2] == pytest.approx(tiny().train.lr)  # stable in the middle
     assert rates[-1] < 0.5 * tiny().train.lr  # decayed by the end of the budget
 
 
-def fake_timer(seconds_per_call: list[float]):
-    """A clock that advances by the given amounts, one per call."""
-    now, steps = [0.0], iter(seconds_per_call)
+def test_a_budget_spent_before_the_first_step_is_an_error_naming_the_setup_time(tmp_path, tiny, monkeypatch):
+    clock = StepClock()
+    original_prepare = main_module.prepare_run
 
-    def timer():
-        now[0] += next(steps)
-        return now[0]
-    return timer
+    def slow_setup(*args, **kwargs):  # setup "takes" 5 s of a 3 s budget
+        clock.seconds += 5
+        return original_prepare(*args, **kwargs)
 
-
-def test_the_cpu_precision_probe_picks_bf16_only_when_measured_faster(tiny):
-    from kernel.train import probe_cpu_dtype
-    config = tiny()
-    state = torch.get_rng_state()
-    # Calls: fp32 start, fp32 end, bf16 start, bf16 end; the deltas are what each dtype's steps took.
-    dtype, why = probe_cpu_dtype(config, 50, timer=fake_timer([0, 2.0, 0, 1.0]))
-    assert dtype == torch.bfloat16 and "2.00x faster" in why
-    dtype, why = probe_cpu_dtype(config, 50, timer=fake_timer([0, 1.0, 0, 1.25]))
-    assert dtype == torch.float32 and "0.80x" in why
-    assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the run's random numbers alone
+    monkeypatch.setattr(main_module, "prepare_run", slow_setup)
+    with pytest.raises(KernelError, match=r"used up before the first training step: setup .* took 5\.0s of the "
+                                          r"3\.0s budget.*Raise train.time_budget"):
+        run(tiny(train__max_steps=100, train__time_budget=3), tmp_path, now=clock.install(monkeypatch.setattr))
+    assert not list_checkpoints(tmp_path / "checkpoints") and not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "hf").exists()
 
 
-def test_an_explicit_dtype_skips_the_probe(tmp_path, tiny, monkeypatch):
-    import kernel.main as main_module
-    monkeypatch.setattr(main_module, "probe_cpu_dtype", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
-    assert run(tiny(train__dtype="float32", train__max_steps=5), tmp_path)["dtype"] == "float32"
+@pytest.mark.parametrize("native, width, expected", [(True, 256, torch.bfloat16), (True, 128, torch.float32),
+                                                     (False, 512, torch.float32)])
+def test_auto_dtype_on_cpu_is_a_fixed_rule_of_the_chip_and_the_model_width(monkeypatch, native, width, expected):
+    import kernel.env as env_module
+    monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: native)
+    for _ in range(3):  # no timing: the same answer every time, however busy the machine
+        dtype, why = resolve_dtype("auto", torch.device("cpu"), width)
+        assert dtype == expected and ("native bf16" in why)
 
 
-def test_auto_dtype_on_cpu_uses_the_probe_and_a_resumed_run_keeps_its_precision(tmp_path, tiny, monkeypatch):
-    import kernel.main as main_module
-    monkeypatch.setattr(main_module, "probe_cpu_dtype", lambda *a, **k: (torch.bfloat16, "cpu: probe said so"))
-    first = run(tiny(train__dtype="auto", train__max_steps=10), tmp_path)
+def test_an_explicit_dtype_wins_over_the_rule(tmp_path, tiny, monkeypatch):
+    import kernel.env as env_module
+    monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: True)
+    assert run(tiny(train__dtype="float32", train__max_steps=5, model__n_embd=256, model__n_head=4),
+               tmp_path)["dtype"] == "float32"
+
+
+def test_auto_dtype_on_cpu_follows_the_rule_and_a_resumed_run_keeps_its_precision(tmp_path, tiny, monkeypatch):
+    import kernel.env as env_module
+    monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: True)
+    wide = dict(train__dtype="auto", model__n_embd=256, model__n_head=4)
+    first = run(tiny(train__max_steps=10, **wide), tmp_path)
     assert first["dtype"] == "bfloat16"
-    monkeypatch.setattr(main_module, "probe_cpu_dtype", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
-    assert run(tiny(train__dtype="auto", train__max_steps=20), tmp_path)["dtype"] == "bfloat16"
+    monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: False)  # the rule would now say fp32
+    assert run(tiny(train__max_steps=20, **wide), tmp_path)["dtype"] == "bfloat16"

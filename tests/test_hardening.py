@@ -1,0 +1,265 @@
+"""Reliability, round 2: no silent wrong runs, no tracebacks, nothing left behind (issue 16)."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import kernel.checkpoint as checkpoint_module
+import kernel.data as data_module
+from kernel.checkpoint import list_checkpoints
+from kernel.config import ConfigError, load_config
+from kernel.data import Source, find_text_files
+from kernel.env import FILE_MODE, KernelError
+from kernel.main import run, write_json_atomic
+from tests.test_reliability import ROOT, metrics_without_timing, start_cli, wait_for_step
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (its debris is fair game)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# --- A run never dies after the training it paid for -------------------------------------------------------
+
+def wordpiece_folder(folder: Path) -> Path:
+    """A BERT-style tokenizer: no end-of-text token, and whitespace ("\\n") encodes to nothing."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[PAD]", "[CLS]", "[SEP]"])
+    backend.train_from_iterator(list(topics.values())[:50], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(str(folder))
+    return folder
+
+
+def test_an_hf_tokenizer_that_encodes_the_prompt_to_nothing_still_ends_the_run_with_its_outputs(tmp_path, tiny):
+    folder = wordpiece_folder(tmp_path / "wordpiece")
+    summary = run(tiny(tokenizer__mode="hf", tokenizer__pretrained_name=str(folder), train__max_steps=10),
+                  tmp_path / "out")
+    out = tmp_path / "out"
+    assert summary["steps"] == 10 and json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert (out / "hf" / "config.json").is_file() and list_checkpoints(out / "checkpoints")
+
+
+def test_summary_json_holds_null_for_numbers_json_cannot_hold(tmp_path):
+    write_json_atomic(tmp_path / "summary.json", {"train_loss": float("nan"), "x": [float("inf"), 1.5]})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"train_loss": None, "x": [None, 1.5]}
+
+
+# --- Resuming with another tokenizer is an error ---------------------------------------------------------
+
+def test_resume_refuses_a_changed_tokenizer_mode_naming_old_and_new(tmp_path, tiny):
+    run(tiny(train__max_steps=10), tmp_path)
+    with pytest.raises(KernelError, match=r"tokenizer changed \(tokenizer.mode: 'char' -> 'bpe_simple'"):
+        run(tiny(train__max_steps=20, tokenizer__mode="bpe_simple", tokenizer__vocab_size=300), tmp_path)
+    assert (tmp_path / "config.yaml").read_text().count("bpe_simple") == 0  # nothing rewritten
+
+
+def test_an_hf_checkpoint_carries_its_tokenizer_and_notices_a_replaced_one(tmp_path, tiny):
+    folder = wordpiece_folder(tmp_path / "wordpiece")
+    config = tiny(tokenizer__mode="hf", tokenizer__pretrained_name=str(folder), train__max_steps=10)
+    first = run(config, tmp_path / "out")
+    shutil.rmtree(folder)  # gone: the checkpoint's own copy is used, offline
+    resumed = run(tiny(tokenizer__mode="hf", tokenizer__pretrained_name=str(folder), train__max_steps=20),
+                  tmp_path / "out")
+    assert resumed["steps"] == 20 and resumed["data"]["vocab_size"] == first["data"]["vocab_size"]
+    # Another tokenizer under the same name: an error naming it, not a silent switch.
+    backend = json.loads((tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text())
+    backend["model"]["vocab"]["zzzz"] = len(backend["model"]["vocab"])
+    folder.mkdir()
+    shutil.copytree(tmp_path / "out" / "tokenizer", folder, dirs_exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(backend))
+    with pytest.raises(KernelError, match="is not the one the checkpoint was trained with"):
+        run(tiny(tokenizer__mode="hf", tokenizer__pretrained_name=str(folder), train__max_steps=30),
+            tmp_path / "out")
+
+
+# --- One run per output folder ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_output_folder_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "out"
+    first = start_cli(out, "--set", "train.max_steps=100000", "--set", "train.checkpoint_interval=5")
+    try:
+        wait_for_step(out, 6, first)
+        second = subprocess.run([sys.executable, "-m", "kernel", "--config", "configs/llm_cpu.yaml", "--out", str(out)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"another run (PID {first.pid}) is using the output folder {out}" in second.stderr
+    finally:
+        first.kill()  # kill -9: the operating system releases the lock
+        first.wait()
+    third = start_cli(out, "--set", "train.max_steps=12", "--set", "train.checkpoint_interval=5")
+    output, _ = third.communicate(timeout=300)
+    assert third.returncode == 0, output
+    assert "resumed from" in output
+
+
+# --- Sources ------------------------------------------------------------------------------------------
+
+def test_a_symlink_loop_reads_each_file_once(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("first")
+    (corpus / "sub" / "b.txt").write_text("second")
+    os.symlink(corpus, corpus / "sub" / "loop")
+    os.symlink(corpus / "a.txt", corpus / "alias.txt")
+    found = find_text_files(str(corpus / "**" / "*.txt"))
+    assert [p.name for p in found] == ["a.txt", "b.txt"]
+
+
+def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
+    path = tmp_path / "novel [1].txt"
+    path.write_text("text")
+    assert find_text_files(str(path)) == [path]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_files_with_a_bom_are_read_as_text(tmp_path, encoding):
+    text = "Ünïcode text, written by a Windows tool.\nSecond line."
+    path = tmp_path / "windows.txt"
+    bom = {"utf-16": b"", "utf-16-be": b"\xfe\xff", "utf-32": b""}[encoding]  # Python writes LE BOMs itself
+    path.write_bytes(bom + text.encode(encoding))
+    source = Source(str(path), path=path)
+    assert not source.looks_binary() and "".join(source.blocks()) == text
+
+
+# --- Signals outside the training loop ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_during_data_preparation_stops_in_one_line_and_leaves_no_half_built_cache(tmp_path):
+    corpus = tmp_path / "big.txt"
+    words = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon. "] * 1_000_000
+    corpus.write_text("".join(words))  # ~30 MB: tokenizing takes seconds
+    out = tmp_path / "out"
+    process = start_cli(out, "--set", f"data.text_glob={corpus}", "--set", "data.workers=2")
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / "cache").glob("*.partial-*")):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output and "BrokenPipe" not in output
+    assert output.strip().splitlines()[-1].startswith("stopped: stopped by SIGTERM while preparing the run")
+    assert not list((out / "cache").glob("*.partial-*")) and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(tmp_path):
+    out = tmp_path / "out"
+    process = start_cli(out, "--set", "train.max_steps=10", "--set", "sample.num_samples=100000")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "summary.json").exists() and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(1.0)  # the export, then sampling 100,000 texts (each may stop early at end-of-text)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "[stop] samples.txt skipped after SIGTERM" in output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10 and not (out / "samples.txt").exists()
+
+
+# --- Errors, not tracebacks -------------------------------------------------------------------------------
+
+def test_a_full_disk_while_building_the_token_cache_is_one_clear_error(tmp_path, tiny, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data_module, "write_token_files", full_disk)
+    with pytest.raises(KernelError, match=r"could not write the token cache in .*cache: No space left on device; "
+                                          r"the disk is full.*data.cache_dir"):
+        run(tiny(), tmp_path)
+    assert not list((tmp_path / "cache").glob("tokens-*"))
+
+
+def test_a_folder_without_write_permission_is_not_reported_as_a_full_disk(tmp_path, tiny, monkeypatch):
+    original = checkpoint_module.write_atomic
+
+    def immutable(path, data):
+        if path.suffix == ".pt":
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return original(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "write_atomic", immutable)
+    with pytest.raises(KernelError) as err:
+        run(tiny(train__max_steps=5), tmp_path)
+    assert "Operation not permitted" in str(err.value) and "not writable" in str(err.value)
+    assert "disk is full" not in str(err.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  lr: 0.001  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text .*save it as UTF-8"):
+        load_config(str(path))
+
+
+def test_a_too_short_corpus_leaves_no_cache_in_the_output_folder(tmp_path, tiny):
+    text = tmp_path / "short.txt"
+    text.write_text("just a few words")
+    with pytest.raises(KernelError, match="fewer than one window"):
+        run(tiny(data__text_glob=str(text)), tmp_path / "out")
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+# --- Debris and waste -------------------------------------------------------------------------------------
+
+def test_debris_of_a_crashed_run_is_removed_and_only_that(tmp_path, tiny):
+    out = tmp_path / "out"
+    run(tiny(train__max_steps=10), out)
+    pid = dead_pid()
+    debris = [out / "checkpoints" / ".ckpt_00000020.pt.x1y2.tmp", out / "checkpoints" / "ckpt_00000099.pt.sha256",
+              out / ".summary.json.a1b2.tmp"]
+    for path in debris:
+        path.write_text("left by a killed run")
+    (out / f"hf.partial-{pid}").mkdir()
+    (out / "cache" / f"tokens-0123.partial-{pid}").mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    summary = run(tiny(train__max_steps=20), out)
+    assert summary["steps"] == 20 and (out / "notes.txt").read_text() == "the user's own file"
+    assert not any(p.exists() for p in debris)
+    assert not (out / f"hf.partial-{pid}").exists() and not list((out / "cache").glob("*.partial-*"))
+
+
+def test_a_resumed_run_reuses_the_token_cache_and_a_changed_split_replaces_it(tmp_path, tiny):
+    run(tiny(train__max_steps=10), tmp_path)
+    resumed = run(tiny(train__max_steps=20), tmp_path)
+    assert resumed["data"]["cached"] and len(list((tmp_path / "cache").iterdir())) == 1
+    run(tiny(train__max_steps=10, data__val_fraction=0.2, train__resume="never"), tmp_path / "other")
+    shutil.copytree(tmp_path / "other" / "cache", tmp_path / "cache", dirs_exist_ok=True)  # an old cache
+    fresh = run(tiny(train__max_steps=30, data__val_fraction=0.3, train__resume="never"), tmp_path)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(fresh["data"]["cache"]).name]
+
+
+def test_a_resumed_run_writes_the_same_metrics_as_a_straight_one(tmp_path, tiny):
+    config = tiny(train__max_steps=30, train__log_interval=7, train__checkpoint_interval=10,
+                  train__keep_checkpoints=5)
+    run(config, tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "straight", stopped)
+    for step in (20, 30):
+        (stopped / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
+    run(config, stopped)
+    assert metrics_without_timing(stopped) == metrics_without_timing(tmp_path / "straight")
+
+
+def test_outputs_get_the_users_permissions_not_owner_only(tmp_path, tiny):
+    run(tiny(train__max_steps=5), tmp_path)
+    for path in (tmp_path / "summary.json", tmp_path / "metrics.jsonl", list_checkpoints(tmp_path / "checkpoints")[-1]):
+        assert path.stat().st_mode & 0o777 == FILE_MODE, path
