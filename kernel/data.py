@@ -3,18 +3,29 @@
 Find the text, build the tokenizer from its training part, turn both splits into token files on disk, and
 serve random training windows from them. Built for corpora from one small .txt to many gigabytes:
 
-* **Sources**: `data.text_glob` (`**` recurses), each file one document, in file-name order. Files are read
-  as UTF-8 in blocks: a BOM is stripped, invalid bytes are replaced (and counted per file), binary files are
-  skipped with a warning. With the glob empty the run uses the **demo corpus**: the help topics that ship
-  inside every Python (`pydoc_data.topics`, ~465 KB of English), so the default run needs no download.
+* **Sources**: `data.text_glob` (`**` recurses), in file-name order, by extension (any may end in `.gz`):
+  plain text (`.txt`, `.md`, `.text`; a file the glob names with another extension is read as text too)
+  is one document per file; `.jsonl`, `.json`, `.csv`, `.tsv` and `.parquet` hold records, each one
+  document: the field `data.text_field` names (a dotted name reaches into nested JSON), or else `text`,
+  `content` or the only text field. Records without text are counted and skipped. Everything is streamed
+  (a `.json` file excepted: JSON has no streaming form), so memory stays flat. Text is UTF-8 (UTF-16/32
+  by their BOM); a BOM is stripped, invalid bytes are replaced (and counted per file), binary files are
+  skipped. Never read: a training run's output folder (an earlier version attached as an input: its
+  samples and logs), a notebook's kept outputs and a model's folder, even when the glob matches them.
+* **Empty glob**: on Kaggle every readable file of the attached datasets and competitions (a dataset
+  with nothing readable is an error listing what it holds); elsewhere, or with nothing attached, the
+  **demo corpus**: the help topics that ship inside every Python (`pydoc_data.topics`, ~465 KB of
+  English), so the default run needs no download.
 * **Split**: the last `data.val_fraction` of the characters is validation, the rest training: the two never
   overlap and the split is the same on every run. The tokenizer learns from the training part only.
 * **Tokens**: documents are encoded in pieces of about a megabyte, in parallel worker processes, and
   appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32), with the
   end-of-document token after each document (a blank line for a tokenizer that has none, such as a `char`
   vocabulary saved before `char` had one). Memory stays flat as the corpus grows.
-* **Cache**: the token files live in a folder named by a hash of the files (path, size, mtime), the split
-  and the tokenizer settings; a second run with the same inputs reuses them. A build is written to a
+* **Cache**: the token files live in a folder named by a hash of the files (path, size, mtime), the text
+  field, the split and the tokenizer settings; a second run with the same inputs reuses them. It is under
+  the output folder, except on Kaggle, where the output folder is kept with every version: there it is in
+  the session's temporary space (`data.cache_dir` chooses another place). A build is written to a
   temporary folder and renamed when complete, so an interrupted build never looks complete.
 * **Batches**: random windows of `block_size + 1` tokens from the memory-mapped files, drawn by a seeded
   `torch.Generator` whose state a checkpoint saves, so a resumed run draws exactly the batches it would have.
@@ -23,9 +34,12 @@ serve random training windows from them. Built for corpora from one small .txt t
 import codecs
 import collections
 import contextlib
+import csv
 import errno
 import glob
+import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -33,10 +47,11 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -46,8 +61,10 @@ from kernel.config import Config
 from kernel.tokenization import Tokenizer, document_separator, tokenizer_class, tokenizer_from_dict
 
 DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
-READ_BLOCK_BYTES = 8 << 20       # bytes read from a file at a time
+READ_BLOCK_CHARS = 8 << 20       # characters read from a file at a time
 PIECE_CHARS = 1 << 20            # characters per encoding task
+KAGGLE_CACHE_FOLDER = "train-gpt-token-cache"  # under the temporary folder (/tmp) on Kaggle
+MAX_LISTED_SKIPS = 100           # skipped files named in summary.json (all are counted)
 CACHE_FORMAT = 2                 # bump when the token files' layout changes (2: char's end-of-text token)
 
 
@@ -67,13 +84,45 @@ codecs.register_error("kernel_count_invalid", count_invalid_bytes)
 UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
                 (codecs.BOM_UTF16_BE, "utf-16")]
 
+# Formats by extension (case-insensitive, under an optional ".gz"). Plain text is one document per file; the
+# others hold records, each record one document.
+TEXT_EXTENSIONS = {".txt", ".md", ".text"}
+RECORD_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                  ".parquet": "parquet"}
+AUTO_TEXT_FIELDS = ("text", "content")  # data.text_field empty: the first of these a file has
+SUPPORTED = "text (.txt .md .text), .jsonl, .json, .csv, .tsv, .parquet, each also as .gz"
+
+
+def file_format(path: Path) -> str | None:
+    """'text', 'jsonl', 'json', 'csv', 'tsv' or 'parquet' by the file's extension; None when unknown."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes[-1:] == [".gz"]:
+        suffixes = suffixes[:-1]
+    extension = suffixes[-1] if suffixes else ""
+    return "text" if extension in TEXT_EXTENSIONS else RECORD_FORMATS.get(extension)
+
+
+def open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+def open_text(path: Path) -> io.TextIOWrapper:
+    """The file as text: gzip undone, UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (as Windows tools
+    often write), the BOM stripped, invalid bytes replaced by U+FFFD (and counted), line ends kept as they are."""
+    raw = open_binary(path)
+    head = raw.peek(4)[:4]
+    encoding = next((name for bom, name in UNICODE_BOMS if head.startswith(bom)), "utf-8-sig")
+    return io.TextIOWrapper(raw, encoding=encoding, errors="kernel_count_invalid", newline="")
+
 
 @dataclass
 class Source:
-    """One document: a text file, or one page of the demo corpus."""
+    """A file of one document (text) or of records (one document each), or one page of the demo corpus."""
     name: str
     path: Path | None = None
     text: str | None = None
+    format: str = "text"
+    text_field: str = ""  # data.text_field: which field of a record holds its text ("" = automatic)
 
     def signature(self) -> list:
         if self.path is None:
@@ -81,37 +130,144 @@ class Source:
         stat = self.path.stat()
         return [str(self.path), stat.st_size, stat.st_mtime_ns]
 
-    def encoding(self) -> str:
-        """UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (as Windows tools often write)."""
-        with open(self.path, "rb") as f:
-            head = f.read(4)
-        return next((name for bom, name in UNICODE_BOMS if head.startswith(bom)), "utf-8")
-
     def looks_binary(self) -> bool:
-        if self.path is None or self.encoding() != "utf-8":  # UTF-16/32 text is full of NUL bytes
+        if self.path is None or self.format != "text":
             return False
-        with open(self.path, "rb") as f:
-            return b"\x00" in f.read(8192)
+        with open_binary(self.path) as f:
+            head = f.read(8192)
+        return b"\x00" in head and not any(head.startswith(bom) for bom, _ in UNICODE_BOMS)  # UTF-16/32 hold NULs
 
     def blocks(self) -> Iterator[str]:
-        """The text in blocks: decoded (UTF-8 or as its BOM says), BOM stripped, invalid bytes replaced by
-        U+FFFD (and counted)."""
+        """A text file's text in blocks of about READ_BLOCK_CHARS characters."""
         if self.path is None:
             yield self.text
             return
-        decoder = codecs.getincrementaldecoder(self.encoding())(errors="kernel_count_invalid")
-        first = True
-        with open(self.path, "rb") as f:
-            while True:
-                raw = f.read(READ_BLOCK_BYTES)
-                text = decoder.decode(raw, final=not raw)
-                if first:
-                    text, first = text.removeprefix("\ufeff"), False
-                if text:
-                    yield text
-                if not raw:
-                    return
+        with open_text(self.path) as f:
+            while block := f.read(READ_BLOCK_CHARS):
+                yield block
 
+    def documents(self, skipped: collections.Counter | None = None) -> Iterator[Iterable[str]]:
+        """Each document as an iterable of text blocks; records without text are skipped (and counted, by
+        reason, into `skipped`)."""
+        if self.format == "text":
+            yield self.blocks()
+            return
+        for text in record_texts(self, skipped if skipped is not None else collections.Counter()):
+            yield (text,)
+
+
+# --- Records: JSON Lines, JSON, CSV/TSV, Parquet -------------------------------------------------------
+
+INVALID_JSON = object()  # a JSON Lines line that does not parse
+
+
+def jsonl_records(source: Source) -> Iterator:
+    with open_text(source.path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    yield INVALID_JSON
+
+
+def json_records(source: Source) -> Iterator:
+    """A .json file: a list of records, or one record (read whole: JSON has no streaming form)."""
+    with open_text(source.path) as f:
+        try:
+            data = json.load(f)
+        except ValueError as err:
+            raise KernelError(f"{source.path} is not valid JSON ({err}); a file of one JSON record per line "
+                              "should be named .jsonl") from None
+    yield from data if isinstance(data, list) else [data]
+
+
+def csv_records(source: Source) -> Iterator[str | None]:
+    """Each row's text cell, streamed (quoted cells may hold newlines, commas and tabs)."""
+    csv.field_size_limit(2**31 - 1)  # the default (128 KB) would reject a long document
+    with open_text(source.path) as f:
+        reader = csv.reader(f, delimiter="\t" if source.format == "tsv" else ",")
+        try:
+            header = next(reader, [])
+            column = header.index(text_field_for(source, {name: "" for name in header}, "columns"))
+            for row in reader:
+                if row:  # csv gives [] for a blank line
+                    yield row[column] if column < len(row) else None
+        except csv.Error as err:
+            raise KernelError(f"{source.path}, line {reader.line_num}: not readable as {source.format.upper()} "
+                              f"({err})") from None
+
+
+def parquet_records(source: Source) -> Iterator:
+    """Each row's text, read a batch at a time from its column alone (pyarrow: in Kaggle's image; locally
+    `pip install pyarrow`)."""
+    try:
+        import pyarrow.parquet as pq
+        from pyarrow import types
+    except ImportError:
+        raise KernelError(f"{source.path} is a Parquet file, which needs the pyarrow package: "
+                          "pip install pyarrow (Kaggle's image has it)") from None
+    try:
+        table = pq.ParquetFile(source.path)
+    except Exception as err:  # pyarrow's own error types (ArrowInvalid, ...) for a file that is not Parquet
+        raise KernelError(f"{source.path} is not a readable Parquet file: {err}") from None
+    columns = {f.name: "" if types.is_string(f.type) or types.is_large_string(f.type) else None
+               for f in table.schema_arrow}
+    field = text_field_for(source, columns, "columns")
+    top = field.split(".")[0]
+    for batch in table.iter_batches(batch_size=4096, columns=[top]):
+        for value in batch.column(0).to_pylist():
+            yield field_value({top: value}, field)
+
+
+RECORD_READERS = {"jsonl": jsonl_records, "json": json_records, "csv": csv_records, "tsv": csv_records,
+                  "parquet": parquet_records}
+TABULAR = {"csv", "tsv", "parquet"}  # their readers yield each row's text; the others yield whole records
+
+
+def text_field_for(source: Source, record: dict, kind: str = "fields") -> str:
+    """The field holding the text: data.text_field, else 'text', else 'content', else the only field with a
+    string value. A file without one stops the run with the fields it has."""
+    if source.text_field:
+        if source.format in TABULAR and source.text_field.split(".")[0] not in record:
+            raise KernelError(f"{source.path} has no column {source.text_field!r} (data.text_field); its "
+                              f"{kind}: {', '.join(map(str, record)) or 'none'}")
+        return source.text_field
+    found = next((name for name in AUTO_TEXT_FIELDS if name in record), None)
+    strings = [name for name, value in record.items() if isinstance(value, str)]
+    if found or len(strings) == 1:
+        return found or strings[0]
+    raise KernelError(f"{source.path}: no field named {' or '.join(map(repr, AUTO_TEXT_FIELDS))}; its {kind}: "
+                      f"{', '.join(map(str, record)) or 'none'}; set data.text_field to the one holding the text "
+                      "(a dotted name reaches into nested JSON, e.g. data.text_field=meta.body)")
+
+
+def field_value(record, dotted: str):
+    for part in dotted.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
+def record_texts(source: Source, skipped: collections.Counter) -> Iterator[str]:
+    """The text of each record (a record that is a string is its own text; a list of strings is joined by
+    newlines); what has none is counted in `skipped` by reason."""
+    field = source.text_field or None
+    for record in RECORD_READERS[source.format](source):
+        if record is INVALID_JSON:
+            skipped["invalid JSON line"] += 1
+            continue
+        if isinstance(record, dict) and field is None:
+            field = text_field_for(source, record)
+        value = field_value(record, field) if isinstance(record, dict) and source.format not in TABULAR else record
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = "\n".join(value)
+        if isinstance(value, str) and value:
+            yield value
+        else:
+            skipped["no text field" if value is None else "empty text" if value == "" else "text field not text"] += 1
+
+
+# --- Finding the files ---------------------------------------------------------------------------------
 
 def demo_sources() -> list[Source]:
     try:
@@ -169,62 +325,144 @@ def find_text_files(pattern: str) -> list[Path]:
 KAGGLE_NOT_TEXT = {"notebooks", "models", "kernels"}
 
 
-def kaggle_text_files() -> list[Path]:
-    """The .txt files of the datasets (and competitions) attached to a Kaggle notebook, in both layouts:
+# A folder holding two of these is a training run's output folder (this program's: an earlier version attached
+# as an input, or the run's own): its samples, logs and scripts are never training text. So are the outputs
+# Kaggle keeps of a notebook and a model's folder (its vocabulary files, model card).
+RUN_OUTPUT_NAMES = {"summary.json", "metrics.jsonl", "samples.txt", "loss.png", "checkpoints", "config.yaml",
+                    "train_gpt_program.py"}
+NOTEBOOK_OUTPUT_NAMES = {"__notebook__.ipynb", "__results__.html", "__output__.json"}
+MODEL_NAMES = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
+               "pytorch_model.bin.index.json"}
+
+
+def folder_not_text(folder: Path) -> str | None:
+    """Why nothing under `folder` is training text, or None."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return None
+    if len(names & RUN_OUTPUT_NAMES) >= 2 or names & NOTEBOOK_OUTPUT_NAMES:
+        return f"in an earlier run's or notebook's output folder {folder}"
+    if "config.json" in names and names & MODEL_NAMES:
+        return f"in the model folder {folder}"
+    return None
+
+
+def file_verdict(path: Path, given: bool, text_field: str, folders: dict) -> Source | str:
+    """A source for the file, or why it is skipped. `given`: the user's glob named it, so a file of unknown
+    extension is read as text (code, extension-less files); in a search of attached inputs it is skipped."""
+    for folder in reversed(Path(os.path.abspath(path)).parents):  # outermost first: name the whole folder left out
+        if folder not in folders:
+            folders[folder] = folder_not_text(folder)
+        if folders[folder]:
+            return folders[folder]
+    kind = file_format(path) or ("text" if given and path.suffix.lower() != ".gz" else None)
+    if kind is None:
+        return f"unsupported extension (read: {SUPPORTED})"
+    if path.stat().st_size == 0:
+        return "empty"
+    source = Source(str(path), path=path, format=kind, text_field=text_field)
+    return "binary (NUL bytes), not text" if source.looks_binary() else source
+
+
+def kaggle_input_files() -> list[Path]:
+    """Every file of the datasets and competitions attached to a Kaggle notebook, in both layouts:
     /kaggle/input/datasets/<owner>/<slug>/... (2026) and /kaggle/input/<slug>/... (older)."""
     root = kaggle_root() / "input"
     if not root.is_dir():
         return []
     found = []
     for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in KAGGLE_NOT_TEXT):
-        found += glob.glob(str(top / "**" / "*.txt"), recursive=True)
+        found += glob.glob(str(top / "**" / "*"), recursive=True)
     return unique_files(found)
 
 
-def list_sources(text_glob: str) -> tuple[str, list[Source]]:
-    """(a description, the documents), binary files left out with a warning. With no glob: on Kaggle the
-    attached datasets' .txt files when there are any, else the demo corpus."""
-    if not text_glob:
-        attached = kaggle_text_files() if is_kaggle() else []
-        if not attached:
-            if is_kaggle():
-                print(f"[data] no .txt file under {kaggle_root() / 'input'}: training on the demo corpus "
-                      "(attach a dataset, or set DATA_GLOB)")
-            return DEMO_CORPUS, demo_sources()
-        print(f"[data] data.text_glob is empty: using the {len(attached)} .txt file(s) of the attached inputs")
-        paths, description = attached, f"{len(attached)} .txt file(s) attached under {kaggle_root() / 'input'}"
-    else:
-        paths, description = find_text_files(text_glob), None
-    sources = []
-    for path in paths:
-        source = Source(str(path), path=path)
-        if source.looks_binary():
-            print(f"[data] skipping {path}: it looks binary (NUL bytes), not text")
+def report_skipped(skipped: list[tuple[str, str]], limit: int = 5) -> str:
+    """The skipped files by reason: 'empty: a.txt, b.txt; 57 files in the output folder X'."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    entries = []
+    for reason, paths in by_reason.items():
+        if reason.startswith("in "):  # a whole folder left out: its files need no listing
+            entries.append(f"{len(paths)} file(s) {reason}")
         else:
-            sources.append(source)
-    return description or f"{len(sources)} file(s) matching {text_glob!r}", sources
+            more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+            entries.append(f"{reason}: {', '.join(paths[:limit])}{more}")
+    return "; ".join(entries)
+
+
+def list_sources(text_glob: str, text_field: str = "") -> tuple[str, list[Source], list[tuple[str, str]]]:
+    """(a description, the documents' sources, the files skipped with why). With no glob: on Kaggle every
+    supported file of the attached inputs when there are any, else the demo corpus."""
+    searching = not text_glob
+    if searching and not is_kaggle():
+        return DEMO_CORPUS, demo_sources(), []
+    paths = kaggle_input_files() if searching else find_text_files(text_glob)
+    sources, skipped, folders = [], [], {}
+    for path in paths:
+        verdict = file_verdict(path, not searching, text_field, folders)
+        if isinstance(verdict, Source):
+            sources.append(verdict)
+        else:
+            skipped.append((str(path), verdict))
+    where = f"{kaggle_root() / 'input'}" if searching else repr(text_glob)
+    if skipped:
+        print(f"[data] skipped {len(skipped)} file(s) under {where}: {report_skipped(skipped)}")
+    if sources:
+        counts = collections.Counter(s.format for s in sources)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        if searching:
+            print(f"[data] data.text_glob is empty: using the attached inputs' files ({kinds})")
+        return f"{len(sources)} file(s) ({kinds}) " + (f"attached under {where}" if searching else f"matching {where}"), sources, skipped
+    unusable = [(p, r) for p, r in skipped if not r.startswith("in ")]
+    if searching and not unusable:
+        print(f"[data] no text file under {where}: training on the demo corpus (attach a dataset, or set DATA_GLOB)")
+        return DEMO_CORPUS, demo_sources(), skipped
+    raise KernelError(f"no usable text under {where}: {report_skipped(skipped)}")
 
 
 # --- The corpus as one stream of characters ------------------------------------------------------------
 
 @dataclass
 class Piece:
+    """Consecutive text of one split, encoded as one task: every text but the last ends a document (so many
+    short records travel together); the last one ends a document when `ends_document` says so."""
     split: str           # "train" or "val"
-    text: str
-    ends_document: bool  # an end-of-document separator follows
+    texts: list[str]
+    ends_document: bool
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
 
-def measure(sources: list[Source]) -> tuple[list[int], dict]:
-    """Characters per document (one streaming pass) and what was found: bytes, invalid bytes, empty files."""
-    lengths, invalid, total_bytes = [], {}, 0
+def measure(sources: list[Source]) -> dict:
+    """One streaming pass: characters, documents (per format), bytes, invalid bytes, records without text."""
+    found = {"chars": 0, "documents": 0, "bytes": 0, "invalid_bytes": {}, "formats": {}, "skipped_records": {}}
+    skipped_records = collections.Counter()
     for source in sources:
         INVALID_BYTE_COUNTS.append(0)
-        lengths.append(sum(len(block) for block in source.blocks()))
+        skipped, documents = collections.Counter(), 0
+        for document in source.documents(skipped):
+            length = sum(len(block) for block in document)
+            documents, found["chars"] = documents + (length > 0), found["chars"] + length
         if count := INVALID_BYTE_COUNTS.pop():
-            invalid[source.name] = count
+            found["invalid_bytes"][source.name] = count
             print(f"[data] {source.name}: {count} invalid UTF-8 byte sequence(s) replaced by U+FFFD")
-        total_bytes += source.path.stat().st_size if source.path else len(source.text.encode("utf-8"))
-    return lengths, {"bytes": total_bytes, "invalid_bytes": invalid}
+        if source.format != "text" and not documents:
+            raise KernelError(f"{source.path}: no record has text ({dict(skipped) or 'no records'}); check "
+                              f"data.text_field (now {source.text_field or 'automatic'!r})")
+        skipped_records.update(skipped)
+        per_format = found["formats"].setdefault(source.format if source.path else "demo", {"files": 0, "documents": 0})
+        per_format["files"] += source.path is not None
+        per_format["documents"] += documents
+        found["documents"] += documents
+        found["bytes"] += source.path.stat().st_size if source.path else len(source.text.encode("utf-8"))
+    found["skipped_records"] = dict(skipped_records)
+    if skipped_records:
+        print(f"[data] records skipped: {', '.join(f'{n:,} {why}' for why, n in skipped_records.items())}")
+    return found
 
 
 def safe_cut(text: str, limit: int) -> int:
@@ -237,35 +475,52 @@ def safe_cut(text: str, limit: int) -> int:
     return newline + 1 if newline > 0 else limit
 
 
-def iterate_pieces(sources: list[Source], split_at: int, piece_chars: int | None = None) -> Iterator[Piece]:
-    """The corpus as pieces of at most piece_chars characters; characters before `split_at` are training."""
-    piece_chars = piece_chars or PIECE_CHARS
+def fragments(sources: list[Source], split_at: int, piece_chars: int) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends_document): each document cut into fragments of at most piece_chars characters,
+    and at the split; characters before `split_at` are training."""
     offset = 0
     for source in sources:
-        buffer = ""
-        for block in source.blocks():
-            buffer += block
-            while len(buffer) > piece_chars or (offset < split_at < offset + len(buffer)):
-                if offset < split_at < offset + len(buffer) and split_at - offset <= piece_chars:
-                    cut = split_at - offset
-                else:
-                    cut = safe_cut(buffer, piece_chars)
-                yield Piece("train" if offset < split_at else "val", buffer[:cut], False)
-                buffer, offset = buffer[cut:], offset + cut
-        if buffer:
-            yield Piece("train" if offset < split_at else "val", buffer, True)
-            offset += len(buffer)
+        for document in source.documents():
+            buffer = ""
+            for block in document:
+                buffer += block
+                while len(buffer) > piece_chars or (offset < split_at < offset + len(buffer)):
+                    if offset < split_at < offset + len(buffer) and split_at - offset <= piece_chars:
+                        cut = split_at - offset
+                    else:
+                        cut = safe_cut(buffer, piece_chars)
+                    yield "train" if offset < split_at else "val", buffer[:cut], False
+                    buffer, offset = buffer[cut:], offset + cut
+            if buffer:
+                yield "train" if offset < split_at else "val", buffer, True
+                offset += len(buffer)
+
+
+def iterate_pieces(sources: list[Source], split_at: int, piece_chars: int | None = None) -> Iterator[Piece]:
+    """The corpus as pieces of at most piece_chars characters, short documents packed together."""
+    piece_chars = piece_chars or PIECE_CHARS
+    texts, size, split = [], 0, "train"
+    for fragment_split, text, ends_document in fragments(sources, split_at, piece_chars):
+        if texts and (fragment_split != split or size + len(text) > piece_chars):
+            yield Piece(split, texts, True)  # what was waiting ends documents: an open one is yielded at once
+            texts, size = [], 0
+        texts, size, split = texts + [text], size + len(text), fragment_split
+        if not ends_document:
+            yield Piece(split, texts, False)
+            texts, size = [], 0
+    if texts:
+        yield Piece(split, texts, True)
 
 
 def training_text_sample(sources: list[Source], split_at: int, max_chars: int, chunk_chars: int = 1 << 16):
     """The training text when it is small, else evenly spaced chunks adding up to about max_chars."""
-    pieces = (p.text for p in iterate_pieces(sources, split_at) if p.split == "train")
+    texts = (text for p in iterate_pieces(sources, split_at) if p.split == "train" for text in p.texts)
     if split_at <= max_chars:
-        yield from pieces
+        yield from texts
         return
     stride = split_at // max(1, max_chars // chunk_chars)
     offset, next_start = 0, 0
-    for text in pieces:
+    for text in texts:
         while next_start < offset + len(text):
             local = next_start - offset
             yield text[local : local + chunk_chars]
@@ -275,12 +530,14 @@ def training_text_sample(sources: list[Source], split_at: int, max_chars: int, c
 
 @dataclass
 class TrainingText:
-    """The training split as a tokenizer learns from it (tokenization's TrainingCorpus), read on demand."""
+    """The training split as a tokenizer learns from it (tokenization's TrainingCorpus), read on demand:
+    one string per document (or per part of a long one)."""
     sources: list[Source]
     split_at: int
 
     def pieces(self) -> Iterator[str]:
-        return (piece.text for piece in iterate_pieces(self.sources, self.split_at) if piece.split == "train")
+        return (text for piece in iterate_pieces(self.sources, self.split_at) if piece.split == "train"
+                for text in piece.texts)
 
     def sample(self, max_chars: int) -> Iterator[str]:
         return training_text_sample(self.sources, self.split_at, max_chars)
@@ -297,16 +554,33 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-WORKER_TOKENIZER: list = []  # set in each worker process (inherited through fork)
+WORKER_TOKENIZER: list = []  # [tokenizer, separator ids], inherited by each worker process through fork
 
 
-def encode_piece(text: str) -> np.ndarray:
-    tokenizer = WORKER_TOKENIZER[0]
+def separator_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """What follows each document: the end-of-text token, or a blank line for a tokenizer without one."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    if tokenizer.eos_id is not None:
+        return np.array([tokenizer.eos_id], dtype=dtype)
+    return np.asarray(tokenizer.encode(document_separator(tokenizer)), dtype=dtype)
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
     if hasattr(tokenizer, "encode_array"):
-        ids = tokenizer.encode_array(text)
-    else:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    return ids.astype(token_dtype(tokenizer.vocab_size))
+        return tokenizer.encode_array(text)
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def encode_piece(piece: tuple[list[str], bool]) -> np.ndarray:
+    """A piece's ids (texts, ends_document), with the separator after every document it ends."""
+    tokenizer, separator = WORKER_TOKENIZER
+    texts, ends_document = piece
+    parts = []
+    for number, text in enumerate(texts, start=1):
+        parts.append(encode_text(tokenizer, text).astype(separator.dtype))
+        if number < len(texts) or ends_document:
+            parts.append(separator)
+    return np.concatenate(parts)
 
 
 def worker_count(requested: int) -> int:
@@ -352,31 +626,23 @@ def write_token_files(sources: list[Source], split_at: int, tokenizer: Tokenizer
                       workers: int) -> dict:
     """Encode every piece into folder/train.bin and folder/val.bin; returns token counts per split and the
     validation text's size in bytes."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    if tokenizer.eos_id is not None:
-        separator = np.array([tokenizer.eos_id], dtype=dtype)
-    else:
-        separator = np.asarray(tokenizer.encode(document_separator(tokenizer)), dtype=dtype)
     counts = {"train": 0, "val": 0, "val_bytes": 0}
-    WORKER_TOKENIZER[:] = [tokenizer]
-    in_flight: collections.deque = collections.deque()  # (split, ends_document) of the pieces being encoded
+    WORKER_TOKENIZER[:] = [tokenizer, separator_ids(tokenizer)]
+    in_flight: collections.deque = collections.deque()  # the split of each piece being encoded
 
-    def texts() -> Iterator[str]:
+    def pieces() -> Iterator[tuple[list[str], bool]]:
         for piece in iterate_pieces(sources, split_at):
-            in_flight.append((piece.split, piece.ends_document))
+            in_flight.append(piece.split)
             if piece.split == "val":  # bits per byte needs the validation text's size in bytes
-                counts["val_bytes"] += len(piece.text.encode("utf-8"))
-            yield piece.text
+                counts["val_bytes"] += sum(len(text.encode("utf-8")) for text in piece.texts)
+            yield piece.texts, piece.ends_document
 
     with open(folder / "train.bin", "wb") as train_file, open(folder / "val.bin", "wb") as val_file:
         files = {"train": train_file, "val": val_file}
-        for ids in ordered_map(encode_piece, texts(), workers):
-            split, ends_document = in_flight.popleft()
+        for ids in ordered_map(encode_piece, pieces(), workers):
+            split = in_flight.popleft()
             files[split].write(ids.tobytes())
             counts[split] += int(ids.size)
-            if ends_document:
-                files[split].write(separator.tobytes())
-                counts[split] += int(separator.size)
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -395,7 +661,7 @@ def tokenizer_fingerprint(config: Config, tokenizer: Tokenizer | None) -> str:
 
 
 def cache_key(sources: list[Source], config: Config, tokenizer: Tokenizer | None) -> str:
-    description = {"format": CACHE_FORMAT, "sources": [s.signature() for s in sources],
+    description = {"format": CACHE_FORMAT, "sources": [s.signature() for s in sources], "text_field": config.data.text_field,
                    "val_fraction": config.data.val_fraction, "tokenizer": tokenizer_fingerprint(config, tokenizer),
                    "python": platform.python_version() if sources and sources[0].path is None else ""}
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
@@ -430,23 +696,21 @@ def load_cached(folder: Path) -> TokenData:
 def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | None, folder: Path,
                 source_description: str) -> None:
     """Measure, split, train the tokenizer, encode; everything in a temporary folder renamed at the end."""
-    lengths, found = measure(sources)
-    total_chars = sum(lengths)
-    if total_chars == 0:
-        raise KernelError(f"{source_description}: every file is empty")
-    split_at = int(total_chars * (1 - config.data.val_fraction))
     staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        found = measure(sources)
+        if found["chars"] == 0:
+            raise KernelError(f"{source_description}: every file is empty")
+        split_at = int(found["chars"] * (1 - config.data.val_fraction))
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         started = time.perf_counter()
         if tokenizer is None:
             tokenizer = train_tokenizer(config, sources, split_at)
         tokenizer_seconds, started = time.perf_counter() - started, time.perf_counter()
         counts = write_token_files(sources, split_at, tokenizer, staging, worker_count(config.data.workers))
         encode_seconds = time.perf_counter() - started
-        stats = {"source": source_description, "documents": len(sources), "files": sum(s.path is not None for s in sources),
-                 "bytes": found["bytes"], "chars": total_chars, "invalid_bytes": found["invalid_bytes"],
+        stats = {"source": source_description, "files": sum(s.path is not None for s in sources), **found,
                  "train_tokens": counts["train"], "val_tokens": counts["val"],
                  "val_bytes": counts["val_bytes"], "vocab_size": tokenizer.vocab_size,
                  "tokenizer_seconds": round(tokenizer_seconds, 2), "encode_seconds": round(encode_seconds, 2)}
@@ -467,6 +731,17 @@ def cache_os_error(err: OSError, staging: Path, folder: Path) -> KernelError:
         return KernelError(f"could not write the token cache in {folder.parent}: {err.strerror or err}; "
                            f"{write_error_advice(err)}, or set data.cache_dir to a folder with more room")
     return KernelError(f"could not read {err.filename}: {err.strerror or err}")
+
+
+def cache_location(cache_dir: str, out_dir: Path) -> tuple[Path, bool]:
+    """Where the token files go, and whether that folder is the output folder's own (which the run prunes).
+    On Kaggle not under /kaggle/working: that is kept as the version's output (20 GB at most), and the
+    cache is rebuilt in seconds."""
+    if cache_dir:
+        return Path(cache_dir), False
+    if is_kaggle():
+        return Path(tempfile.gettempdir()) / KAGGLE_CACHE_FOLDER, False
+    return out_dir / "cache", True
 
 
 def remove_cache_debris(cache_root: Path, keep: Path | None) -> None:
@@ -495,9 +770,7 @@ def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | 
     that tokenizer. `private`: the cache root belongs to this output folder alone (superseded caches and a
     cache too short to train on are removed)."""
     started, cache_root = time.perf_counter(), Path(cache_root)
-    description, sources = list_sources(config.data.text_glob)
-    if not sources:
-        raise KernelError(f"data.text_glob={config.data.text_glob!r}: every matching file is binary")
+    description, sources, skipped = list_sources(config.data.text_glob, config.data.text_field)
     folder = cache_root / f"tokens-{cache_key(sources, config, None)}"  # the same key before and after a resume
     if tokenizer is not None and not cached_with(folder, tokenizer):
         folder = cache_root / f"tokens-{cache_key(sources, config, tokenizer)}"
@@ -506,7 +779,9 @@ def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | 
         remove_cache_debris(cache_root, None)
         build_cache(sources, config, tokenizer, folder, description)
     data = load_cached(folder)
-    data.stats.update(seconds=round(time.perf_counter() - started, 2), cache=str(folder), cached=cached)
+    data.stats.update(seconds=round(time.perf_counter() - started, 2), cache=str(folder), cached=cached,
+                      skipped_files=[{"path": path, "reason": why} for path, why in skipped[:MAX_LISTED_SKIPS]],
+                      skipped_files_total=len(skipped))
     try:
         check_split_lengths(data, config.model.block_size)
     except KernelError:

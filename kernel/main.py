@@ -35,7 +35,7 @@ from kernel.env import (DTYPES, KAGGLE_TIME_BUDGET_S, KernelError, default_out_d
 from kernel.config import (DEVICE_PATTERN, Config, SampleConfig, config_from_dict, config_to_yaml, did_you_mean,
                            load_config, parse_overrides)
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
-from kernel.data import TokenData, prepare_data, print_data_report
+from kernel.data import TokenData, cache_location, prepare_data, print_data_report
 from kernel.model import GPT
 from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
@@ -170,8 +170,8 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
     given_tokenizer = tokenizer_from_dict(checkpoint.tokenizer) if checkpoint else None
-    cache_root = Path(config.data.cache_dir or out_dir / "cache")
-    data = prepare_data_once(config, cache_root, given_tokenizer, processes, private=not config.data.cache_dir)
+    cache_root, private = cache_location(config.data.cache_dir, out_dir)
+    data = prepare_data_once(config, cache_root, given_tokenizer, processes, private=private)
     print_data_report(data)
     if config.train.dtype == "auto" and checkpoint is not None:  # keep the precision the run started with
         dtype, why = DTYPES[checkpoint.dtype], "as when the checkpoint was written"

@@ -3,12 +3,14 @@
 import functools
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import build_kernel
-from kernel.data import kaggle_text_files
+from kernel.data import list_sources
+from kernel.env import KernelError
 import kernel.main as main_module
 from kernel.main import main
 from kernel.checkpoint import list_checkpoints
@@ -32,6 +34,9 @@ _socket.socket.connect = _loopback_only
 def kaggle(tmp_path: Path, monkeypatch, run_type: str = "Batch") -> Path:
     root = tmp_path / "kaggle"
     (root / "working").mkdir(parents=True)
+    (root / "tmp").mkdir()  # the session's scratch space (the token cache goes there), not kept as output
+    monkeypatch.setenv("TMPDIR", str(root / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(root / "tmp"))
     monkeypatch.setenv("KERNEL_KAGGLE_ROOT", str(root))
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", run_type)
     return root
@@ -53,7 +58,8 @@ def test_text_is_found_in_both_input_layouts_but_not_in_notebook_outputs(tmp_pat
     new_layout = attach_dataset(root, "datasets/someone/stories")
     old_layout = attach_dataset(root, "old-stories", count=1)
     attach_dataset(root, "notebooks/me/my-gpt/outputs", count=1)  # an earlier version's samples: not data
-    assert kaggle_text_files() == sorted(new_layout + old_layout)
+    description, sources, skipped = list_sources("")
+    assert [s.path for s in sources] == sorted(new_layout + old_layout) and "attached under" in description
 
 
 @pytest.mark.slow
@@ -70,6 +76,7 @@ def test_the_notebook_runs_offline_in_a_simulated_kaggle(tmp_path, monkeypatch, 
     assert summary["steps"] == 30 and "attached under" in summary["data"]["source"]
     assert summary["data"]["documents"] == 3
     assert (out / "samples.txt").exists() and list_checkpoints(out / "checkpoints")
+    assert not (out / "cache").exists() and summary["data"]["cache"].startswith(str(root / "tmp"))  # not kept
     printed = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
     assert "[done] val loss" in printed and "\r" not in printed  # batch run: plain lines, no progress bar
 
@@ -123,3 +130,55 @@ def test_two_processes_on_a_simulated_kaggle_use_its_inputs_outputs_and_budget(t
     printed = capsys.readouterr().out
     assert printed.count("[env] Kaggle: train.time_budget defaults to 8h") == 1  # rank 0 only
     assert "\r" not in printed
+
+
+def attach_csv_dataset(root: Path, relative: str) -> Path:
+    folder = root / "input" / relative
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f'{i},"Critique {i}, en deux lignes:\n{FRENCH * 8}",{i % 5}\n' for i in range(20))
+    (folder / "reviews.csv").write_text("id,text,stars\n" + rows, encoding="utf-8")
+    return folder / "reviews.csv"
+
+
+@pytest.mark.parametrize("layout", ["notebooks/me/my-gpt", "my-gpt"])
+@pytest.mark.parametrize("data_glob", ["", "{root}/input/**/*.*"])
+def test_an_attached_earlier_version_is_never_training_text(tmp_path, monkeypatch, layout, data_glob):
+    root = kaggle(tmp_path, monkeypatch)
+    attach_dataset(root, "datasets/someone/stories")
+    attach_csv_dataset(root, "datasets/someone/reviews")
+    glob_pattern = data_glob.format(root=root)
+    first = main("llm_cpu.yaml", {**TINY, "train.max_steps": 4}, data_glob=glob_pattern)
+    assert first["data"]["formats"] == {"csv": {"files": 1, "documents": 20}, "text": {"files": 3, "documents": 3}}
+    out = root / "working" / "outputs"
+    earlier = root / "input" / layout
+    shutil.move(str(out), str(earlier / "outputs"))  # Add Input > Your Work > this notebook
+    (earlier / "__notebook__.ipynb").write_text("{}", encoding="utf-8")  # what Kaggle keeps beside the outputs
+    second = main("llm_cpu.yaml", {**TINY, "train.max_steps": 8}, data_glob=glob_pattern)
+    assert second["resumed_from"].startswith(str(earlier)) and second["steps"] == 8
+    for key in ("chars", "documents", "formats", "train_tokens", "val_tokens"):
+        assert second["data"][key] == first["data"][key], key
+    skipped = {entry["path"]: entry["reason"] for entry in second["data"]["skipped_files"]}
+    looked_at_earlier = glob_pattern or layout == "my-gpt"  # the new layout's notebooks/ is not searched at all
+    for name in ("outputs/samples.txt", "outputs/metrics.jsonl", "outputs/summary.json", "__notebook__.ipynb"):
+        assert (str(earlier / name) in skipped) == bool(looked_at_earlier), name
+    assert all("output folder" in why for path, why in skipped.items() if path.startswith(str(earlier))), [w for w in skipped.values() if "output folder" not in w]
+
+
+def test_a_dataset_holding_only_a_csv_trains_on_its_text_column(tmp_path, monkeypatch, capsys):
+    root = kaggle(tmp_path, monkeypatch)
+    attach_csv_dataset(root, "reviews")
+    summary = main("llm_cpu.yaml", {**TINY, "train.max_steps": 2})
+    assert "attached under" in summary["data"]["source"] and summary["data"]["formats"]["csv"]["documents"] == 20
+    assert "demo corpus" not in capsys.readouterr().out
+
+
+def test_a_dataset_with_nothing_readable_stops_with_what_it_holds(tmp_path, monkeypatch):
+    root = kaggle(tmp_path, monkeypatch)
+    folder = root / "input" / "datasets" / "someone" / "images"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    (folder / "labels.xlsx").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(KernelError, match=r"no usable text under .*input: unsupported extension \(read: text .*\): .*cat.jpg, "
+                                          r".*labels.xlsx$"):
+        main("llm_cpu.yaml", {**TINY, "train.max_steps": 2})
+    assert not (root / "working" / "outputs" / "checkpoints").exists()
