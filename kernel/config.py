@@ -60,7 +60,7 @@ class DataConfig:
     text_glob: str = ""                   # files to train on, '**' recurses; empty: the built-in demo corpus
     val_fraction: float = 0.1             # share of the corpus held out for validation (its tail)
     workers: int = 0                      # processes that tokenize; 0: one per CPU
-    text_field: str = ""                  # .jsonl/.json/.csv/.tsv/.parquet: the field with the text; empty: text, content, or the only text field
+    text_field: str = ""                  # records (.jsonl .json .csv .tsv .parquet): the field with the text (a.b: nested; a,b: the first present); empty: text, content, or the only text field
     cache_dir: str = ""                   # token files are cached here; empty: <output folder>/cache, on Kaggle /tmp
 
 

@@ -226,20 +226,24 @@ TABULAR = {"csv", "tsv", "parquet"}  # their readers yield each row's text; the 
 
 
 def text_field_for(source: Source, record: dict, kind: str = "fields") -> str:
-    """The field holding the text: data.text_field, else 'text', else 'content', else the only field with a
-    string value. A file without one stops the run with the fields it has."""
+    """The field holding the text: the first of data.text_field's names (comma-separated) the record has, else
+    'text', else 'content', else the only field with a string value. A file without one stops the run with the
+    fields it has."""
+    listing = f"its {kind}: {', '.join(map(str, record)) or 'none'}"
     if source.text_field:
-        if source.format in TABULAR and source.text_field.split(".")[0] not in record:
-            raise KernelError(f"{source.path} has no column {source.text_field!r} (data.text_field); its "
-                              f"{kind}: {', '.join(map(str, record)) or 'none'}")
-        return source.text_field
+        names = [name.strip() for name in source.text_field.split(",") if name.strip()]
+        present = [name for name in names if field_value(record, name) is not None or name in record]
+        if source.format in TABULAR and not present:
+            raise KernelError(f"{source.path} has no column {' or '.join(map(repr, names))} (data.text_field); "
+                              f"{listing}")
+        return (present or names)[0]  # JSON: a record without the field is counted, not an error
     found = next((name for name in AUTO_TEXT_FIELDS if name in record), None)
     strings = [name for name, value in record.items() if isinstance(value, str)]
     if found or len(strings) == 1:
         return found or strings[0]
-    raise KernelError(f"{source.path}: no field named {' or '.join(map(repr, AUTO_TEXT_FIELDS))}; its {kind}: "
-                      f"{', '.join(map(str, record)) or 'none'}; set data.text_field to the one holding the text "
-                      "(a dotted name reaches into nested JSON, e.g. data.text_field=meta.body)")
+    raise KernelError(f"{source.path}: no field named {' or '.join(map(repr, AUTO_TEXT_FIELDS))}; {listing}; set "
+                      "data.text_field to the one holding the text (a dotted name reaches into nested JSON, "
+                      "e.g. meta.body; several names, comma-separated, serve files that differ)")
 
 
 def field_value(record, dotted: str):
@@ -251,7 +255,7 @@ def field_value(record, dotted: str):
 def record_texts(source: Source, skipped: collections.Counter) -> Iterator[str]:
     """The text of each record (a record that is a string is its own text; a list of strings is joined by
     newlines); what has none is counted in `skipped` by reason."""
-    field = source.text_field or None
+    field = None
     for record in RECORD_READERS[source.format](source):
         if record is INVALID_JSON:
             skipped["invalid JSON line"] += 1
@@ -341,8 +345,10 @@ def folder_not_text(folder: Path) -> str | None:
         names = set(os.listdir(folder))
     except OSError:
         return None
-    if len(names & RUN_OUTPUT_NAMES) >= 2 or names & NOTEBOOK_OUTPUT_NAMES:
-        return f"in an earlier run's or notebook's output folder {folder}"
+    if len(names & RUN_OUTPUT_NAMES) >= 2:
+        return f"in a training run's output folder {folder}"
+    if names & NOTEBOOK_OUTPUT_NAMES:
+        return f"in a notebook's kept output folder {folder}"
     if "config.json" in names and names & MODEL_NAMES:
         return f"in the model folder {folder}"
     return None
@@ -414,7 +420,8 @@ def list_sources(text_glob: str, text_field: str = "") -> tuple[str, list[Source
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         if searching:
             print(f"[data] data.text_glob is empty: using the attached inputs' files ({kinds})")
-        return f"{len(sources)} file(s) ({kinds}) " + (f"attached under {where}" if searching else f"matching {where}"), sources, skipped
+        description = f"{len(sources)} file(s) ({kinds}) {'attached under' if searching else 'matching'} {where}"
+        return description, sources, skipped
     unusable = [(p, r) for p, r in skipped if not r.startswith("in ")]
     if searching and not unusable:
         print(f"[data] no text file under {where}: training on the demo corpus (attach a dataset, or set DATA_GLOB)")
@@ -661,7 +668,8 @@ def tokenizer_fingerprint(config: Config, tokenizer: Tokenizer | None) -> str:
 
 
 def cache_key(sources: list[Source], config: Config, tokenizer: Tokenizer | None) -> str:
-    description = {"format": CACHE_FORMAT, "sources": [s.signature() for s in sources], "text_field": config.data.text_field,
+    description = {"format": CACHE_FORMAT, "sources": [s.signature() for s in sources],
+                   "text_field": config.data.text_field,
                    "val_fraction": config.data.val_fraction, "tokenizer": tokenizer_fingerprint(config, tokenizer),
                    "python": platform.python_version() if sources and sources[0].path is None else ""}
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
@@ -779,7 +787,8 @@ def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | 
         remove_cache_debris(cache_root, None)
         build_cache(sources, config, tokenizer, folder, description)
     data = load_cached(folder)
-    data.stats.update(seconds=round(time.perf_counter() - started, 2), cache=str(folder), cached=cached,
+    data.stats.update(source=description, seconds=round(time.perf_counter() - started, 2), cache=str(folder),
+                      cached=cached,
                       skipped_files=[{"path": path, "reason": why} for path, why in skipped[:MAX_LISTED_SKIPS]],
                       skipped_files_total=len(skipped))
     try:

@@ -250,6 +250,8 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
             make()
         except RunStopped as stop:
             print(f"[stop] {name} skipped after {stop.signal_name}; the checkpoint and summary.json are saved")
+        except KernelError as err:  # a known problem: its message says what to change
+            print(f"[warn] could not write {name}: {err}; the checkpoint and summary.json are saved")
         except Exception as err:  # noqa: BLE001 - a broken extra must not cost the trained model
             print(f"[warn] could not write {name} ({type(err).__name__}: {err}); the checkpoint and summary.json "
                   f"are saved{f': try {retry!r}' if retry else ''}")

@@ -149,6 +149,16 @@ def human_summary(summary: dict) -> str:
         f"{summary['val_bpb']:.3f} bits per byte" + ("" if math.isfinite(summary["val_loss"]) else " (diverged)") + ".",
         f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s of training"
         + (f", {100 * summary['mfu']:.1f}% model FLOPs utilisation." if summary.get("mfu") else "."),
-        f"Files in {out}: loss.png, samples.txt, summary.json, metrics.jsonl, config.yaml, hf/ (the model for "
-        "transformers, with its model card README.md), tokenizer/, checkpoints/.",
+        f"Files in {out}: {', '.join(output_files(Path(out)))}.",
     ])
+
+
+# What a run writes, as the summary names it (a step skipped after a stop or a warning leaves its file out).
+OUTPUT_FILES = (("loss.png", "loss.png"), ("samples.txt", "samples.txt"), ("summary.json", "summary.json"),
+                ("metrics.jsonl", "metrics.jsonl"), ("config.yaml", "config.yaml"),
+                ("hf", "hf/ (the model for transformers, with its model card README.md)"),
+                ("tokenizer", "tokenizer/"), ("checkpoints", "checkpoints/"))
+
+
+def output_files(out: Path) -> list[str]:
+    return [label for name, label in OUTPUT_FILES if (out / name).exists()]

@@ -68,6 +68,18 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     return idx
 
 
+def start_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The model needs a token to condition on: a prompt that encodes to nothing (empty, or whitespace that
+    a BERT-style tokenizer drops) starts a new document: the end-of-text token, else a newline (not shown)."""
+    if tokenizer.eos_id is not None:
+        return [tokenizer.eos_id]
+    if ids := tokenizer.encode("\n"):
+        return ids
+    raise KernelError(f"the prompt {prompt!r} encodes to no tokens, and this tokenizer has no end-of-text token "
+                      "and drops newlines, so there is nothing to start from: give prompts with text "
+                      "(sample.prompts, or --prompt 'The ')")
+
+
 def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device,
                  seed: int) -> list[tuple[str, str]]:
     """[(prompt, prompt + continuation), ...]: settings.num_samples per prompt in settings.prompts."""
@@ -77,9 +89,8 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, devic
     samples = []
     for prompt in settings.prompts:
         ids = tokenizer.encode(prompt) if prompt else []
-        # the model needs a token to condition on: an empty prompt starts a new document (not shown)
-        start = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
-        idx = torch.tensor([ids or start], dtype=torch.long, device=device)
+        start = ids or start_ids(tokenizer, prompt)
+        idx = torch.tensor([start], dtype=torch.long, device=device)
         for _ in range(settings.num_samples):
             out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k,
                            settings.top_p, generator, tokenizer.eos_id, vocab_size=tokenizer.vocab_size)

@@ -132,4 +132,12 @@ def test_a_glob_never_reads_a_training_runs_outputs(tmp_path, tiny):
     assert [s.path for s in sources] == [tmp_path / "data" / "story.txt"]
     reasons = {Path(path).name: why for path, why in skipped}
     assert {"samples.txt", "metrics.jsonl", "summary.json", "tokenizer.json", "config.json"} <= set(reasons)
-    assert reasons["samples.txt"] == f"in an earlier run's or notebook's output folder {tmp_path / 'outputs'}"
+    assert reasons["samples.txt"] == f"in a training run's output folder {tmp_path / 'outputs'}"
+
+
+def test_several_text_field_names_serve_files_that_differ(tmp_path, tiny):
+    write_csv(tmp_path / "in" / "a.csv", [["id", "review"], ["1", "a review, " * 10]])
+    write_jsonl(tmp_path / "in" / "b.jsonl", [json.dumps({"meta": {"body": "a body. " * 10}})])
+    data = prepare_data(tiny(data__text_glob=str(tmp_path / "in" / "*"), data__text_field="review, meta.body",
+                             data__val_fraction=0.3, model__block_size=16), tmp_path / "cache")
+    assert documents_of(data) == ["a review, " * 10, "a body. " * 10]

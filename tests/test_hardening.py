@@ -18,7 +18,7 @@ from kernel.checkpoint import list_checkpoints
 from kernel.config import ConfigError, load_config
 from kernel.data import Source, find_text_files
 from kernel.env import FILE_MODE, KernelError
-from kernel.main import run, write_json_atomic
+from kernel.main import run, sample_from_run, write_json_atomic
 from tests.test_reliability import ROOT, metrics_without_timing, start_cli, wait_for_step
 
 
@@ -48,13 +48,19 @@ def wordpiece_folder(folder: Path) -> Path:
     return folder
 
 
-def test_an_hf_tokenizer_that_encodes_the_prompt_to_nothing_still_ends_the_run_with_its_outputs(tmp_path, tiny):
+def test_an_hf_tokenizer_that_encodes_the_prompt_to_nothing_still_ends_the_run_with_its_outputs(tmp_path, tiny, capsys):
     folder = wordpiece_folder(tmp_path / "wordpiece")
     summary = run(tiny(tokenizer__mode="hf", tokenizer__pretrained_name=str(folder), train__max_steps=10),
                   tmp_path / "out")
     out = tmp_path / "out"
     assert summary["steps"] == 10 and json.loads((out / "summary.json").read_text())["steps"] == 10
     assert (out / "hf" / "config.json").is_file() and list_checkpoints(out / "checkpoints")
+    printed = capsys.readouterr().out
+    assert "[warn] could not write samples.txt: the prompt '\\n' encodes to no tokens" in printed
+    assert not (out / "samples.txt").exists() and "samples.txt" not in printed.splitlines()[-1]  # the file list
+    assert "=== sample 1 | prompt 'the' ===" in sample_from_run(out, ["the"], max_new_tokens=5)
+    with pytest.raises(KernelError, match=r"the prompt '\\n' encodes to no tokens.*give prompts with text"):
+        sample_from_run(out, ["\n"], max_new_tokens=5)
 
 
 def test_summary_json_holds_null_for_numbers_json_cannot_hold(tmp_path):
