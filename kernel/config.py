@@ -57,10 +57,10 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    text_glob: str = ""                   # files to train on, '**' recurses; empty: the built-in demo corpus
+    text_glob: str = ""                   # files to train on, '**' recurses; empty: Kaggle's inputs, else a demo corpus
     val_fraction: float = 0.1             # share of the corpus held out for validation (its tail)
     workers: int = 0                      # processes that tokenize; 0: one per CPU
-    text_field: str = ""                  # records (.jsonl .json .csv .tsv .parquet): the field with the text (a.b: nested; a,b: the first present); empty: text, content, or the only text field
+    text_field: str = ""                  # records' text field (a.b: nested; a,b: first present); empty: text/content
     cache_dir: str = ""                   # token files are cached here; empty: <output folder>/cache, on Kaggle /tmp
 
 
