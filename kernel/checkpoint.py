@@ -217,14 +217,19 @@ RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}
 
 
 def check_resume_compatible(checkpoint: Checkpoint, config: Config, path: Path) -> None:
-    """The run resuming a checkpoint must have its model shape and its tokenizer: a different one would
-    silently train on other token ids (or not fit the weights)."""
+    """The run resuming a checkpoint must have its model shape, its tokenizer (a different one would silently
+    train on other token ids, or not fit the weights) and its optimizer (whose state the checkpoint holds)."""
     saved, current = checkpoint.config["model"], config_to_dict(config)["model"]
     changed = [k for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
     if changed:
         details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise KernelError(f"cannot resume from {path}: the model shape changed ({details}); {START_AFRESH}")
     check_same_tokenizer(checkpoint, config, path)
+    optimizer_before = checkpoint.config["train"].get("optimizer", "adamw")  # older checkpoints: AdamW
+    if optimizer_before != config.train.optimizer:
+        raise KernelError(f"cannot resume from {path}: train.optimizer changed ({optimizer_before!r} -> "
+                          f"{config.train.optimizer!r}), and the optimizer's state cannot carry over; set it back "
+                          f"to {optimizer_before!r}, or {START_AFRESH}")
 
 
 START_AFRESH = "set train.resume=never or choose another --out folder to start a new run"

@@ -79,7 +79,9 @@ class TrainConfig:
     warmup_steps: int = 100               # linear warm-up from 0 to lr
     schedule: str = "cosine"              # cosine | wsd (warmup-stable-decay); both end at max_steps or the budget
     decay_fraction: float = 0.2           # wsd: the final share of the run that decays to min_lr
-    weight_decay: float = 0.1             # AdamW decay on matrices (not on biases, norms)
+    weight_decay: float = 0.1             # decay on matrices (not on biases, norms)
+    optimizer: str = "adamw"              # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_momentum: float = 0.95           # muon: momentum of the hidden matrices' updates
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0                # max global gradient norm; 0 disables clipping
@@ -135,6 +137,7 @@ CHOICES = {
     "tokenizer.mode": TOKENIZERS.keys(),  # a live view: a mode registered later is accepted too
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
     "train.schedule": ["cosine", "wsd"],
+    "train.optimizer": ["adamw", "muon"],
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -402,6 +405,7 @@ def validate(config: Config) -> None:
     require(0 < t.decay_fraction <= 1, f"'train.decay_fraction' must be in (0, 1], got {t.decay_fraction}")
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "'train.beta1'/'train.beta2' must be in [0, 1)")
+    require(0 <= t.muon_momentum < 1, f"'train.muon_momentum' must be in [0, 1), got {t.muon_momentum}")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
     problems += sample_problems(s)
     mode_class = TOKENIZERS.get(config.tokenizer.mode)  # an unknown mode is reported with CHOICES below

@@ -63,13 +63,54 @@ def build_model(config: Config, vocab_size: int) -> GPT:
     return GPT(GPTConfig.from_settings(config.model, vocab_size))
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays only matrices (weights of Linear/Embedding), never biases or norm gains."""
+def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
+    """train.optimizer: `adamw`, or `muon`: Muon (momentum orthogonalised by Newton-Schulz) for the blocks'
+    hidden matrices and AdamW for the rest (embeddings, head, norm gains, biases), as modded-nanogpt and
+    nanochat split them. Weight decay only on matrices. Muon's step is scaled to AdamW's update size
+    (`match_rms_adamw`), so both follow train.lr on one schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
+    hidden = ({id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2}
+              if train.optimizer == "muon" else set())
+    adamw = adamw_optimizer([p for p in params if id(p) not in hidden], train, device)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=train.lr, weight_decay=train.weight_decay,
+                            momentum=train.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(muon, adamw)
+
+
+def adamw_optimizer(params: list, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")  # one kernel for the whole update instead of one per tensor
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
+
+
+class MuonWithAdamW:
+    """Two optimizers that the loop, the grad scaler (which needs `param_groups` and `step`) and checkpoints
+    see as one: the learning rate is set on every group, one state dict holds both."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):

@@ -46,9 +46,10 @@ def val_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, weights_within: float | None = None) -> None:
     """Same losses at every step and (nearly) the same final weights: gradients averaged over processes equal
-    the single-process gradient up to float rounding."""
+    the single-process gradient up to float rounding. `weights_within`: compare each tensor by the norm of the
+    difference relative to its own norm instead of element by element."""
     losses_a, losses_b = train_losses(a), train_losses(b)
     assert losses_a.keys() == losses_b.keys() and len(losses_a) == 8
     for step in losses_a:
@@ -58,7 +59,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     weights_a = load_checkpoint(a / "checkpoints" / "ckpt_00000008.pt").model
     weights_b = load_checkpoint(b / "checkpoints" / "ckpt_00000008.pt").model
     for name in weights_a:
-        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-5)
+        if weights_within is None:
+            torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-5)
+        else:
+            difference = (weights_b[name] - weights_a[name]).norm() / weights_a[name].norm()
+            assert difference < weights_within, (name, difference)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +245,17 @@ def test_how_many_processes_train_devices_asks_for(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert processes_to_launch("auto", "auto") == 1  # already one of torchrun's processes
+
+
+@pytest.mark.slow
+def test_muon_on_two_processes_follows_the_single_process_run(tmp_path, single_run):
+    """Muon's Newton-Schulz step runs on each process's copy of the averaged gradient: the same update."""
+    settings = {**SETTINGS, "train.optimizer": "muon"}
+    run(load_settings(settings), tmp_path / "one")
+    result = torchrun(2, tmp_path / "two", settings)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # torch's Muon orthogonalises in bfloat16, so the last-bit differences of an averaged gradient become
+    # bf16-sized ones in the update: the matrices agree to ~0.5% (AdamW's runs: elementwise 1e-5) while every
+    # loss still agrees to 1e-5
+    assert_same_run(tmp_path / "one", tmp_path / "two", weights_within=0.02)
+    assert train_losses(tmp_path / "one")[8] != train_losses(single_run)[8]  # Muon, not AdamW, took the steps

@@ -106,9 +106,10 @@ def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
     assert (out / "tokenizer" / "tokenizer.json").exists()
 
 
-def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: both optimizers' states in one checkpoint
+def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny, optimizer):
     config = tiny(train__max_steps=60, train__checkpoint_interval=30, train__keep_checkpoints=5,
-                  model__dropout=0.1)  # dropout: the torch RNG state must be restored too
+                  model__dropout=0.1, train__optimizer=optimizer)  # dropout: the torch RNG state must be restored too
     straight = run(config, tmp_path / "straight")
     # Simulate a run stopped after step 30: keep only what existed then.
     stopped = tmp_path / "stopped"
@@ -241,3 +242,41 @@ def test_auto_dtype_on_cpu_follows_the_rule_and_a_resumed_run_keeps_its_precisio
     assert first["dtype"] == "bfloat16"
     monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: False)  # the rule would now say fp32
     assert run(tiny(train__max_steps=20, **wide), tmp_path)["dtype"] == "bfloat16"
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny):
+    from kernel.train import MuonWithAdamW, build_model, make_optimizer
+    config = tiny(train__optimizer="muon")
+    model = build_model(config, vocab_size=65)
+    optimizer = make_optimizer(model, config.train, torch.device("cpu"))
+    assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.muon, torch.optim.Muon)
+    hidden = {id(p) for p in optimizer.muon.param_groups[0]["params"]}
+    expected = {id(m.weight) for block in model.transformer.h for m in block.modules() if isinstance(m, torch.nn.Linear)}
+    assert hidden == expected and id(model.transformer.wte.weight) not in hidden
+    everything = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, everything)) == sorted(id(p) for p in model.parameters())  # each parameter once
+
+
+def test_resume_refuses_another_optimizer(tmp_path, tiny):
+    run(tiny(train__max_steps=10), tmp_path)
+    with pytest.raises(KernelError, match=r"train.optimizer changed \('adamw' -> 'muon'\)"):
+        run(tiny(train__max_steps=20, train__optimizer="muon"), tmp_path)
+
+
+def test_the_grad_scaler_drives_muon_and_adamw_together(tiny):
+    """fp16's scaler unscales, checks and steps both optimizers through the pair's param_groups and step."""
+    from kernel.train import build_model, make_optimizer, train_step
+    config = tiny(train__optimizer="muon")
+    model = build_model(config, vocab_size=65)
+    optimizer = make_optimizer(model, config.train, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tokens = torch.randint(65, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_step(model, optimizer, scaler, batch, config.train, torch.device("cpu"), torch.float32)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.dim() == 2)  # both stepped
+    stepped = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.transformer.h[0].mlp.c_proj.weight.register_hook(lambda grad: grad * float("inf"))
+    train_step(model, optimizer, scaler, batch, config.train, torch.device("cpu"), torch.float32)
+    assert all(torch.equal(stepped[n], p) for n, p in model.named_parameters())  # skipped by both
+    assert scaler.get_scale() == 2.0**9
