@@ -1,6 +1,7 @@
 """## 9. Training
 
-The loop: AdamW with weight-decay groups, mixed precision chosen by the hardware, gradient accumulation,
+The loop: AdamW with weight-decay groups (or Muon for the blocks' matrices, `train.optimizer: muon`),
+mixed precision chosen by the hardware, gradient accumulation,
 a cosine (or warmup-stable-decay) learning-rate schedule with linear warm-up, gradient clipping, periodic
 evaluation, a JSON-lines metrics file and checkpoints (section 8).
 
