@@ -4,4 +4,4 @@ Each module is one section of the notebook that build_kernel.py stitches from th
 """
 
 NOTEBOOK_SECTIONS = ["env", "bundled_configs", "tokenization", "config", "data", "model", "distributed", "checkpoint",
-                     "train", "sample", "export", "report", "main"]
+                     "train", "plan", "sample", "export", "report", "main"]

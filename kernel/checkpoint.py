@@ -47,6 +47,8 @@ class Checkpoint:
     grad_accum_steps: int
     world_size: int           # the number of processes that trained
     process_rngs: list        # every process's RNG states (dropout), in rank order
+    lr_phase: str             # wsd: "stable" (saved as the decay began), "decay", "budget_decay" (see below); else ""
+    stable_step: int | None   # the step of the run's newest "stable" checkpoint, kept on disk by pruning
     config: dict
     tokenizer: dict
     model: dict
@@ -68,10 +70,10 @@ class Checkpoint:
 
 def upgrade_payload(payload: dict) -> dict:
     """Older checkpoints: before several processes they held one RNG state ("rng") and no process count;
-    before exact metrics on resume, no loss window."""
+    before exact metrics on resume, no loss window; before stable-phase checkpoints, no phase."""
     if "process_rngs" not in payload and "rng" in payload:
         payload = {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
-    return {"loss_window": {"sum": 0.0, "steps": 0}, **payload}
+    return {"loss_window": {"sum": 0.0, "steps": 0}, "lr_phase": "", "stable_step": None, **payload}
 
 
 # --- Writing -------------------------------------------------------------------------------------------
@@ -128,11 +130,10 @@ def remove_output_debris(out_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def prune_checkpoints(folder: Path, keep: int, best_step: int | None) -> None:
-    """Delete all but the newest `keep` checkpoints and the best one (with their checksums)."""
-    kept = set(list_checkpoints(folder)[-keep:])
-    if best_step is not None:
-        kept.add(checkpoint_path(folder, best_step))
+def prune_checkpoints(folder: Path, keep: int, protected: set) -> None:
+    """Delete all but the newest `keep` checkpoints and the `protected` steps (the best one, the stable-phase
+    one), with their checksums."""
+    kept = set(list_checkpoints(folder)[-keep:]) | {checkpoint_path(folder, step) for step in protected if step is not None}
     for old in list_checkpoints(folder):
         if old not in kept:
             old.unlink()
@@ -199,30 +200,50 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, Checkpoint
         attached = attached_checkpoints() if is_kaggle() else []
         # by step; at equal steps the output folder's own checkpoint sorts last, so it is tried first
         found = sorted(set(list_checkpoints(out_dir / "checkpoints") + attached), key=lambda p: (p.name, p not in attached))
-        return load_newest_valid(found) if found else None
+        return before_budget_decay(*load_newest_valid(found)) if found else None
     path = Path(resume)
     if path.is_dir():
         found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
         if not found:
             raise KernelError(f"train.resume={resume!r}: no {CHECKPOINT_PATTERN} in that folder")
-        return load_newest_valid(found)
+        return before_budget_decay(*load_newest_valid(found))
     if not path.is_file():
         raise KernelError(f"train.resume={resume!r}: no such checkpoint file or folder; "
                           "use 'auto', 'never' or a path to a ckpt_*.pt file")
     return path, load_checkpoint(path)
 
 
-# Model settings that may change between a checkpoint and the run resuming it (the weights still fit).
-RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing"}
+def before_budget_decay(path: Path, checkpoint: Checkpoint) -> tuple[Path, Checkpoint]:
+    """A wsd run whose decay the time budget drove (a finished session, or one stopped while decaying) goes on
+    from its stable-phase checkpoint: a new session's budget starts the schedule's clock again, and decayed
+    weights at the peak learning rate would undo the decay. Its later metrics are dropped with it."""
+    stable = checkpoint_path(path.parent, checkpoint.stable_step) if checkpoint.stable_step is not None else None
+    if checkpoint.lr_phase != "budget_decay" or stable is None or stable == path:
+        return path, checkpoint
+    try:
+        earlier = load_checkpoint(stable)
+    except (KernelError, OSError) as err:  # missing or damaged
+        print(f"[resume] warning: {path.name} is past its learning-rate decay but its stable-phase checkpoint "
+              f"cannot be used ({err}); resuming from {path.name}")
+        return path, checkpoint
+    print(f"[resume] {path.name} (step {checkpoint.step:,}) ends a time budget's learning-rate decay: continuing the "
+          f"stable phase from {stable.name} (step {earlier.step:,}); this run decays at the end of its own budget")
+    return stable, earlier
+
+
+# Model settings that may change between a checkpoint and the run resuming it (the weights still fit; the
+# weights model.init_from named are only loaded by a run that starts at step 0).
+RESUMABLE_MODEL_CHANGES = {"dropout", "gradient_checkpointing", "init_from"}
 
 
 def check_resume_compatible(checkpoint: Checkpoint, config: Config, path: Path) -> None:
     """The run resuming a checkpoint must have its model shape, its tokenizer (a different one would silently
     train on other token ids, or not fit the weights) and its optimizer (whose state the checkpoint holds)."""
-    saved, current = checkpoint.config["model"], config_to_dict(config)["model"]
-    changed = [k for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
+    current = config_to_dict(config)["model"]
+    saved = {**config_to_dict(Config())["model"], **checkpoint.config["model"]}  # a key it predates: its default
+    changed = [k for k in current if k not in RESUMABLE_MODEL_CHANGES and saved[k] != current[k]]
     if changed:
-        details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        details = ", ".join(f"model.{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise KernelError(f"cannot resume from {path}: the model shape changed ({details}); {START_AFRESH}")
     check_same_tokenizer(checkpoint, config, path)
     optimizer_before = checkpoint.config["train"].get("optimizer", "adamw")  # older checkpoints: AdamW

@@ -8,11 +8,17 @@ A run's config is built in layers, each checked strictly as it is applied:
 An unknown key, a wrong type or an impossible value stops the run before anything is written, with a
 message that names the layer and the key and suggests the closest valid one. The resolved config is saved
 as YAML beside every checkpoint, and loading that file again gives the same config.
+
+With `model.init_from` (a `transformers` model folder: GPT-2, Llama or Qwen3) the model's own
+`config.json` then decides the model's shape and its tokenizer: it overrides the defaults and the bundled
+presets, and a value you set yourself that differs from it is an error naming both.
 """
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,7 +29,7 @@ import yaml
 
 from kernel.env import KernelError
 from kernel.bundled_configs import BUNDLED_CONFIGS
-from kernel.tokenization import TOKENIZERS
+from kernel.tokenization import TOKENIZER_FILES, TOKENIZERS
 
 
 class ConfigError(KernelError):
@@ -32,19 +38,33 @@ class ConfigError(KernelError):
 
 # --- The schema ----------------------------------------------------------------------------------------
 
+# Fields that take "auto" or a whole number: field metadata {"auto_count": (least, what the number counts)}.
+PROCESSES = {"auto_count": (1, "a number of processes")}
+STEPS = {"auto_count": (0, "a number of steps")}
+
+
 @dataclass
 class ModelConfig:
     arch: str = "gpt2"                    # gpt2 (exactly GPT-2) | llama (RoPE, RMSNorm, SwiGLU, no biases)
     n_layer: int = 6                      # transformer blocks
     n_head: int = 6                       # attention heads per block
-    n_embd: int = 384                     # residual stream width; must be divisible by n_head
-    block_size: int = 256                 # context length in tokens
+    n_embd: int = 384                     # residual stream width; divisible by n_head unless head_dim is set
+    block_size: int = 256                 # context length in tokens (of the training windows)
     vocab_multiple: int = 64              # embedding rows rounded up to a multiple of this (faster matmuls)
     dropout: float = 0.0                  # 0 when data is plentiful; 0.1-0.2 helps on tiny corpora
     bias: bool = True                     # gpt2: biases in Linear and LayerNorm layers, as in GPT-2
     qk_norm: bool = False                 # llama: RMSNorm on each head's queries and keys (as Qwen3)
     rope_theta: float = 10000.0           # llama: base of the rotary position embedding
+    # The exact shape of a pretrained model (model.init_from sets them); 0 means the preset's rule.
+    n_kv_head: int = 0                    # llama: key/value heads (fewer than n_head: grouped-query); 0: n_head
+    head_dim: int = 0                     # width of one head; 0: n_embd / n_head
+    mlp_hidden: int = 0                   # MLP hidden width; 0: gpt2 4 x n_embd, llama 8/3 x n_embd (to 32s)
+    norm_eps: float = 0.0                 # LayerNorm / RMSNorm epsilon; 0: gpt2 1e-5, llama 1e-6
+    tie_embeddings: bool = True           # the output head shares the token embedding's matrix
+    max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
+    size: str = ""                        # auto: the shape the time budget buys (section 10); "25M": that many parameters
+    init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
 @dataclass
@@ -68,12 +88,12 @@ class DataConfig:
 class TrainConfig:
     seed: int = 1337                      # seeds weights, batches and sampling
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    devices: int | str = field(default="auto", metadata={"processes": True})  # auto (every GPU) | N processes
+    devices: int | str = field(default="auto", metadata=PROCESSES)  # auto (every GPU) | N processes
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (auto: by hardware)
     compile: bool = False                 # torch.compile the model (turned off where it cannot work)
     batch_size: int = 12                  # sequences per micro-batch
     grad_accum_steps: int = 1             # micro-batches per optimizer step
-    max_steps: int = 2000                 # optimizer steps
+    max_steps: int | str = field(default=2000, metadata=STEPS)  # optimizer steps; auto: the time budget decides
     lr: float = 1e-3                      # peak learning rate
     min_lr: float = 1e-4                  # floor the cosine decay ends at
     warmup_steps: int = 100               # linear warm-up from 0 to lr
@@ -164,8 +184,12 @@ SYNONYMS = {
     "n_layers": "n_layer", "num_layers": "n_layer", "num_hidden_layers": "n_layer", "n_heads": "n_head",
     "num_heads": "n_head", "num_attention_heads": "n_head", "d_model": "n_embd", "hidden_size": "n_embd",
     "n_embed": "n_embd", "context_length": "block_size", "seq_len": "block_size", "max_seq_length": "block_size",
-    "max_position_embeddings": "block_size", "eval_iters": "eval_batches", "eval_every": "eval_interval",
-    "save_interval": "checkpoint_interval", "save_every": "checkpoint_interval", "precision": "dtype",
+    "max_position_embeddings": "max_positions", "n_positions": "max_positions", "eval_iters": "eval_batches",
+    "eval_every": "eval_interval", "save_interval": "checkpoint_interval", "save_every": "checkpoint_interval",
+    "precision": "dtype", "num_key_value_heads": "n_kv_head", "n_kv_heads": "n_kv_head",
+    "intermediate_size": "mlp_hidden", "n_inner": "mlp_hidden", "rms_norm_eps": "norm_eps",
+    "layer_norm_epsilon": "norm_eps", "tie_word_embeddings": "tie_embeddings", "model_name_or_path": "init_from",
+    "pretrained": "init_from", "base_model": "init_from", "checkpoint_dir": "init_from",
 }
 
 
@@ -207,23 +231,23 @@ def parse_duration(value) -> float | None:
     return seconds
 
 
-def parse_process_count(value) -> int | str:
-    """'auto' or a whole number of processes >= 1 (given as 2 or "2")."""
+def parse_auto_or_count(value, least: int, what: str) -> int | str:
+    """'auto' or a whole number >= least (given as 2 or "2")."""
     if value == "auto":
         return value
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= least:
         return value
-    raise ValueError(f"expected auto or a number of processes >= 1, got {value!r}")
+    raise ValueError(f"expected auto or {what} >= {least}, got {value!r}")
 
 
 def coerce_value(key: str, spec: dataclasses.Field, hint, value):
     """The value converted to the field's type, or a ValueError saying what was expected."""
     if spec.metadata.get("duration"):
         return parse_duration(value)
-    if spec.metadata.get("processes"):
-        return parse_process_count(value)
+    if "auto_count" in spec.metadata:
+        return parse_auto_or_count(value, *spec.metadata["auto_count"])
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -364,15 +388,195 @@ def file_layers(name: str) -> list[tuple[str, dict]]:
 
 def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | None = None,
                 overrides_origin: str = "--set") -> Config:
-    """Defaults -> `extends` chain -> file -> overrides, then the cross-field checks."""
+    """Defaults -> `extends` chain -> file -> overrides, then (with model.init_from) the pretrained model's shape
+    and tokenizer, then the cross-field checks."""
     config = Config()
-    if source:
-        for origin, layer in file_layers(source):
-            apply_layer(config, layer, origin)
-    apply_layer(config, dotted_to_layer(parse_overrides(overrides, overrides_origin), overrides_origin),
-                overrides_origin)
+    layers = file_layers(source) if source else []
+    layers.append((overrides_origin, dotted_to_layer(parse_overrides(overrides, overrides_origin), overrides_origin)))
+    chosen: dict[str, str] = {}  # "section.key" -> the origin of a value the user set (a bundled preset's is not)
+    for origin, layer in layers:
+        apply_layer(config, layer, origin)
+        if Path(origin).name not in BUNDLED_CONFIGS:
+            chosen.update({f"{section}.{key}": origin for section, values in layer.items() for key in values})
+    if config.model.init_from:
+        apply_pretrained(config, chosen)
     validate(config)
     return config
+
+
+# --- Starting from a pretrained model (model.init_from) -------------------------------------------------
+# A transformers model folder decides the model's exact shape and its tokenizer. Its values replace those of
+# the defaults and bundled presets; a value the user set (their own config file, --set, the parameters cell)
+# that differs is an error naming both. The way back, our shape as a transformers config, is export.hf_config.
+
+PRETRAINED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+MODEL_SEARCH_DEPTH = 6  # /kaggle/input/<model>/<framework>/<variation>/<version>/ and a level or two more
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # gpt2, Qwen/Qwen3-0.6B
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def model_folders_under(root: Path) -> list[Path]:
+    """Folders below `root` that hold a transformers model (config.json and weights), hidden folders skipped."""
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if depth < MODEL_SEARCH_DEPTH else []
+        if is_model_folder(Path(folder)):
+            found.append(Path(folder))
+    return found
+
+
+def find_model_folder(name: str) -> Path:
+    """The model folder model.init_from names: the folder itself, the one model folder under it (an attached
+    Kaggle Model: /kaggle/input/<model>/transformers/<variation>/<version>/), or, for a name that is no path
+    here, a Hugging Face Hub id (downloaded, which needs internet). Nothing else touches the network."""
+    path = Path(name).expanduser()
+    where = f"model.init_from={name!r}"
+    if (path / "config.json").is_file():
+        if not is_model_folder(path):
+            raise ConfigError(f"{where}: {path} holds config.json but no weights ({', '.join(WEIGHT_FILES)})")
+        return path
+    if path.is_dir():
+        found = model_folders_under(path)
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ConfigError(f"{where}: no transformers model under {path} (a folder with config.json and "
+                              f"{' or '.join(WEIGHT_FILES)})")
+        listed = "\n  - ".join(str(f) for f in found)
+        raise ConfigError(f"{where}: {len(found)} models under {path}; set model.init_from to one of them:"
+                          f"\n  - {listed}")
+    if HUB_ID.fullmatch(name):
+        return download_model(name)
+    raise ConfigError(f"{where}: no such folder. Give the folder of a transformers model (config.json, weights, "
+                      "tokenizer files); on Kaggle, attach it with Add Input > Models and give its folder under "
+                      "/kaggle/input")
+
+
+def download_model(repo_id: str) -> Path:
+    """A Hub id's config, weights and tokenizer files, downloaded into the Hugging Face cache (a cached copy
+    is used offline)."""
+    try:
+        from huggingface_hub import snapshot_download  # imported late: only a Hub id needs it
+
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                 "*.jinja"]))
+    except Exception as err:  # offline, no such repository, gated: all end the same way
+        raise ConfigError(
+            f"model.init_from={repo_id!r} is not a folder here, and downloading it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). With internet off (as on "
+            "Kaggle by default) attach the model instead (Add Input > Models, or a dataset holding its files) and set "
+            "model.init_from to its folder under /kaggle/input") from None
+    if not is_model_folder(folder):
+        raise ConfigError(f"model.init_from={repo_id!r}: the Hub repository has no config.json with safetensors "
+                          "weights")
+    return folder
+
+
+def pretrained_settings(folder: Path) -> dict[str, object]:
+    """The model.* values of a transformers model folder, exactly. What the model code cannot hold (another
+    architecture, RoPE scaling, attention biases, sliding windows) is an error naming the value."""
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from: {path} cannot be read ({type(err).__name__}: {err})") from None
+    by_type = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    architecture = (raw.get("architectures") or [by_type.get(raw.get("model_type"))])[0]
+    if architecture not in PRETRAINED_ARCHITECTURES:
+        raise ConfigError(f"model.init_from: {path} is a {architecture or raw.get('model_type')!r} model; supported "
+                          f"are {', '.join(PRETRAINED_ARCHITECTURES)} (the architectures this program exports)")
+    from transformers import AutoConfig  # imported late: transformers is slow to import
+
+    try:
+        hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)  # a folder: never online
+    except Exception as err:  # transformers raises several types for a config it cannot read
+        raise ConfigError(f"model.init_from: transformers cannot read {path} ({type(err).__name__}: "
+                          f"{str(err)[:200]})") from None
+    settings = gpt2_settings(hf, path) if architecture == "GPT2LMHeadModel" else llama_settings(hf, path)
+    # the embedding keeps exactly the model's rows: a tokenizer of up to that many tokens rounds up to them;
+    # model.size "" because the shape is the model's own, never planned
+    return {**settings, "model.tie_embeddings": bool(hf.tie_word_embeddings), "model.vocab_multiple": hf.vocab_size,
+            "model.size": ""}
+
+
+def refuse_unsupported(path: Path, checks: list[tuple[str, object, bool, str]]) -> None:
+    """checks: (key, value, whether the model code can hold it, what it can hold)."""
+    problems = [f"{key}={value!r} (supported: {supported})" for key, value, ok, supported in checks if not ok]
+    if problems:
+        raise ConfigError(f"model.init_from: {path} needs what this program's model code cannot hold: "
+                          f"{'; '.join(problems)}")
+
+
+def gpt2_settings(hf, path: Path) -> dict[str, object]:
+    refuse_unsupported(path, [
+        ("activation_function", hf.activation_function, hf.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+         "gelu_new, GPT-2's tanh GELU"),
+        ("scale_attn_weights", hf.scale_attn_weights, hf.scale_attn_weights, "true"),
+        ("scale_attn_by_inverse_layer_idx", hf.scale_attn_by_inverse_layer_idx, not hf.scale_attn_by_inverse_layer_idx,
+         "false"),
+        ("add_cross_attention", hf.add_cross_attention, not hf.add_cross_attention, "false")])
+    return {"model.arch": "gpt2", "model.n_layer": hf.n_layer, "model.n_head": hf.n_head, "model.n_kv_head": hf.n_head,
+            "model.n_embd": hf.n_embd, "model.head_dim": hf.n_embd // hf.n_head,
+            "model.mlp_hidden": hf.n_inner or 4 * hf.n_embd, "model.bias": True, "model.qk_norm": False,
+            "model.norm_eps": hf.layer_norm_epsilon, "model.max_positions": hf.n_positions}
+
+
+def llama_settings(hf, path: Path) -> dict[str, object]:
+    """Llama and Qwen3 (Llama with QK-norm and an explicit head width)."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})  # transformers 5: rope_theta and any scaling
+    layer_types = set(getattr(hf, "layer_types", None) or ["full_attention"])
+    kv_heads = hf.num_key_value_heads or hf.num_attention_heads
+    refuse_unsupported(path, [
+        ("hidden_act", hf.hidden_act, hf.hidden_act == "silu", "silu"),
+        ("attention_bias", hf.attention_bias, not hf.attention_bias, "false"),
+        ("mlp_bias", getattr(hf, "mlp_bias", False), not getattr(hf, "mlp_bias", False), "false"),
+        ("rope_parameters", rope, rope.get("rope_type", "default") == "default" and "rope_theta" in rope,
+         "rope_type default, no RoPE scaling"),
+        ("use_sliding_window", getattr(hf, "use_sliding_window", False), not getattr(hf, "use_sliding_window", False),
+         "false"),
+        ("layer_types", sorted(layer_types), layer_types == {"full_attention"}, "full_attention in every layer"),
+        ("num_key_value_heads", kv_heads, hf.num_attention_heads % kv_heads == 0, "a divisor of num_attention_heads")])
+    return {"model.arch": "llama", "model.n_layer": hf.num_hidden_layers, "model.n_head": hf.num_attention_heads,
+            "model.n_kv_head": kv_heads, "model.n_embd": hf.hidden_size,
+            "model.head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            "model.mlp_hidden": hf.intermediate_size, "model.bias": False, "model.qk_norm": hf.model_type == "qwen3",
+            "model.norm_eps": hf.rms_norm_eps, "model.rope_theta": rope["rope_theta"],
+            "model.max_positions": hf.max_position_embeddings}
+
+
+def pretrained_tokenizer(folder: Path, config: Config, chosen: dict[str, str]) -> dict[str, object]:
+    """The folder's own tokenizer; for a folder without one, the hf tokenizer the user names."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return {"tokenizer.mode": "hf", "tokenizer.pretrained_name": str(folder)}
+    if config.tokenizer.mode == "hf" and "tokenizer.pretrained_name" in chosen:
+        return {}
+    raise ConfigError(f"model.init_from: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): attach the "
+                      "model's tokenizer as well and set tokenizer.mode=hf and tokenizer.pretrained_name to its folder")
+
+
+def apply_pretrained(config: Config, chosen: dict[str, str]) -> None:
+    """model.init_from: the folder's shape and tokenizer replace what the defaults and presets said. A value the
+    user chose that differs is an error naming both; a preset's context longer than the model's is shortened."""
+    folder = find_model_folder(config.model.init_from)
+    settings = {**pretrained_settings(folder), **pretrained_tokenizer(folder, config, chosen)}
+    origin = f"model.init_from={config.model.init_from!r} ({folder / 'config.json'})"
+    theirs = Config()
+    apply_layer(theirs, dotted_to_layer(settings, origin), origin)
+    conflicts = [f"{key}: {get_key(config, key)!r} in {chosen[key]}, {get_key(theirs, key)!r} in the model"
+                 for key in settings if key in chosen and get_key(config, key) != get_key(theirs, key)]
+    if conflicts:
+        raise ConfigError(f"{origin} decides the model's shape and tokenizer, and values you set differ from "
+                          "it:\n  - " + "\n  - ".join(conflicts) + "\nRemove them (the model's own values are "
+                          "used), or remove model.init_from to train a model from scratch")
+    apply_layer(config, dotted_to_layer(settings, origin), origin)
+    if "model.block_size" not in chosen:
+        config.model.block_size = min(config.model.block_size, config.model.max_positions)
 
 
 # --- Values that cannot work together ------------------------------------------------------------------
@@ -387,17 +591,12 @@ def validate(config: Config) -> None:
             problems.append(message)
 
     for key in ("model.vocab_multiple", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "tokenizer.train_sample_mb",
-                "train.batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_interval",
+                "train.batch_size", "train.grad_accum_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints", "train.nan_patience"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
     for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval"):
         require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")
-    require(m.n_head < 1 or m.n_embd % m.n_head == 0,
-            f"'model.n_embd' ({m.n_embd}) must be divisible by 'model.n_head' ({m.n_head}); "
-            f"e.g. n_embd={max(m.n_head, 1) * max(1, round(m.n_embd / max(m.n_head, 1)))}")
-    require(not m.qk_norm or m.arch == "llama", "'model.qk_norm' needs model.arch=llama (GPT-2 has no QK-norm)")
-    require(m.rope_theta > 0, f"'model.rope_theta' must be > 0, got {m.rope_theta}")
-    require(0.0 <= m.dropout < 1.0, f"'model.dropout' must be in [0, 1), got {m.dropout}")
+    problems += model_problems(m)
     require(0.0 < config.data.val_fraction <= 0.5,
             f"'data.val_fraction' must be in (0, 0.5], got {config.data.val_fraction}")
     require(t.lr > 0, f"'train.lr' must be > 0, got {t.lr}")
@@ -406,6 +605,8 @@ def validate(config: Config) -> None:
     require(t.weight_decay >= 0, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "'train.beta1'/'train.beta2' must be in [0, 1)")
     require(0 <= t.muon_momentum < 1, f"'train.muon_momentum' must be in [0, 1), got {t.muon_momentum}")
+    require(m.size in ("", "auto") or re.fullmatch(r"\d+(\.\d+)?\s*[KMBkmb]", m.size) is not None,
+            f"'model.size' must be empty (the shape as given), auto, or a parameter count such as 25M, got {m.size!r}")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
     problems += sample_problems(s)
     mode_class = TOKENIZERS.get(config.tokenizer.mode)  # an unknown mode is reported with CHOICES below
@@ -419,6 +620,32 @@ def validate(config: Config) -> None:
                                   f"{did_you_mean(str(value), options) if len(options) > 1 else ''}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def model_problems(m: ModelConfig) -> list[str]:
+    """Model settings that cannot work together, one message each."""
+    heads, problems = max(m.n_head, 1), []
+    checks = [(getattr(m, key) >= 0, f"'model.{key}' must be >= 0 (0: the preset's rule), got {getattr(m, key)}")
+              for key in ("n_kv_head", "head_dim", "mlp_hidden", "norm_eps", "max_positions")]
+    checks += [
+        ((m.head_dim and m.arch == "llama") or m.n_embd % heads == 0,
+         f"'model.n_embd' ({m.n_embd}) must be divisible by 'model.n_head' ({m.n_head}); "
+         f"e.g. n_embd={heads * max(1, round(m.n_embd / heads))}"),
+        (m.arch == "llama" or m.head_dim in (0, m.n_embd // heads),
+         f"'model.head_dim' ({m.head_dim}) must be n_embd / n_head for gpt2 (or 0)"),
+        (m.arch == "llama" or m.n_kv_head in (0, m.n_head),
+         "'model.n_kv_head' needs model.arch=llama (GPT-2 has no grouped-query attention)"),
+        (m.n_kv_head <= 0 or m.n_head % m.n_kv_head == 0,
+         f"'model.n_head' ({m.n_head}) must be a multiple of 'model.n_kv_head' ({m.n_kv_head})"),
+        (m.arch != "llama" or (m.head_dim or m.n_embd // heads) % 2 == 0,
+         f"llama: a head's width ({m.head_dim or m.n_embd // heads}) must be even (rotary positions turn pairs)"),
+        (m.max_positions == 0 or m.block_size <= m.max_positions,
+         f"'model.block_size' ({m.block_size}) must be <= 'model.max_positions' ({m.max_positions}), the positions "
+         "the model holds" + (", its context as model.init_from's folder says" if m.init_from else "")),
+        (not m.qk_norm or m.arch == "llama", "'model.qk_norm' needs model.arch=llama (GPT-2 has no QK-norm)"),
+        (m.rope_theta > 0, f"'model.rope_theta' must be > 0, got {m.rope_theta}"),
+        (0.0 <= m.dropout < 1.0, f"'model.dropout' must be in [0, 1), got {m.dropout}")]
+    return problems + [message for ok, message in checks if not ok]
 
 
 def get_key(config: Config, dotted: str):

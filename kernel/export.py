@@ -1,4 +1,4 @@
-"""## 11. Export to Hugging Face transformers
+"""## 12. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
@@ -24,71 +24,28 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from kernel.env import KernelError
 from kernel.config import Config, SampleConfig, config_to_yaml
 from kernel.tokenization import Tokenizer
-from kernel.model import GPT
-
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under GPT-2's names and layout (the tied head is stored once, as the embedding)."""
-    ours = model.state_dict()
-    c = model.config
-    exported = {"transformer.wte.weight": ours["transformer.wte.weight"], "transformer.wpe.weight": ours["transformer.wpe.weight"]}
-    norms = [f"transformer.h.{i}.{n}" for i in range(c.n_layer) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
-    for name in norms:
-        exported[f"{name}.weight"] = ours[f"{name}.weight"]
-        exported[f"{name}.bias"] = ours.get(f"{name}.bias", torch.zeros(c.n_embd))
-    for i in range(c.n_layer):
-        for suffix in CONV1D_WEIGHTS:
-            weight = ours[f"transformer.h.{i}.{suffix}"]
-            exported[f"transformer.h.{i}.{suffix}"] = weight.t()
-            bias_name = f"transformer.h.{i}.{suffix.removesuffix('weight')}bias"
-            exported[bias_name] = ours.get(bias_name, torch.zeros(weight.size(0)))
-    return {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in exported.items()}
-
-
-def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under Llama's (and Qwen3's) names: q/k/v split, the tied head stored once."""
-    ours, c = model.state_dict(), model.config
-    exported = {"model.embed_tokens.weight": ours["transformer.wte.weight"],
-                "model.norm.weight": ours["transformer.ln_f.weight"]}
-    for i in range(c.n_layer):
-        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
-        q, k, v = ours[src + "attn.c_attn.weight"].split(c.n_embd, dim=0)
-        exported.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                         dst + "self_attn.v_proj.weight": v,
-                         dst + "self_attn.o_proj.weight": ours[src + "attn.c_proj.weight"],
-                         dst + "mlp.gate_proj.weight": ours[src + "mlp.w_gate.weight"],
-                         dst + "mlp.up_proj.weight": ours[src + "mlp.w_up.weight"],
-                         dst + "mlp.down_proj.weight": ours[src + "mlp.c_proj.weight"],
-                         dst + "input_layernorm.weight": ours[src + "ln_1.weight"],
-                         dst + "post_attention_layernorm.weight": ours[src + "ln_2.weight"]})
-        if c.qk_norm:
-            exported[dst + "self_attn.q_norm.weight"] = ours[src + "attn.q_norm.weight"]
-            exported[dst + "self_attn.k_norm.weight"] = ours[src + "attn.k_norm.weight"]
-    return {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in exported.items()}
-
+from kernel.model import GPT, hf_state_dict
 
 def hf_config(model: GPT, special: dict):
+    """Our shape as a transformers config (config.pretrained_settings reads one back for model.init_from)."""
     from transformers import GPT2Config, LlamaConfig, Qwen3Config
 
     c = model.config
     if c.arch == "gpt2":
-        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                          n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                          attn_pdrop=c.dropout, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_positions, n_embd=c.n_embd, n_layer=c.n_layer,
+                          n_head=c.n_head, n_inner=None if c.mlp_hidden == 4 * c.n_embd else c.mlp_hidden,
+                          activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+                          attn_pdrop=c.dropout, layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
                           architectures=["GPT2LMHeadModel"], **special)
     config_class, architecture = (Qwen3Config, "Qwen3ForCausalLM") if c.qk_norm else (LlamaConfig, "LlamaForCausalLM")
     return config_class(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
-                        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
-                        head_dim=c.head_dim, max_position_embeddings=c.block_size, rms_norm_eps=1e-6,
+                        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                        head_dim=c.head_dim, max_position_embeddings=c.max_positions, rms_norm_eps=c.norm_eps,
                         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, hidden_act="silu",
-                        attention_bias=False, attention_dropout=c.dropout, tie_word_embeddings=True,
+                        attention_bias=False, attention_dropout=c.dropout, tie_word_embeddings=c.tie_embeddings,
                         architectures=[architecture], **special)
 
 
@@ -128,13 +85,12 @@ def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Pa
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        special = save_hf_tokenizer(tokenizer, staging, model.config.block_size)
+        special = save_hf_tokenizer(tokenizer, staging, model.config.max_positions)
         architecture = hf_config(model, special)
         architecture.save_pretrained(staging)
-        weights = gpt2_state_dict(model) if model.config.arch == "gpt2" else llama_state_dict(model)
-        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_state_dict(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
         padding_rows = range(tokenizer.vocab_size, model.config.vocab_size)
-        generation_config(config.sample, model.config.block_size, special, padding_rows).save_pretrained(staging)
+        generation_config(config.sample, model.config.max_positions, special, padding_rows).save_pretrained(staging)
         card = ModelCardFacts(model, tokenizer, config, run or RunFacts(), architecture, location)
         write_model_card(card, staging / "README.md")
         move_into(staging, folder)
@@ -192,7 +148,7 @@ def move_into(staging: Path, folder: Path) -> None:
 
 # --- Tokenizer and generation settings -----------------------------------------------------------------
 
-def save_hf_tokenizer(tokenizer: Tokenizer, staging: Path, block_size: int) -> dict:
+def save_hf_tokenizer(tokenizer: Tokenizer, staging: Path, context: int) -> dict:
     """The tokenizer files for transformers: the context as model_max_length, padding on the left (what a
     decoder-only model needs to generate for a padded batch) with the end-of-text token unless the
     tokenizer has a pad token of its own. Returns the special token ids for the configs."""
@@ -200,7 +156,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, staging: Path, block_size: int) -> d
 
     source = staging / "tokenizer-source"
     tokenizer.save(source)
-    hf = AutoTokenizer.from_pretrained(str(source), model_max_length=block_size,  # a folder: never online
+    hf = AutoTokenizer.from_pretrained(str(source), model_max_length=context,  # a folder: never online
                                        padding_side="left")
     if hf.pad_token is None and hf.eos_token is not None:
         hf.pad_token = hf.eos_token
@@ -211,13 +167,13 @@ def save_hf_tokenizer(tokenizer: Tokenizer, staging: Path, block_size: int) -> d
             "pad_token_id": hf.pad_token_id}
 
 
-def generation_config(sampling: SampleConfig, block_size: int, special: dict, padding_rows: range):
+def generation_config(sampling: SampleConfig, context: int, special: dict, padding_rows: range):
     """The run's sampling settings. `max_length` is the context, prompt included: generate() with these
     defaults never runs past the positions the model was trained on."""
     from transformers import GenerationConfig
 
     sampled = dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-    return GenerationConfig(max_length=block_size, **(sampled if sampling.temperature > 0 else {"do_sample": False}),
+    return GenerationConfig(max_length=context, **(sampled if sampling.temperature > 0 else {"do_sample": False}),
                             # padding rows of the embedding (see model.vocab_multiple) are never generated
                             suppress_tokens=list(padding_rows) or None, **special)
 
@@ -266,7 +222,8 @@ def write_model_card(facts: ModelCardFacts, path: Path) -> None:
                for key, metric, label, decimals in EVAL_METRICS if key in evaluation]
     metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                              model_name=facts.run.name or "model", eval_results=results or None,
-                             tags=[facts.hf_config.model_type, "text-generation", "trained-from-scratch", CARD_TAG])
+                             tags=[facts.hf_config.model_type, "text-generation",
+                                   "fine-tuned" if facts.config.model.init_from else "trained-from-scratch", CARD_TAG])
     body = [f"# {facts.run.name or 'model'}", "", card_summary(facts), "",
             "## Results", "", markdown_table(result_rows(facts.run)), "",
             "## Data", "", markdown_table(data_rows(facts)), "",
@@ -277,8 +234,11 @@ def write_model_card(facts: ModelCardFacts, path: Path) -> None:
 
 
 def card_summary(facts: ModelCardFacts) -> str:
-    return (f"A {count_words(facts.model.num_params())}-parameter language model trained from scratch on "
-            f"{facts.data_source()} with the *Train a GPT from scratch on Kaggle* notebook. Architecture: "
+    start = facts.config.model.init_from
+    how = ("trained from scratch on" if not start else f"fine-tuned from `{start}` on" if facts.run.steps != 0
+           else f"`{start}` unchanged (no training step), evaluated on")
+    return (f"A {count_words(facts.model.num_params())}-parameter language model {how} {facts.data_source()} "
+            "with the *Train a GPT from scratch on Kaggle* notebook. Architecture: "
             f"{ARCHITECTURE_WORDS[facts.architecture]}; transformers loads it as `{facts.architecture}`.")
 
 
@@ -312,15 +272,17 @@ def data_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:
 def model_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:
     c = facts.model.config
     return [("architecture", f"`{facts.architecture}` ({c.arch})"),
-            ("layers x width", f"{c.n_layer} x {c.n_embd}, {c.n_head} heads"),
-            ("context", f"{c.block_size} tokens"),
+            ("layers x width", f"{c.n_layer} x {c.n_embd}, {c.n_head} heads"
+                               + (f" ({c.n_kv_head} key-value heads)" if c.n_kv_head != c.n_head else "")),
+            ("context", f"{c.max_positions} tokens" + (f" (trained on windows of {c.block_size})"
+                                                       if c.block_size != c.max_positions else "")),
             ("parameters", f"{facts.model.num_params():,}"),
             ("embedding rows", f"{c.vocab_size:,} (rows past the tokenizer's {facts.tokenizer.vocab_size:,} are "
                                "padding, never generated)")]
 
 
 def card_usage(facts: ModelCardFacts) -> str:
-    s, context = facts.config.sample, facts.model.config.block_size
+    s, context = facts.config.sample, facts.model.config.max_positions
     settings = (f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}" if s.temperature > 0
                 else "greedy decoding")
     return "\n".join([
@@ -328,7 +290,7 @@ def card_usage(facts: ModelCardFacts) -> str:
         f"generator = pipeline(\"text-generation\", model={json.dumps(facts.location)})",
         "print(generator(\"The \")[0][\"generated_text\"])", "```", "",
         f"The generation config holds the run's sampling settings ({settings}) and `max_length` = {context}, the "
-        "context the model was trained on, prompt included: transformers' model classes cannot slide a window "
+        "model's context, prompt included: transformers' model classes cannot slide a window "
         "past it, so generation stops there (or at `<|endoftext|>`). For longer text, `python -m kernel sample` "
         "on the run's checkpoint slides the window. The tokenizer pads on the left, so a batch of prompts "
         "of different lengths generates correctly."])

@@ -1,4 +1,4 @@
-"""## 13. Main
+"""## 14. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
 when a checkpoint is there), write samples and `summary.json`. The notebook's last cell calls `main(...)`
@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
 from kernel.checkpoint import (CHECKPOINT_PATTERN, Checkpoint, CheckpointError, check_resume_compatible, checksum_path,
                                find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_output_debris)
 from kernel.train import RunStopped, StopRequests, TrainResult, build_model, train
+from kernel.plan import plan_model, shaped
 from kernel.sample import format_samples, sample_texts, sampling_settings
 from kernel.export import RunFacts, export_hf
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
@@ -149,6 +151,9 @@ def time_budget(config: Config) -> float | None:
     budget = config.train.time_budget or (KAGGLE_TIME_BUDGET_S if is_kaggle() else None)
     if budget and not config.train.time_budget:
         print(f"[env] Kaggle: train.time_budget defaults to {budget / 3600:.0f}h, inside the session limit")
+    if not budget and config.train.max_steps == "auto":
+        raise KernelError("train.max_steps=auto trains for as long as train.time_budget allows, and no budget is "
+                          "set: give one (e.g. train.time_budget=2h; on Kaggle it defaults to 8h) or a number of steps")
     return budget
 
 
@@ -158,28 +163,57 @@ class PreparedRun:
     dtype: torch.dtype
     checkpoint: Checkpoint | None
     resume_path: Path | None
+    config: Config            # the run's config: with model.size, the planned shape
+    plan: dict | None = None  # with model.size, what the plan measured and chose (summary.json "plan")
 
 
-def prepare_run(config: Config, out_dir: Path, processes: Processes, device: torch.device) -> PreparedRun:
-    """Everything before training: the checkpoint to resume from, the data, the number format."""
-    dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd)
+def prepare_run(config: Config, out_dir: Path, processes: Processes, device: torch.device,
+                train_seconds: float | None = None, now=time.perf_counter) -> PreparedRun:
+    """Everything before training: the checkpoint to resume from, the data, the model's size (`train_seconds`:
+    what the budget leaves for training, for model.size=auto), the number format."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the matmuls autocast leaves in fp32
     seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process
     resume_path, checkpoint = agreed_resume_checkpoint(config.train.resume, out_dir, processes)
+    if checkpoint is not None and config.model.size:  # the shape (and learning rates) the run was planned with
+        config = planned_before(config, checkpoint)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
     given_tokenizer = tokenizer_from_dict(checkpoint.tokenizer) if checkpoint else None
     cache_root, private = cache_location(config.data.cache_dir, out_dir)
     data = prepare_data_once(config, cache_root, given_tokenizer, processes, private=private)
     print_data_report(data)
+    plan = None
+    if config.model.size and checkpoint is None:
+        config, plan = planned_config(config, data, processes, device, train_seconds, now)
+    dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd)
     if config.train.dtype == "auto" and checkpoint is not None:  # keep the precision the run started with
         dtype, why = DTYPES[checkpoint.dtype], "as when the checkpoint was written"
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
     if processes.is_main:
         write_atomic(out_dir / "config.yaml", config_to_yaml(config))
         data.tokenizer.save(out_dir / "tokenizer")
-    return PreparedRun(data, dtype, checkpoint, resume_path)
+    return PreparedRun(data, dtype, checkpoint, resume_path, config, plan)
+
+
+def planned_config(config: Config, data: TokenData, processes: Processes, device: torch.device,
+                   train_seconds: float | None, now) -> tuple[Config, dict]:
+    """model.size: rank 0 plans (measuring on its device), every process takes its choice."""
+    plan = None
+    if processes.is_main:
+        plan = plan_model(config, data.tokenizer.vocab_size, int(data.train.size), train_seconds, device,
+                          resolve_dtype(config.train.dtype, device, config.model.n_embd)[0], processes.world_size, now)
+        print(plan.report())
+    plan = from_main(processes, plan.to_dict() if plan else None)
+    n_layer, n_embd = (int(x) for x in plan["chosen"].split(" x "))
+    return shaped(config, n_layer, n_embd), plan
+
+
+def planned_before(config: Config, checkpoint: Checkpoint) -> Config:
+    saved = config_from_dict(checkpoint.config, "the checkpoint's config")
+    print(f"[plan] resumed: the shape planned at the start, {saved.model.n_layer} x {saved.model.n_embd}")
+    return dataclasses.replace(config, model=saved.model, train=dataclasses.replace(
+        config.train, lr=saved.train.lr, min_lr=saved.train.min_lr))
 
 
 def run_process(config: Config, out_dir: Path, processes: Processes, device: torch.device,
@@ -192,10 +226,12 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
         ensure_writable(out_dir)
     with StopRequests() as stops, output_lock(out_dir, processes.is_main):
         try:
-            prepared = prepare_run(config, out_dir, processes, device)
+            prepared = prepare_run(config, out_dir, processes, device,
+                                   train_seconds=started + budget - now() if budget else None, now=now)
         except RunStopped as stop:
             raise RunStopped(stop.signal_name, f"stopped by {stop.signal_name} while preparing the run (before "
                              "any training): nothing was trained and no checkpoint was changed") from None
+        config = prepared.config  # model.size: the planned shape
         curves = LossCurves(out_dir / "loss.png", run_label(out_dir, config))  # in a notebook: redrawn at each eval
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
@@ -223,7 +259,7 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
         "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
         "processes": processes.world_size,
         "dtype": dtype_name(prepared.dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
-        "best_checkpoint": result.best,
+        "best_checkpoint": result.best, "plan": prepared.plan,
         "data": prepared.data.stats, "environment": environment, "out_dir": str(out_dir),
     }
 

@@ -8,7 +8,13 @@ A decoder-only transformer in two presets that share one implementation:
   a SwiGLU MLP, no biases; optionally QK-norm (RMSNorm on each head's queries and keys, as in Qwen3).
 
 Keeping each preset exactly its namesake means a trained model exports to `transformers` as
-`GPT2LMHeadModel`, `LlamaForCausalLM` or (with QK-norm) `Qwen3ForCausalLM`.
+`GPT2LMHeadModel`, `LlamaForCausalLM` or (with QK-norm) `Qwen3ForCausalLM`, and that such a model can be
+loaded to start from (`model.init_from`). Pretrained models differ from the presets in details the model
+also holds exactly: grouped-query attention (fewer key/value heads than query heads), a head width that is
+not width / heads, any MLP width, an output head of its own (not tied to the embedding), their norms'
+epsilon and a position count longer than the training windows. The last part of this section is one table
+of where each of our tensors lives in a `transformers` checkpoint, read one way to load one and the other
+way to export.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel
 the hardware has (FlashAttention on Ampere+, memory-efficient attention on a T4, plain math on a CPU).
@@ -17,14 +23,19 @@ being stored, trading ~30% more compute for a much smaller memory footprint. For
 keeps each layer's keys and values, so every new token costs one forward step over that token alone.
 """
 
+import functools
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernel.env import KernelError
 from kernel.config import ModelConfig
 
 
@@ -37,8 +48,19 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 @dataclass
 class GPTConfig(ModelConfig):
     """The `model` section of the config (section 4: shape, arch, dropout, ...) plus the vocabulary size,
-    which the tokenizer decides."""
+    which the tokenizer decides. Fields the config leaves at 0 take the preset's rule here, so a GPTConfig
+    always holds the exact shape (a pretrained model's config sets them all)."""
     vocab_size: int = field(kw_only=True)  # embedding rows, padding included
+
+    def __post_init__(self) -> None:
+        gpt2 = self.arch == "gpt2"
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        # GPT-2: 4 x width. SwiGLU has three matrices, so 8/3 x width (rounded up to a multiple of 32) keeps
+        # the parameter count of a 4 x width MLP.
+        self.mlp_hidden = self.mlp_hidden or (4 * self.n_embd if gpt2 else 32 * math.ceil(8 * self.n_embd / 3 / 32))
+        self.norm_eps = self.norm_eps or (1e-5 if gpt2 else 1e-6)
+        self.max_positions = self.max_positions or self.block_size
 
     @classmethod
     def from_settings(cls, model: ModelConfig, vocab_size: int) -> "GPTConfig":
@@ -46,23 +68,11 @@ class GPTConfig(ModelConfig):
         padded = padded_vocab_size(vocab_size, model.vocab_multiple)
         return cls(**{f.name: getattr(model, f.name) for f in fields(ModelConfig)}, vocab_size=padded)
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        """GPT-2: 4 x width. SwiGLU has three matrices, so 8/3 x width (rounded up to a multiple of 32)
-        keeps the parameter count of a 4 x width MLP."""
-        if self.arch == "gpt2":
-            return 4 * self.n_embd
-        return 32 * math.ceil(8 * self.n_embd / 3 / 32)
-
 
 def make_norm(config: GPTConfig, size: int) -> nn.Module:
     if config.arch == "llama":
-        return nn.RMSNorm(size, eps=1e-6)
-    return nn.LayerNorm(size, bias=config.bias)
+        return nn.RMSNorm(size, eps=config.norm_eps)
+    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
 
 
 def rotary_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,31 +114,38 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention of n_head query heads. With grouped-query attention (n_kv_head < n_head, as in
+    many Llama and Qwen3 models) each key/value head serves n_head / n_kv_head consecutive query heads."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.dropout = config.dropout
         bias = config.bias and config.arch == "gpt2"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]  # q, k, v
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-6) if config.qk_norm else None
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         past = 0
-        if cache is not None:
+        if cache is not None:  # the cache holds the n_kv_head heads: grouped-query attention's memory saving
             past = cache.layer_length(layer)
             k, v = cache.extend(layer, k, v)
+        if self.n_kv_head != self.n_head:  # query head h reads key/value head h // (n_head / n_kv_head)
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         if past == 0:  # every query sees itself and what precedes it
             mask, causal = None, True
         else:  # new queries at positions past.., keys at 0..past+T-1
@@ -136,7 +153,7 @@ class CausalSelfAttention(nn.Module):
             causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, self.sizes[0])  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -191,12 +208,13 @@ class GPT(nn.Module):
         self.config = config
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.arch == "gpt2":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            modules["wpe"] = nn.Embedding(config.max_positions, config.n_embd)
         modules.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                        ln_f=make_norm(config, config.n_embd))
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        if config.tie_embeddings:  # weight tying: one matrix embeds and un-embeds
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the stream's variance stays put
         for name, param in self.named_parameters():
@@ -213,24 +231,25 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """Trainable parameters, the tied embedding counted once."""
+        """Trainable parameters, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per weight
         that multiplies (every parameter but the position table, the tied head included once), plus
-        attention's 12 x layers x width x context."""
+        attention's 12 x layers x (heads x head width) x context."""
         c = self.config
         weights = self.num_params() - (self.transformer.wpe.weight.numel() if c.arch == "gpt2" else 0)
-        return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * weights + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy loss. With a cache, idx
         continues the sequence the cache holds (and is added to it)."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of length {past + T} is longer than block_size {self.config.block_size}")
+        if past + T > self.config.max_positions:
+            raise ValueError(f"sequence of length {past + T} is longer than the model's {self.config.max_positions} "
+                             "positions (model.max_positions, block_size unless set)")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
@@ -249,3 +268,120 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+
+# --- The same weights under transformers' names ----------------------------------------------------------
+# Each entry: (our tensor, its transformers name(s), how they relate): "same"; "transposed" (GPT-2's Conv1D
+# stores a linear layer's weight as (in, out)); "stacked" (our c_attn is q, k and v one above the other).
+# Export reads the table one way (hf_state_dict), model.init_from the other (load_hf_weights).
+
+def hf_layout(c: GPTConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    head = [] if c.tie_embeddings else [("lm_head.weight", ("lm_head.weight",), "same")]
+    if c.arch == "gpt2":  # nanoGPT kept GPT-2's names: only the linear layers' layout differs
+        same = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+        transposed = []
+        for i in range(c.n_layer):
+            h = f"transformer.h.{i}."
+            same += [f"{h}{norm}.{kind}" for norm in ("ln_1", "ln_2") for kind in ("weight", "bias")]
+            linears = [f"{h}{linear}." for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+            same += [linear + "bias" for linear in linears]
+            transposed += [linear + "weight" for linear in linears]
+        return [(n, (n,), "same") for n in same] + [(n, (n,), "transposed") for n in transposed] + head
+    table = [("transformer.wte.weight", ("model.embed_tokens.weight",), "same"),
+             ("transformer.ln_f.weight", ("model.norm.weight",), "same")]
+    renamed = {"attn.c_proj": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
+               "mlp.c_proj": "mlp.down_proj", "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+    if c.qk_norm:
+        renamed.update({"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"})
+    for i in range(c.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        qkv = tuple(f"{theirs}self_attn.{p}_proj.weight" for p in "qkv")
+        table.append((ours + "attn.c_attn.weight", qkv, "stacked"))
+        table += [(f"{ours}{a}.weight", (f"{theirs}{b}.weight",), "same") for a, b in renamed.items()]
+    return table + head
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names and layout (a tied head is stored once, as the embedding)."""
+    c, ours = model.config, model.state_dict()
+    exported = {}
+    for name, theirs, layout in hf_layout(c):
+        tensor = ours.get(name)
+        if tensor is None:  # a gpt2 model trained without biases: zero biases compute the same
+            tensor = torch.zeros(ours[name.removesuffix("bias") + "weight"].size(0))
+        parts = tensor.split(model.transformer.h[0].attn.sizes) if layout == "stacked" else [
+            tensor.t() if layout == "transposed" else tensor]
+        exported.update(zip(theirs, parts))
+    return {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in exported.items()}
+
+
+# Tensors a checkpoint may hold that are no weights: GPT-2's causal-mask buffers, old Llama rotary tables.
+NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def load_hf_weights(model: GPT, folder: Path) -> int:
+    """Copy the weights of the transformers checkpoint in `folder` (a model of this model's shape) into the
+    model, one tensor at a time; returns the number of tensors read. A tensor missing, left over or of
+    another shape is an error."""
+    c, ours = model.config, model.state_dict()
+    prefix = "transformer." if c.arch == "gpt2" else "model."
+    readers = {name if name.startswith(prefix) or name == "lm_head.weight" else prefix + name: read
+               for name, read in open_weights(folder).items()}  # saved from the base model: names lack the prefix
+    layout = hf_layout(c)
+    wanted = {name for _, theirs, _ in layout for name in theirs}
+    missing = sorted(wanted - set(readers))
+    unused = sorted(n for n in set(readers) - wanted if not n.endswith(NOT_WEIGHTS) and n != "lm_head.weight")
+    if missing or unused:
+        raise KernelError(f"model.init_from: the weights in {folder} do not fit its config.json: "
+                          f"{describe_names('missing', missing)}{describe_names('not used', unused)}")
+    with torch.no_grad():
+        for name, theirs, how in layout:
+            parts = [readers[n]() for n in theirs]
+            value = torch.cat(parts) if how == "stacked" else parts[0].t() if how == "transposed" else parts[0]
+            if value.shape != ours[name].shape:
+                raise KernelError(shape_mismatch(folder, name, theirs, value.shape, ours[name].shape))
+            ours[name].copy_(value)
+    return len(wanted)
+
+
+def describe_names(what: str, names: list[str]) -> str:
+    return f"{what}: {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}; " if names else ""
+
+
+def shape_mismatch(folder: Path, name: str, theirs: tuple[str, ...], shape, expected) -> str:
+    if name == "transformer.wte.weight":  # the rows are the tokenizer's count rounded up to the model's rows
+        return (f"model.init_from: the embedding in {folder} has {shape[0]:,} rows, fewer than the tokenizer's "
+                f"tokens need ({expected[0]:,}): use the tokenizer that came with the model")
+    return f"model.init_from: {'+'.join(theirs)} in {folder} is {tuple(shape)}, the model needs {tuple(expected)}"
+
+
+def open_weights(folder: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every tensor of the checkpoint in `folder` (model.safetensors or its shards, else pytorch_model.bin or
+    its shards), each read only when called: the model is never held twice in memory."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        try:
+            if (folder / index).is_file():
+                files = sorted(set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            elif (folder / single).is_file():
+                files = [single]
+            else:
+                continue
+            return {name: read for file in files for name, read in tensor_readers(folder / file).items()}
+        except Exception as err:  # a damaged index or weight file: safetensors and torch raise several types
+            raise KernelError(f"model.init_from: the weights in {folder} cannot be read ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    raise KernelError(f"model.init_from: {folder} holds no weights (model.safetensors or pytorch_model.bin)")
+
+
+def tensor_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # imported late: only model.init_from reads safetensors
+
+        handle = safe_open(str(path), framework="pt")
+        return {name: functools.partial(handle.get_tensor, name) for name in handle.keys()}
+    try:  # memory-mapped: tensors are paged in when copied, not all at once
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {name: functools.partial(state.__getitem__, name) for name in state}

@@ -1,4 +1,4 @@
-"""## 10. Sampling
+"""## 11. Sampling
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
@@ -40,9 +40,9 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              use_cache: bool = True, vocab_size: int | None = None) -> torch.Tensor:
     """Extend idx (B, T) by up to max_new_tokens tokens (greedy when temperature is 0). vocab_size: the
     tokenizer's, when the embedding has padding rows that must never be sampled."""
-    block_size = model.config.block_size
+    window = model.config.max_positions  # the model's context (its block_size unless set)
     cache = KVCache(model.config.n_layer) if use_cache else None
-    logits = model(idx[:, -block_size:], cache=cache)[0][:, -1, :]
+    logits = model(idx[:, -window:], cache=cache)[0][:, -1, :]
     padding = slice(vocab_size, None) if vocab_size and vocab_size < model.config.vocab_size else None
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
@@ -60,11 +60,11 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
                 break
         if step == max_new_tokens - 1:
             break  # the last token needs no forward pass
-        if cache is not None and cache.length < block_size:
+        if cache is not None and cache.length < window:
             logits = model(next_token, cache=cache)[0][:, -1, :]
-        else:  # no cache, or the window slides: positions shift, so recompute the last block_size tokens
+        else:  # no cache, or the window slides: positions shift, so recompute the last window tokens
             cache = KVCache(model.config.n_layer) if use_cache else None
-            logits = model(idx[:, -block_size:], cache=cache)[0][:, -1, :]
+            logits = model(idx[:, -window:], cache=cache)[0][:, -1, :]
     return idx
 
 

@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kernel.env import KernelError, dtype_name, is_batch_run, peak_flops, write_atomic
-from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
+from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml, find_model_folder
 from kernel.data import BatchSampler, TokenData
-from kernel.model import GPT, GPTConfig
+from kernel.model import GPT, GPTConfig, load_hf_weights
 from kernel.distributed import (Processes, gather_objects, launcher_stop_request, max_across, split_global_batch,
                                 sum_across)
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
@@ -37,6 +37,17 @@ from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, pr
 
 
 # --- Learning rate -------------------------------------------------------------------------------------
+
+def step_limit(train: TrainConfig) -> float:
+    """train.max_steps as a number: `auto` has none (the time budget ends the run)."""
+    return math.inf if train.max_steps == "auto" else train.max_steps
+
+
+def schedule_progress(step: int, train: TrainConfig, time_progress: float) -> tuple[float, bool]:
+    """(how far the decay's clock has run, 0..1; whether the time budget rather than the step count drives it)."""
+    by_steps = (step - train.warmup_steps) / max(1, step_limit(train) - train.warmup_steps)
+    return min(1.0, max(by_steps, time_progress)), time_progress > by_steps
+
 
 def lr_at(step: int, train: TrainConfig, time_progress: float = 0.0) -> float:
     """Linear warm-up to train.lr over warmup_steps, then the decay to min_lr, which ends at max_steps or, with
@@ -49,13 +60,24 @@ def lr_at(step: int, train: TrainConfig, time_progress: float = 0.0) -> float:
     """
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
-    decay_steps = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, max((step - train.warmup_steps) / decay_steps, time_progress))
+    progress, _ = schedule_progress(step, train, time_progress)
     if train.schedule == "wsd":
         stable = 1.0 - train.decay_fraction
         share = 0.0 if progress <= stable else (progress - stable) / train.decay_fraction
         return train.lr - share * (train.lr - train.min_lr)
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
+
+
+def wsd_phase(step: int, train: TrainConfig, time_progress: float) -> str:
+    """For checkpoints: 'budget_decay' once a wsd schedule decays because the time budget is running out (a
+    new session's budget starts its clock again, so it continues from the last 'stable' checkpoint instead),
+    'decay' when the step count drives it, else 'stable' ('' for other schedules)."""
+    if train.schedule != "wsd" or step < train.warmup_steps:
+        return ""
+    progress, by_time = schedule_progress(step, train, time_progress)
+    if progress <= 1.0 - train.decay_fraction:
+        return "stable"
+    return "budget_decay" if by_time else "decay"
 
 
 # --- Model, optimizer, precision -----------------------------------------------------------------------
@@ -141,6 +163,75 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device) -
         print(f"[train] train.compile is on but turned off: {reason}")
         return model
     return torch.compile(model)
+
+
+# --- Will it fit? Memory, estimated before anything is built ----------------------------------------------
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: free GPU memory, or the RAM Linux calls available; None: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            lines = Path("/proc/meminfo").read_text().splitlines()
+        except OSError:
+            return None
+        return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    return None
+
+
+def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training: bool) -> dict[str, int]:
+    """A rough estimate of a run's peak memory, in bytes, by what holds it. The fp32 weights (and their
+    half-precision copies under autocast); to train, also their gradients, the optimizer's two moments and
+    the activations a micro-batch keeps for the backward pass (per layer and token about 12 x width + 4 x the
+    MLP's width; with gradient checkpointing one layer's, plus every layer's input); in any case the logits
+    of a micro-batch (with their fp32 copy, and to train their log-softmax and gradient)."""
+    with torch.device("meta"):  # the exact shape, without allocating it
+        model = build_model(config, vocab_size)
+    c, params, width = model.config, model.num_params(), torch.finfo(dtype).bits // 8  # bytes per activation
+    tokens = config.train.batch_size * config.model.block_size
+    layer = tokens * width * (12 * c.n_embd + 4 * c.mlp_hidden)
+    needed = {"weights": params * (4 + (width if width < 4 else 0))}
+    if training:
+        kept = layer + tokens * width * c.n_embd * c.n_layer if c.gradient_checkpointing else layer * c.n_layer
+        needed.update({"gradients and optimizer state": 12 * params, "activations": kept,
+                       "logits": tokens * c.vocab_size * (width + 12)})
+    else:
+        needed.update({"activations": layer, "logits": tokens * c.vocab_size * (width + 4)})
+    return needed
+
+
+def check_memory(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype, sharing: int = 1) -> None:
+    """Fail before the model is built, with advice, when the estimate exceeds what the device has free (not an
+    hour into training). `sharing`: processes that share this memory (several CPU processes share the RAM)."""
+    training = config.train.max_steps != 0  # 0: only evaluate the model as it is
+    needed = memory_needed(config, vocab_size, dtype, training)
+    total, free = sum(needed.values()) * sharing, free_memory(device)
+    parts = ", ".join(f"{what} {memory_size(count)}" for what, count in needed.items())
+    doing = "training" if training else "evaluating"
+    shared = f", x {sharing} processes" if sharing > 1 else ""
+    print(f"[memory] {doing} needs about {memory_size(total)} ({parts}{shared}); "
+          f"{memory_size(free) if free is not None else 'unknown'} free on {device}")
+    if free is not None and total > free:
+        raise KernelError(f"the model does not fit: {doing} needs about {memory_size(total)} ({parts}), and {device} "
+                          f"has {memory_size(free)} free. {memory_advice(config, device, dtype)}")
+
+
+def memory_size(count: float) -> str:
+    return f"{count / 2**30:,.2f} GB" if count >= 2**30 else f"{count / 2**20:,.1f} MB"
+
+
+def memory_advice(config: Config, device: torch.device, dtype: torch.dtype) -> str:
+    m, t = config.model, config.train
+    advice = [f"lower train.batch_size (now {t.batch_size}; raise train.grad_accum_steps to keep the batch) or "
+              f"model.block_size (now {m.block_size}): both shrink the activations and the logits"]
+    if not m.gradient_checkpointing:
+        advice.append("set model.gradient_checkpointing=true (it keeps one layer's activations, not all)")
+    if device.type == "cuda" and dtype == torch.float32:
+        advice.append("train.dtype=bfloat16 (or float16 on a T4) halves the activations")
+    advice.append("start from a smaller model (model.init_from)" if m.init_from else
+                  "use a smaller model (model.n_layer, model.n_embd)")
+    return "Either " + "; or ".join(advice)
 
 
 # --- One optimizer step --------------------------------------------------------------------------------
@@ -250,10 +341,11 @@ def show_progress_bar() -> bool:
 class Progress:
     """tqdm where it animates; otherwise one plain line per `every_s` seconds."""
 
-    def __init__(self, total: int, initial: int, every_s: float = 30.0, shown: bool = True):
-        self.total, self.every_s, self.last_line = total, every_s, time.perf_counter()
-        self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
-                    if shown and show_progress_bar() else None)
+    def __init__(self, total: float, initial: int, every_s: float = 30.0, shown: bool = True):
+        self.total = f"/{total:,}" if math.isfinite(total) else ""  # max_steps=auto: the budget ends it
+        self.every_s, self.last_line = every_s, time.perf_counter()
+        self.bar = (tqdm(total=total if math.isfinite(total) else None, initial=initial, desc="train", unit="step",
+                         mininterval=1.0, dynamic_ncols=True) if shown and show_progress_bar() else None)
 
     def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
         if self.bar is not None:
@@ -262,7 +354,7 @@ class Progress:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         elif loss is not None and time.perf_counter() - self.last_line >= self.every_s:
             self.last_line = time.perf_counter()
-            print(f"[train] step {step:,}/{self.total:,} | loss {loss:.4f} | {tokens_per_s:,.0f} tokens/s", flush=True)
+            print(f"[train] step {step:,}{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tokens/s", flush=True)
 
     def write(self, message: str) -> None:
         if self.bar is not None:
@@ -406,7 +498,7 @@ def nonfinite_error(t: TrainConfig, step: int, ckpt_dir: Path) -> KernelError:
         "keep train.grad_clip on, or use train.dtype=bfloat16 or float32 instead of float16")
 
 
-def is_due(step: int, interval: int, max_steps: int) -> bool:
+def is_due(step: int, interval: int, max_steps: float) -> bool:
     """Every `interval` steps, and at the last step."""
     return step % interval == 0 or step == max_steps
 
@@ -425,6 +517,8 @@ class LoopState:
     history: list = field(default_factory=list)       # every metrics line so far
     nonfinite_run: int = 0                            # consecutive steps whose loss was NaN or infinite
     train_seconds: float = 0.0                        # time inside optimizer steps (evaluation excluded)
+    phase: str = ""                                   # the wsd schedule's phase of this session's last step
+    stable_step: int | None = None                    # the newest stable-phase checkpoint's step (kept on disk)
 
 
 @dataclass
@@ -453,6 +547,8 @@ class Trainer:
         self.processes, self.clock = processes, clock
         self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
         self.ckpt_dir, self.metrics = out_dir / "checkpoints", MetricsLog(out_dir / "metrics.jsonl")
+        check_memory(config, data.tokenizer.vocab_size, device, dtype,
+                     sharing=processes.world_size if device.type == "cpu" else 1)  # one machine's RAM
         self.model = build_model(config, data.tokenizer.vocab_size).to(device)
         self.optimizer = make_optimizer(self.model, self.t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
@@ -478,9 +574,13 @@ class Trainer:
             restore_process_rng(checkpoint, self.processes, self.t.seed)
             state = LoopState(plan=self.resumed_plan(state.plan, checkpoint), step=checkpoint.step,
                               tokens=checkpoint.tokens, train_loss=checkpoint.train_loss,
-                              last_eval=checkpoint.last_eval, best=checkpoint.best, history=list(checkpoint.metrics))
+                              last_eval=checkpoint.last_eval, best=checkpoint.best, history=list(checkpoint.metrics),
+                              stable_step=checkpoint.stable_step)
             self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
+        elif self.config.model.init_from:  # a new run starts from the pretrained weights; a resumed one has its own
+            folder = find_model_folder(self.config.model.init_from)
+            print(f"[train] starting from {folder}: {load_hf_weights(self.model, folder)} tensors loaded")
         if self.processes.distributed:
             print(f"[dist] {self.processes.world_size} processes, each {state.plan.micro_batch} x "
                   f"{state.plan.accumulation} accumulation of the global batch of {state.plan.global_batch} sequences")
@@ -508,7 +608,7 @@ class Trainer:
                 self.evaluator, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.runner.train()
         self.window.started = self.clock.now()
-        self.progress = Progress(self.t.max_steps, state.step, shown=self.processes.is_main)
+        self.progress = Progress(step_limit(self.t), state.step, shown=self.processes.is_main)
         self.clock.start_loop()
 
     # --- Stop? (the time budget, a signal: every process takes the same decision) ---------------------------
@@ -581,7 +681,7 @@ class Trainer:
 
     def log(self, state: LoopState, loss: torch.Tensor, lr: float) -> None:
         self.window.add(loss)
-        if not is_due(state.step, self.t.log_interval, self.t.max_steps):
+        if not is_due(state.step, self.t.log_interval, step_limit(self.t)):
             self.progress.advance(state.step)
             return
         state.train_loss, tokens_per_s = self.window.mean(), self.window.tokens_per_s(self.tokens_per_step)
@@ -602,7 +702,17 @@ class Trainer:
         if self.on_eval is not None:
             self.on_eval(state.history)
 
-    def save(self, state: LoopState) -> None:
+    def enter_phase(self, state: LoopState, phase: str) -> None:
+        """The first step of a decay that the time budget drives: save the weights it starts from, marked
+        'stable', so that a run continued with a new budget goes on from them (see checkpoint.py). A decay
+        set by max_steps needs none: a resumed run continues it exactly."""
+        if phase == "budget_decay" and state.phase == "stable":
+            self.save(state, phase="stable")
+        state.phase = phase
+
+    def save(self, state: LoopState, phase: str | None = None) -> None:
+        if phase == "stable":
+            state.stable_step = state.step
         evaluated = state.last_eval if state.last_eval.get("step") == state.step else {}
         if evaluated and (not state.best or evaluated["val_loss"] < state.best["val_loss"]):
             state.best = {"step": state.step, "val_loss": evaluated["val_loss"]}
@@ -614,13 +724,14 @@ class Trainer:
             best=state.best, metrics=state.history, dtype=dtype_name(self.dtype),
             micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
             loss_window=self.window.state(), world_size=self.processes.world_size, process_rngs=process_rngs,
+            lr_phase=phase or state.phase, stable_step=state.stable_step,
             config=config_to_dict(self.config),
             tokenizer=self.data.tokenizer.to_dict(), model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict())
         with self.clock.timing("save"):
             save_checkpoint(checkpoint, checkpoint_path(self.ckpt_dir, state.step))
         write_atomic(self.ckpt_dir / "config.yaml", config_to_yaml(self.config))
-        prune_checkpoints(self.ckpt_dir, self.t.keep_checkpoints, state.best.get("step"))
+        prune_checkpoints(self.ckpt_dir, self.t.keep_checkpoints, {state.best.get("step"), state.stable_step})
 
     def finish(self, state: LoopState) -> None:
         """The step the loop stopped at is always evaluated and saved."""
@@ -660,20 +771,22 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
         with stops as stop_requests, stop_requests.between_steps():
             if state.step == 0:
                 trainer.run_eval(state)  # the untrained model: the first point of the curves
-            while state.step < t.max_steps:
+            while state.step < step_limit(t):
                 # --- stop for the time budget or a signal?
                 reason, time_used = trainer.stop_reason(state, stop_requests)
                 if reason:
                     stopped_by = reason
                     break
+                # --- a wsd schedule about to decay: keep the stable weights (a later session continues them)
+                trainer.enter_phase(state, wsd_phase(state.step, t, time_used))
                 # --- one optimizer step: forward, backward and update over the global batch
                 lr = lr_at(state.step, t, time_used)
                 loss = trainer.optimizer_step(state, lr)
                 # --- log, evaluate and checkpoint when due
                 trainer.log(state, loss, lr)
-                if is_due(state.step, t.eval_interval, t.max_steps):
+                if is_due(state.step, t.eval_interval, step_limit(t)):
                     trainer.run_eval(state)
-                if t.checkpoint_interval and state.step % t.checkpoint_interval == 0 and state.step != t.max_steps:
+                if t.checkpoint_interval and state.step % t.checkpoint_interval == 0 and state.step != step_limit(t):
                     trainer.save(state)
             # --- the end: evaluate and save the last step
             trainer.finish(state)

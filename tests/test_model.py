@@ -80,7 +80,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_sequences_longer_than_the_block_are_refused():
-    with pytest.raises(ValueError, match="longer than block_size"):
+    with pytest.raises(ValueError, match="longer than the model.s 16 positions"):
         small_model()(torch.zeros(1, 17, dtype=torch.long))
 
 
@@ -109,6 +109,29 @@ def test_llama_is_causal_biasless_and_cache_consistent(qk_norm):
     cache = KVCache(2)
     steps = [model(idx[:, :4], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), before, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_with_its_own_head_width_and_untied_head_is_causal_and_cache_consistent():
+    """What pretrained models have (model.init_from): 4 query heads sharing 2 key/value heads, heads 12 wide in
+    a 32-wide stream, an MLP of 40, an output head of its own. The cache holds only the 2 key/value heads."""
+    from kernel.model import KVCache
+    model = small_model(arch="llama", n_kv_head=2, head_dim=12, mlp_hidden=40, tie_embeddings=False,
+                        qk_norm=True).eval()
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (4 * 12 + 2 * 2 * 12, 32)
+    assert model.num_params() == sum(p.numel() for p in model.state_dict().values())  # the head counted too
+    idx, before = assert_causal(model, 9)
+    cache = KVCache(2)
+    steps = [model(idx[:, :4], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), before, rtol=1e-5, atol=1e-5)
+    assert cache.keys[0].shape == (2, 2, 16, 12)
+    # each key/value head serves two consecutive query heads, as transformers' repeat_kv does
+    attn, x = model.transformer.h[0].attn, torch.randn(1, 16, 32)
+    q, k, v = attn.c_attn(x).split([48, 24, 24], dim=2)
+    q, k, v = attn.q_norm(q.view(1, 16, 4, 12)), attn.k_norm(k.view(1, 16, 2, 12)), v.view(1, 16, 2, 12)
+    k, v = k[:, :, [0, 0, 1, 1]], v[:, :, [0, 0, 1, 1]]
+    y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(attn(x), attn.c_proj(y.transpose(1, 2).reshape(1, 16, 48)), rtol=1e-5, atol=1e-5)
 
 
 def test_qk_norm_changes_the_computation_and_rope_makes_position_matter():

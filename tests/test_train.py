@@ -201,6 +201,30 @@ def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny, monkeypatch):
     assert rates[-1] < 0.5 * tiny().train.lr  # decayed by the end of the budget
 
 
+def test_a_budgeted_wsd_run_goes_on_from_its_stable_phase_in_the_next_session(tmp_path, tiny, monkeypatch, capsys):
+    settings = tiny(train__max_steps="auto", train__time_budget=4, train__schedule="wsd", train__warmup_steps=5,
+                    train__log_interval=1, train__checkpoint_interval=0)
+    first = run(settings, tmp_path, now=StepClock(seconds_per_step=0.0625).install(monkeypatch.setattr))
+    # 3 s of training: the decay takes the last 20%, from step 39 (39 x 0.0625 s > 0.8 x 3 s)
+    assert first["stopped_by"] == "time_budget" and first["steps"] == 48
+    stable, final = (load_checkpoint(p) for p in list_checkpoints(tmp_path / "checkpoints"))
+    assert (stable.step, stable.lr_phase) == (39, "stable") and (final.lr_phase, final.stable_step) == ("budget_decay", 39)
+    second = run(settings, tmp_path, now=StepClock(seconds_per_step=0.0625).install(monkeypatch.setattr))
+    assert "ends a time budget's learning-rate decay: continuing the stable phase from ckpt_00000039.pt" in \
+        capsys.readouterr().out
+    assert second["resumed_from"].endswith("ckpt_00000039.pt") and second["steps"] == 39 + 48
+    rows = [r for r in read_metrics(tmp_path) if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(1, 88))  # one curve: version 1's decay branch is dropped
+    assert rows[39]["lr"] == pytest.approx(settings.train.lr)  # step 40 trains at the peak rate again
+    assert rows[-1]["lr"] < 0.5 * settings.train.lr  # and the second session decays at its own end
+    assert load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1]).stable_step == 39 + 39
+
+
+def test_max_steps_auto_needs_a_time_budget(tmp_path, tiny):
+    with pytest.raises(KernelError, match=r"train.max_steps=auto trains for as long as train.time_budget allows"):
+        run(tiny(train__max_steps="auto"), tmp_path)
+
+
 def test_a_budget_spent_before_the_first_step_is_an_error_naming_the_setup_time(tmp_path, tiny, monkeypatch):
     clock = StepClock()
     original_prepare = main_module.prepare_run

@@ -1,0 +1,126 @@
+"""The planner: its law, and its choice on a mocked throughput table (no timing: a fake clock)."""
+
+import math
+
+import pytest
+import torch
+
+import kernel.plan as plan_module
+from kernel.config import load_config
+from kernel.env import KernelError
+from kernel.plan import LADDER, ladder, plan_model, predicted_loss
+
+CPU = torch.device("cpu")
+
+
+class FakeClock:
+    """Time passes only when a candidate is measured: `seconds_per_measure` each."""
+
+    def __init__(self, seconds_per_measure: float):
+        self.seconds, self.step = 0.0, seconds_per_measure
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def mocked_throughput(monkeypatch, clock: FakeClock, flop_rate: float, measured: list) -> None:
+    """Every shape runs at the same FLOP rate (tokens/s = rate / FLOPs per token); each measurement costs time."""
+    def measure(config, candidate, vocab_size, device, dtype, now):
+        clock.seconds += clock.step
+        measured.append(candidate.shape)
+        return flop_rate / candidate.flops_per_token
+
+    monkeypatch.setattr(plan_module, "measure_tokens_per_s", measure)
+
+
+def test_the_law_rewards_tokens_and_parameters_and_repeating_data_buys_little():
+    unique = 1e6
+    assert predicted_loss(1e6, 4e6, 1e8) < predicted_loss(1e6, 1e6, 1e8)  # more tokens: lower
+    assert predicted_loss(4e6, 1e7, 1e8) < predicted_loss(1e6, 1e7, 1e8)  # more parameters: lower
+    assert predicted_loss(1e6, 8 * unique, unique) > predicted_loss(1e6, 8 * unique, 8 * unique)  # repeats < fresh
+    first_epochs = predicted_loss(1e6, unique, unique) - predicted_loss(1e6, 4 * unique, unique)
+    far_epochs = predicted_loss(1e6, 40 * unique, unique) - predicted_loss(1e6, 400 * unique, unique)
+    assert far_epochs < 0.1 * first_epochs  # the value of repeating saturates
+    # parameters beyond what the unique tokens can fill help less than the same factor below that point
+    assert (predicted_loss(4e5, 1e8, unique) - predicted_loss(4e6, 1e8, unique)
+            < predicted_loss(4e4, 1e8, unique) - predicted_loss(4e5, 1e8, unique))
+
+
+def test_the_ladder_grows_and_has_the_cpu_presets_shape():
+    config = load_config("llm_cpu.yaml")
+    candidates = ladder(config, vocab_size=65)
+    assert [(c.n_layer, c.n_embd) for c in candidates] == LADDER
+    assert all(a.params < b.params and a.flops_per_token < b.flops_per_token for a, b in zip(candidates, candidates[1:]))
+    assert plan_module.shaped(config, 2, 128).model == config.model  # the ladder holds the CPU preset exactly
+
+
+def test_a_longer_budget_buys_a_larger_model_and_measuring_stays_in_its_share(monkeypatch):
+    config = load_config("llm_cpu.yaml", {"model.size": "auto"})
+    choices = {}
+    for seconds in (60, 600, 6000, 60000):
+        clock, measured = FakeClock(seconds_per_measure=0.01 * seconds), []
+        mocked_throughput(monkeypatch, clock, flop_rate=2e10, measured=measured)
+        plan = plan_model(config, 65, unique_tokens=50_000_000, train_seconds=seconds, device=CPU,
+                          dtype=torch.float32, now=clock)
+        choices[seconds] = plan.chosen.params
+        # measuring stops at its share; past it, only the shape about to be chosen is measured (once)
+        assert plan.plan_seconds <= plan_module.MEASURE_SHARE * seconds + 2 * clock.step
+        assert [c.shape for c in plan.candidates if c.measured] == measured and plan.chosen.measured
+        assert plan.chosen is min(plan.candidates, key=lambda c: c.loss)
+    assert choices[60] < choices[600] < choices[6000] < choices[60000]
+
+
+def test_a_small_corpus_gets_a_smaller_model_than_a_large_one(monkeypatch):
+    config = load_config("llm_cpu.yaml", {"model.size": "auto"})
+    chosen = {}
+    for unique in (200_000, 200_000_000):
+        clock = FakeClock(seconds_per_measure=1.0)
+        mocked_throughput(monkeypatch, clock, flop_rate=5e11, measured=[])
+        plan = plan_model(config, 65, unique, train_seconds=3600, device=CPU, dtype=torch.float32, now=clock)
+        chosen[unique] = plan.chosen
+        assert plan.to_dict()["candidates"][0]["epochs"] == pytest.approx(
+            plan.candidates[0].tokens / unique, rel=1e-2)
+    assert chosen[200_000].params < chosen[200_000_000].params
+    report = plan.report()
+    assert report.startswith("[plan] model.size=auto: ") and f"-> {chosen[200_000_000].shape:>9}" in report
+
+
+def test_a_size_in_parameters_picks_the_nearest_shape_and_auto_needs_a_budget():
+    config = load_config("llm_cpu.yaml", {"model.size": "10M"})
+    plan = plan_model(config, 65, 10**6, None, CPU, torch.float32)
+    assert plan.chosen.shape == "6 x 384" and abs(math.log(plan.chosen.params / 1e7)) < 0.1
+    with pytest.raises(KernelError, match="model.size=auto sizes the model for train.time_budget"):
+        plan_model(load_config("llm_cpu.yaml", {"model.size": "auto"}), 65, 10**6, None, CPU, torch.float32)
+
+
+@pytest.mark.slow
+def test_a_planned_run_trains_the_chosen_shape_and_its_resume_keeps_it(tmp_path, tiny, monkeypatch):
+    from kernel.main import run
+    from tests.conftest import StepClock
+
+    monkeypatch.setattr(plan_module, "measure_tokens_per_s",
+                        lambda config, candidate, *args: 1e10 / candidate.flops_per_token)
+    settings = dict(model__size="auto", train__max_steps="auto", train__time_budget=4)
+    first = run(tiny(**settings), tmp_path, now=StepClock(seconds_per_step=0.25).install(monkeypatch.setattr))
+    plan = first["plan"]
+    n_layer, n_embd = (int(x) for x in plan["chosen"].split(" x "))
+    assert first["params"] == plan["params"] and first["stopped_by"] == "time_budget"
+    saved = load_config(str(tmp_path / "config.yaml"))
+    assert (saved.model.n_layer, saved.model.n_embd, saved.model.size) == (n_layer, n_embd, "auto")
+    assert min(plan["candidates"], key=lambda c: c["law_score"])["shape"] == plan["chosen"]
+    second = run(tiny(**{**settings, "train__time_budget": 6}), tmp_path,
+                 now=StepClock(seconds_per_step=0.25).install(monkeypatch.setattr))
+    assert second["resumed_from"] and second["plan"] is None and second["params"] == first["params"]
+
+
+def test_a_shape_that_runs_out_of_memory_ends_the_ladder(monkeypatch):
+    def measure(config, candidate, *args):
+        if candidate.n_embd >= 256:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return 1e12 / candidate.flops_per_token
+
+    monkeypatch.setattr(plan_module, "measure_tokens_per_s", measure)
+    config = load_config("llm_cpu.yaml", {"model.size": "auto"})
+    plan = plan_model(config, 65, 10**9, train_seconds=36000, device=CPU, dtype=torch.float32, now=FakeClock(0.0))
+    assert [c.shape for c in plan.candidates] == ["1 x 64", "2 x 96", "2 x 128", "3 x 160", "3 x 192"]
+    assert plan.chosen.shape == "3 x 192"  # the largest that fits wins with ten hours of a fast device
