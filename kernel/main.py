@@ -199,14 +199,14 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
 def planned_config(config: Config, data: TokenData, processes: Processes, device: torch.device,
                    train_seconds: float | None, now) -> tuple[Config, dict]:
     """model.size: rank 0 plans (measuring on its device), every process takes its choice."""
-    plan = None
+    chosen = None
     if processes.is_main:
         plan = plan_model(config, data.tokenizer.vocab_size, int(data.train.size), train_seconds, device,
                           resolve_dtype(config.train.dtype, device, config.model.n_embd)[0], processes.world_size, now)
         print(plan.report())
-    plan = from_main(processes, plan.to_dict() if plan else None)
-    n_layer, n_embd = (int(x) for x in plan["chosen"].split(" x "))
-    return shaped(config, n_layer, n_embd), plan
+        chosen = (plan.chosen.n_layer, plan.chosen.n_embd, plan.to_dict())
+    n_layer, n_embd, summary = from_main(processes, chosen)
+    return shaped(config, n_layer, n_embd), summary
 
 
 def planned_before(config: Config, checkpoint: Checkpoint) -> Config:
