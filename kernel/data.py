@@ -49,6 +49,8 @@ import signal
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -599,30 +601,58 @@ def worker_count(requested: int) -> int:
     return max(1, min(requested or available, available))
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def quiet_worker() -> None:
-    """In a worker: die silently when the pool is terminated or the terminal sends Ctrl-C (the parent
-    handles stops); a forked worker would otherwise run the parent's signal handlers and print tracebacks."""
+    """In a worker: die silently when the terminal sends Ctrl-C or the platform a SIGTERM (the parent
+    handles stops). Workers are born with these signals blocked (see `start_workers`): until this runs
+    they would run the parent's handler and print its traceback. A signal that came meanwhile is
+    delivered on unblocking."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(workers: int) -> ProcessPoolExecutor:
+    """A fork pool (a notebook's functions cannot be pickled into spawned processes) with its workers
+    started now, under blocked stop signals: a fork pool starts every worker at its first task. Not
+    multiprocessing.Pool: its terminate() can kill a worker holding a result queue's lock and then wait
+    for that lock forever, and it hangs when the system kills a worker; this executor reports that."""
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=quiet_worker)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pool.submit(int)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return pool
 
 
 def ordered_map(function, items: Iterator, workers: int, window: int = 8) -> Iterator:
-    """function(item) for each item, in order, with at most `window` pieces in flight (bounded memory)."""
+    """function(item) for each item, in order, with at most `window` pieces per worker in flight (bounded
+    memory). An error or a stop cancels the pieces not started and waits for the few that are running:
+    workers are never killed mid-task."""
     if workers <= 1:
         yield from map(function, items)
         return
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism; no Rust thread pools
+    pool = start_workers(workers)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker) as pool:
-            pending: collections.deque = collections.deque()
-            for item in items:
-                pending.append(pool.apply_async(function, (item,)))
-                if len(pending) >= window * workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise KernelError("a tokenizing worker process died (the system kills the largest process when "
+                          "memory runs out); set data.workers to fewer processes, or 1 to tokenize in "
+                          "this process") from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:

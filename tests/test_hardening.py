@@ -166,6 +166,46 @@ def test_sigterm_during_data_preparation_stops_in_one_line_and_leaves_no_half_bu
     assert not list((out / "cache").glob("*.partial-*")) and not (out / "checkpoints").exists()
 
 
+RAISING_INPUT_LOOP = """
+import sys
+from kernel.data import ordered_map
+from kernel.train import StopRequests
+
+def pieces():
+    yield 1
+    raise ValueError("a bad record")
+
+with StopRequests():  # the run's own handlers are set while data is prepared
+    for _ in range(int(sys.argv[1])):
+        try:
+            list(ordered_map(abs, pieces(), 2))
+        except ValueError:
+            pass
+print("all pools closed")
+"""
+
+
+def test_bad_input_found_while_workers_start_never_hangs_the_run(tmp_path):
+    # Seen in CI: an error from the input right after the tokenizing pool forked; the pool's shutdown
+    # signalled workers that still ran the parent's handler (or held a queue lock) and then waited forever.
+    script = tmp_path / "loop.py"
+    script.write_text(RAISING_INPUT_LOOP)
+    done = subprocess.run([sys.executable, str(script), "200"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "all pools closed", done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def kill_this_worker(value: int) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)  # what the system's out-of-memory killer does
+    return value
+
+
+def test_a_tokenizing_worker_killed_by_the_system_is_one_clear_error_not_a_hang():
+    with pytest.raises(KernelError, match="data.workers"):
+        list(data_module.ordered_map(kill_this_worker, iter(range(4)), 2))
+
+
 @pytest.mark.slow
 def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(tmp_path):
     out = tmp_path / "out"
