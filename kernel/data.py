@@ -21,7 +21,9 @@ serve random training windows from them. Built for corpora from one small .txt t
 * **Tokens**: documents are encoded in pieces of about a megabyte, in parallel worker processes, and
   appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32), with the
   end-of-document token after each document (a blank line for a tokenizer that has none, such as a `char`
-  vocabulary saved before `char` had one). Memory stays flat as the corpus grows.
+  vocabulary saved before `char` had one), and before each one the beginning-of-sequence token of a
+  tokenizer that adds one itself (Llama's `<s>`: a pretrained model saw it there). Memory stays flat as the
+  corpus grows.
 * **Cache**: the token files live in a folder named by a hash of the files (path, size, mtime), the text
   field, the split and the tokenizer settings; a second run with the same inputs reuses them. It is under
   the output folder, except on Kaggle, where the output folder is kept with every version: there it is in
@@ -67,7 +69,8 @@ READ_BLOCK_CHARS = 8 << 20       # characters read from a file at a time
 PIECE_CHARS = 1 << 20            # characters per encoding task
 KAGGLE_CACHE_FOLDER = "train-gpt-token-cache"  # under the temporary folder (/tmp) on Kaggle
 MAX_LISTED_SKIPS = 100           # skipped files named in summary.json (all are counted)
-CACHE_FORMAT = 2                 # bump when the token files' layout changes (2: char's end-of-text token)
+CACHE_FORMAT = 3                 # bump when the token files' layout changes (2: char's end-of-text token,
+                                 # 3: a tokenizer's own beginning-of-sequence token before each document)
 
 
 # --- Sources: files or the demo corpus -----------------------------------------------------------------
@@ -563,7 +566,7 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-WORKER_TOKENIZER: list = []  # [tokenizer, separator ids], inherited by each worker process through fork
+WORKER_TOKENIZER: list = []  # [tokenizer, separator ids, start ids], inherited by each worker process through fork
 
 
 def separator_ids(tokenizer: Tokenizer) -> np.ndarray:
@@ -574,18 +577,27 @@ def separator_ids(tokenizer: Tokenizer) -> np.ndarray:
     return np.asarray(tokenizer.encode(document_separator(tokenizer)), dtype=dtype)
 
 
+def document_start_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """What precedes each document: the tokenizer's own beginning-of-sequence token (a pretrained Llama saw
+    one before every document), else nothing."""
+    return np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], dtype=token_dtype(tokenizer.vocab_size))
+
+
 def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
     if hasattr(tokenizer, "encode_array"):
         return tokenizer.encode_array(text)
     return np.asarray(tokenizer.encode(text), dtype=np.int64)
 
 
-def encode_piece(piece: tuple[list[str], bool]) -> np.ndarray:
-    """A piece's ids (texts, ends_document), with the separator after every document it ends."""
-    tokenizer, separator = WORKER_TOKENIZER
-    texts, ends_document = piece
+def encode_piece(piece: tuple[list[str], bool, bool]) -> np.ndarray:
+    """A piece's ids (texts, starts_document, ends_document): the start ids before every document it starts,
+    the separator after every document it ends."""
+    tokenizer, separator, start = WORKER_TOKENIZER
+    texts, starts_document, ends_document = piece
     parts = []
     for number, text in enumerate(texts, start=1):
+        if number > 1 or starts_document:
+            parts.append(start)
         parts.append(encode_text(tokenizer, text).astype(separator.dtype))
         if number < len(texts) or ends_document:
             parts.append(separator)
@@ -664,15 +676,17 @@ def write_token_files(sources: list[Source], split_at: int, tokenizer: Tokenizer
     """Encode every piece into folder/train.bin and folder/val.bin; returns token counts per split and the
     validation text's size in bytes."""
     counts = {"train": 0, "val": 0, "val_bytes": 0}
-    WORKER_TOKENIZER[:] = [tokenizer, separator_ids(tokenizer)]
+    WORKER_TOKENIZER[:] = [tokenizer, separator_ids(tokenizer), document_start_ids(tokenizer)]
     in_flight: collections.deque = collections.deque()  # the split of each piece being encoded
 
-    def pieces() -> Iterator[tuple[list[str], bool]]:
+    def pieces() -> Iterator[tuple[list[str], bool, bool]]:
+        starts_document = True  # the corpus begins with a document; later, a piece starts one when the last ended one
         for piece in iterate_pieces(sources, split_at):
             in_flight.append(piece.split)
             if piece.split == "val":  # bits per byte needs the validation text's size in bytes
                 counts["val_bytes"] += sum(len(text.encode("utf-8")) for text in piece.texts)
-            yield piece.texts, piece.ends_document
+            yield piece.texts, starts_document, piece.ends_document
+            starts_document = piece.ends_document
 
     with open(folder / "train.bin", "wb") as train_file, open(folder / "val.bin", "wb") as val_file:
         files = {"train": train_file, "val": val_file}

@@ -80,6 +80,19 @@ def start_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
                       "(sample.prompts, or --prompt 'The ')")
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> tuple[list[int], int]:
+    """The ids generation starts from, and the index where the text shown begins: the prompt's ids, after
+    the beginning-of-sequence token of a tokenizer that puts one before every document (as in training, and
+    as transformers' generate() gets them); a prompt that encodes to nothing starts a new document."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if tokenizer.bos_id is not None:
+        return [tokenizer.bos_id] + ids, 1
+    if ids:
+        return ids, 0
+    start = start_ids(tokenizer, prompt)
+    return start, len(start)
+
+
 def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device,
                  seed: int) -> list[tuple[str, str]]:
     """[(prompt, prompt + continuation), ...]: settings.num_samples per prompt in settings.prompts."""
@@ -88,13 +101,12 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, devic
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = []
     for prompt in settings.prompts:
-        ids = tokenizer.encode(prompt) if prompt else []
-        start = ids or start_ids(tokenizer, prompt)
+        start, shown_from = prompt_ids(tokenizer, prompt)
         idx = torch.tensor([start], dtype=torch.long, device=device)
         for _ in range(settings.num_samples):
             out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k,
                            settings.top_p, generator, tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
-            samples.append((prompt, tokenizer.decode(out[0, 0 if ids else len(start):].tolist())))
+            samples.append((prompt, tokenizer.decode(out[0, shown_from:].tolist())))
     model.train(was_training)
     return samples
 

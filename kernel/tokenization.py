@@ -46,6 +46,7 @@ class Tokenizer(Protocol):
     mode: str
     vocab_size: int
     eos_id: int | None  # the end-of-document token, when the tokenizer has one
+    bos_id: int | None  # a token the tokenizer itself puts before every text (Llama's <s>), else None
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids) -> str: ...
@@ -72,6 +73,7 @@ class RegisteredTokenizer:
     """What a mode in TOKENIZERS offers besides the Tokenizer interface. Config checks, the data pipeline
     and restoring all go through these, so a new mode is a new subclass here and one entry in TOKENIZERS."""
     mode: str
+    bos_id: int | None = None
 
     @classmethod
     def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "RegisteredTokenizer":
@@ -349,6 +351,18 @@ def split_at_cuts(text: str, block_chars: int) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+def added_bos(hf_tokenizer) -> int | None:
+    """The beginning-of-sequence token a tokenizer puts before every text it encodes with special tokens
+    (Llama, Mistral, Gemma), so its models were pretrained with it before each document; None for those
+    that add nothing (GPT-2, Qwen) or use the end-of-text token for both (the separator already does it)."""
+    bos, text = hf_tokenizer.bos_token_id, "a"
+    plain = hf_tokenizer.encode(text, add_special_tokens=False)
+    full = hf_tokenizer.encode(text, add_special_tokens=True)
+    if bos is None or bos == hf_tokenizer.eos_token_id or full[:1] != [bos] or full[1:1 + len(plain)] != plain:
+        return None
+    return bos
+
+
 class HFTokenizer(RegisteredTokenizer):
     mode = "hf"
 
@@ -356,6 +370,7 @@ class HFTokenizer(RegisteredTokenizer):
         self.hf, self.name = hf_tokenizer, name
         self.vocab_size = len(hf_tokenizer)
         self.eos_id = hf_tokenizer.eos_token_id
+        self.bos_id = added_bos(hf_tokenizer)
 
     @classmethod
     def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "HFTokenizer":
