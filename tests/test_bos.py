@@ -8,9 +8,9 @@ from tokenizers import Tokenizer as FastBackend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from kernel.data import prepare_data
 from kernel.sample import prompt_ids
 from kernel.tokenization import HFTokenizer, tokenizer_from_dict
-from kernel.data import prepare_data
 
 DOCUMENTS = ["The first document, about ships and the sea.", "A second one: rivers, bridges and roads.",
              "Third and last, on gardens in winter."]
