@@ -4,7 +4,7 @@
     python bench/plan.py [--budgets 64 300] [--corpora shakespeare code] [--only NAME] [--try KEY=VALUE ...]
 
 For each corpus and budget, in this one process and one after another: the README's CPU preset as shipped
-(`llm_cpu.yaml`: 2 x 128, 2,000 steps or the budget, whichever ends first), the same shape with
+(`llm_cpu.yaml`: 2 x 128, its own max_steps or the budget, whichever ends first), the same shape with
 `train.max_steps: auto` (the WSD decay ends with the budget), the planner (`model.size: auto` and
 `max_steps: auto`), and nanoGPT's README CPU recipe (the `gpt2` 4 x 128 baseline of bench/quality.py).
 Every run is the real program (`kernel.main.run`), data preparation, the plan, evaluation and checkpoints
@@ -31,7 +31,7 @@ CORPORA = {"shakespeare": str(ROOT.parent / "shared" / "data" / "tinyshakespeare
            "code": str(STDLIB / "[a-m]*.py")}  # ~2 MB: the top-level modules a..m
 PRESET = {"train.max_steps": "auto"}
 SETTINGS = {
-    "preset as shipped (llm_cpu.yaml, 2000 steps)": {},
+    "preset as shipped (llm_cpu.yaml, its own max_steps)": {},
     "preset 2 x 128, max_steps auto": PRESET,
     "model.size=auto": {**PRESET, "model.size": "auto"},
     "nanoGPT CPU recipe (gpt2 4 x 128)": {**NANOGPT_CPU, "train.max_steps": 10**9},

@@ -29,14 +29,19 @@ COMMON = {"train.device": "cpu", "train.eval_interval": 10**9, "train.eval_batch
 NANOGPT_CPU = {"model.arch": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128,
                "model.block_size": 64, "train.batch_size": 12, "train.lr": 1e-3, "train.min_lr": 1e-4,
                "train.warmup_steps": 100, "train.max_steps": 2000, "train.beta2": 0.99, "train.weight_decay": 0.1,
-               "train.grad_clip": 1.0, "train.dtype": "float32"}
+               "train.grad_clip": 1.0, "train.dtype": "float32", "train.optimizer": "adamw"}
 LLAMA_WSD = {**NANOGPT_CPU, "model.arch": "llama", "train.schedule": "wsd", "train.max_steps": 10**9,
              "train.dtype": "auto"}  # the run's length is the budget; dtype by the CPU rule
+ADAMW_2X128 = {**LLAMA_WSD, "model.n_layer": 2, "train.batch_size": 16, "train.lr": 3e-3, "train.warmup_steps": 30,
+               "train.decay_fraction": 0.2}
 SETTINGS = {
     "baseline: gpt2, nanoGPT CPU recipe": NANOGPT_CPU,
     "llama 4x128 (the baseline's shape), lr 2e-3, wsd to the budget": {**LLAMA_WSD, "train.lr": 2e-3},
-    "best: llama 2x128, batch 16, lr 3e-3, 30 warm-up steps, wsd to the budget": {
-        **LLAMA_WSD, "model.n_layer": 2, "train.batch_size": 16, "train.lr": 3e-3, "train.warmup_steps": 30},
+    "adamw (the previous CPU preset): llama 2x128, batch 16, lr 3e-3, 30 warm-up steps, wsd to the budget": {
+        **ADAMW_2X128},
+    "best (the CPU preset): as above with muon, batch 24, no clipping, 40% decay": {
+        **ADAMW_2X128, "train.optimizer": "muon", "train.batch_size": 24, "train.grad_clip": 0.0,
+        "train.decay_fraction": 0.4},
 }
 
 

@@ -43,7 +43,7 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (CHECKPOINT_PATTERN, Checkpoint, CheckpointError, check_resume_compatible, checksum_path,
                                find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_output_debris)
-from kernel.train import RunStopped, StopRequests, TrainResult, build_model, train
+from kernel.train import RunStopped, StopRequests, TrainResult, build_model, require_optimizer, train
 from kernel.plan import plan_model, shaped
 from kernel.sample import format_samples, sample_texts, sampling_settings
 from kernel.export import RunFacts, export_hf
@@ -171,6 +171,7 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
                 train_seconds: float | None = None, now=time.perf_counter) -> PreparedRun:
     """Everything before training: the checkpoint to resume from, the data, the model's size (`train_seconds`:
     what the budget leaves for training, for model.size=auto), the number format."""
+    require_optimizer(config.train)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the matmuls autocast leaves in fp32
     seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process

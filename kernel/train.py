@@ -102,6 +102,13 @@ def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
     return MuonWithAdamW(muon, adamw)
 
 
+def require_optimizer(train: TrainConfig) -> None:
+    """Fail before any data is read when this torch lacks the chosen optimizer (torch.optim.Muon: torch 2.9)."""
+    if train.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise KernelError(f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
+                          f"{torch.__version__}: upgrade torch, or set train.optimizer=adamw")
+
+
 def adamw_optimizer(params: list, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

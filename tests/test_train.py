@@ -203,7 +203,7 @@ def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny, monkeypatch):
 
 def test_a_budgeted_wsd_run_goes_on_from_its_stable_phase_in_the_next_session(tmp_path, tiny, monkeypatch, capsys):
     settings = tiny(train__max_steps="auto", train__time_budget=4, train__schedule="wsd", train__warmup_steps=5,
-                    train__log_interval=1, train__checkpoint_interval=0)
+                    train__decay_fraction=0.2, train__log_interval=1, train__checkpoint_interval=0)
     first = run(settings, tmp_path, now=StepClock(seconds_per_step=0.0625).install(monkeypatch.setattr))
     # 3 s of training: the decay takes the last 20%, from step 39 (39 x 0.0625 s > 0.8 x 3 s)
     assert first["stopped_by"] == "time_budget" and first["steps"] == 48
@@ -279,6 +279,13 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny):
     assert hidden == expected and id(model.transformer.wte.weight) not in hidden
     everything = [p for group in optimizer.param_groups for p in group["params"]]
     assert sorted(map(id, everything)) == sorted(id(p) for p in model.parameters())  # each parameter once
+
+
+def test_muon_on_a_torch_without_it_is_one_clear_error_before_any_data_is_read(tmp_path, tiny, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")  # torch < 2.9
+    with pytest.raises(KernelError, match=r"train.optimizer=muon needs torch >= 2.9 .* set train.optimizer=adamw"):
+        run(tiny(train__optimizer="muon"), tmp_path)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_resume_refuses_another_optimizer(tmp_path, tiny):
