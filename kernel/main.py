@@ -43,7 +43,8 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (CHECKPOINT_PATTERN, Checkpoint, CheckpointError, check_resume_compatible, checksum_path,
                                find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_output_debris)
-from kernel.train import RunStopped, StopRequests, TrainResult, build_model, require_optimizer, train
+from kernel.train import (RunStopped, StopRequests, TrainResult, build_model, optimizer_blocker, require_optimizer,
+                          train)
 from kernel.plan import plan_model, shaped
 from kernel.sample import format_samples, sample_texts, sampling_settings
 from kernel.export import RunFacts, export_hf
@@ -345,7 +346,7 @@ def run_or_launch(config: Config, out_dir: str, call: dict) -> dict:
 COMMAND_HELP = {
     "sample": "text from a run folder or a checkpoint, e.g. python -m kernel sample outputs --prompt 'The '",
     "export": "a checkpoint as a transformers model folder with a model card: python -m kernel export outputs my-model",
-    "check-env": "versions, devices, and the precision a run with this config would train in",
+    "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
 }
 SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name != "prompts"]
 
@@ -483,6 +484,7 @@ def check_env_command(args: argparse.Namespace) -> None:
     count = processes_to_launch(config.train.devices, requested)
     print(f"[env] train.devices={config.train.devices} trains with {count} "
           f"process{'es (torchrun, one per GPU)' if count > 1 else ''}")
+    print(f"[env] {optimizer_blocker(config.train) or f'train.optimizer={config.train.optimizer}: available'}")
     print(f"[env] outputs would go to {default_out_dir()}")
 
 

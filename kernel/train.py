@@ -102,11 +102,19 @@ def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
     return MuonWithAdamW(muon, adamw)
 
 
-def require_optimizer(train: TrainConfig) -> None:
-    """Fail before any data is read when this torch lacks the chosen optimizer (torch.optim.Muon: torch 2.9)."""
+def optimizer_blocker(train: TrainConfig) -> str | None:
+    """Why this torch cannot run the chosen optimizer (torch.optim.Muon came in torch 2.9), or None."""
     if train.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise KernelError(f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
-                          f"{torch.__version__}: upgrade torch, or set train.optimizer=adamw")
+        return (f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
+                f"upgrade torch, or set train.optimizer=adamw")
+    return None
+
+
+def require_optimizer(train: TrainConfig) -> None:
+    """Fail before any data is read, not when the loop starts."""
+    reason = optimizer_blocker(train)
+    if reason:
+        raise KernelError(reason)
 
 
 def adamw_optimizer(params: list, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -47,6 +47,7 @@ def test_check_env_on_cpu_reports_versions_device_and_dtype():
     assert f"torch {torch.__version__}" in done.stdout and "transformers " in done.stdout
     assert "GPUs: none" in done.stdout
     assert "train.devices=auto trains with 1 process\n" in done.stdout
+    assert "train.optimizer=muon: available\n" in done.stdout  # the CPU preset's optimizer, in this torch
     # the precision a run with that config would train in: on a CPU it depends on the model's width
     for width, line in ((128, done.stdout), (512, check_env("--set", "model.n_embd=512"))):
         dtype, why = resolve_dtype("auto", torch.device("cpu"), width)
@@ -152,3 +153,11 @@ def test_a_redraw_that_fails_never_stops_the_training(tmp_path, capsys):
     curves.update(history[:30])
     curves.update(history)  # said once, then no more redrawing until the end
     assert capsys.readouterr().out.count("[warn] could not redraw loss.png") == 1
+
+
+def test_check_env_says_when_this_torch_lacks_the_configured_optimizer(monkeypatch, capsys):
+    import torch
+    from kernel.main import check_env_command, check_env_parser
+    monkeypatch.delattr(torch.optim, "Muon")  # torch < 2.9
+    check_env_command(check_env_parser().parse_args(["--config", "llm_cpu.yaml"]))
+    assert "[env] train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch" in capsys.readouterr().out
