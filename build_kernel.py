@@ -6,14 +6,16 @@
     python build_kernel.py --execute  # build, then run the notebook here (CPU demo) with nbclient
     python build_kernel.py --id you/train-a-gpt --dataset you/my-texts --push   # lay out and push to Kaggle
 
-Each module of `kernel/` (in the order `kernel/__init__.py` lists) becomes a markdown cell (its docstring)
-and a code cell (its body). Imports between the project's modules are removed with `ast`, by line range;
+Each module of `kernel/` (in the order `kernel/__init__.py` lists; those in COMMAND_LINE_ONLY are left out)
+becomes a markdown cell (its docstring) and code cells (its body), cut at its `# --- Title ---` comment lines,
+each such part under a "### Title" of its own. The notebook opens with its contents and a table of every
+setting a user may change (generated from kernel/config.py and configs/), then the parameters cell. Imports between the project's modules are removed with `ast`, by line range;
 the build fails, never warns, on anything that would break in a notebook's single namespace: a name
 defined by two modules, an import of a name that no earlier module defines, an import form other than
 `from kernel.x import a, b`, a `__main__` block, or `__file__`. It also fails on a section whose markdown
 does not open with "## N. Title" (N: its place in NOTEBOOK_SECTIONS, the number in its code cell's marker)
-or holds an H1 heading (the title's level), and on a function or method in `kernel/` longer than
-MAX_FUNCTION_LINES.
+or holds an H1 heading (the title's level), on a function or method in `kernel/` longer than
+MAX_FUNCTION_LINES, and on a code cell longer than MAX_CELL_LINES.
 """
 
 import argparse
@@ -29,7 +31,9 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE = "kernel"
 NOTEBOOK = Path("notebook/train_gpt.ipynb")
 NBFORMAT, NBFORMAT_MINOR = 4, 5
-MAX_FUNCTION_LINES = 80  # a function or method in kernel/, from its `def` line to its last (decorators excluded)
+MAX_FUNCTION_LINES = 60  # a function or method in kernel/, from its `def` line to its last (decorators excluded)
+MAX_CELL_LINES = 250     # a code cell of the notebook
+PART_HEADING = re.compile(r"# --- (.+?) -*$")  # a top-level comment line that starts a cell of its own
 SECTION_HEADING = re.compile(r"## (\d+)\. \S")  # how each section's markdown starts: "## N. Title"
 H1_HEADING = re.compile(r" {0,3}#(?:[ \t]|$)")  # markdown's level-1 heading: the notebook title's alone
 CODE_FENCE = re.compile(r" {0,3}(?:```|~~~)")
@@ -64,6 +68,21 @@ DATA_GLOB = ""  # e.g. "/kaggle/input/**/*.csv"; "": on Kaggle every readable at
 OVERRIDES = {}  # config values to change, e.g. {"train.max_steps": 500, "data.text_field": "review"}
 OUT_DIR = ""  # "" means /kaggle/working/outputs on Kaggle, ./outputs elsewhere
 '''
+
+WHAT_TO_CHANGE = """## What to change
+
+Edit the parameters cell below, then Run All (or Save Version for a batch run):
+
+| Parameter | What it does |
+| --- | --- |
+| `CONFIG` | `"auto"`: the GPU preset (`llm_kaggle_t4.yaml`) with a GPU, the CPU preset (`llm_cpu.yaml`) without; or another preset's name, or a YAML file's path |
+| `DATA_GLOB` | which files to train on, e.g. `"/kaggle/input/**/*.jsonl"`; `""`: on Kaggle every readable attached file, elsewhere the built-in demo corpus |
+| `OVERRIDES` | settings to change, `{"key": value}`, e.g. `{"train.max_steps": 500, "data.text_field": "review"}`: any key of the table below |
+| `OUT_DIR` | where the outputs go; `""`: `/kaggle/working/outputs` on Kaggle, `./outputs` elsewhere |
+
+Every key `OVERRIDES` takes, with its default and the values each preset sets instead (blank: the default):
+
+"""
 
 RUN_MARKDOWN = ("## Run\n\nEverything above only defines functions; this cell trains, samples and writes the outputs. "
                 "The loss curve under it is redrawn after every evaluation while the run trains.")
@@ -102,11 +121,13 @@ def section_order(package_dir: Path) -> list[str]:
     order = literal_constant(package_dir / "__init__.py", "NOTEBOOK_SECTIONS")
     if not isinstance(order, list):
         raise BuildError(f"{package_dir}/__init__.py must define NOTEBOOK_SECTIONS = [module names, in order]")
-    present = {p.stem for p in package_dir.glob("*.py")} - {"__init__", "__main__"}
+    left_out = literal_constant(package_dir / "__init__.py", "COMMAND_LINE_ONLY") or []
+    present = {p.stem for p in package_dir.glob("*.py")} - {"__init__", "__main__"} - set(left_out)
     if missing := [name for name in order if name not in present]:
         raise BuildError(f"NOTEBOOK_SECTIONS lists {missing} but {package_dir} has no such module")
     if unlisted := sorted(present - set(order)):
-        raise BuildError(f"{package_dir} has module(s) {unlisted} that NOTEBOOK_SECTIONS does not list")
+        raise BuildError(f"{package_dir} has module(s) {unlisted} that neither NOTEBOOK_SECTIONS nor "
+                         "COMMAND_LINE_ONLY lists")
     if len(set(order)) != len(order):
         raise BuildError("NOTEBOOK_SECTIONS lists a module twice")
     return order
@@ -218,6 +239,80 @@ def bundled_configs_section(configs_dir: Path) -> Section:
 GENERATED_SECTIONS = {"bundled_configs": bundled_configs_section}
 
 
+# --- The opening cells: contents, and every setting a user may change ---------------------------------
+
+CONFIG_SECTIONS = {"model": "ModelConfig", "tokenizer": "TokenizerConfig", "data": "DataConfig", "train": "TrainConfig",
+                   "sample": "SampleConfig"}
+PRESET_COLUMNS = (("llm_kaggle_t4.yaml", "GPU preset"), ("llm_cpu.yaml", "CPU preset"))
+
+
+def anchor(heading: str) -> str:
+    """The link target Jupyter gives a markdown heading: its text, spaces as dashes."""
+    return "#" + heading.replace(" ", "-")
+
+
+def contents(sections: list[Section]) -> str:
+    titles = [section.doc.splitlines()[0].removeprefix("## ") for section in sections]
+    library = "\n".join(f"  - [{title}]({anchor(title)})" for title in titles)
+    return ("## Contents\n\n"
+            "- [What to change](#What-to-change): the parameters cell and every setting `OVERRIDES` takes.\n"
+            "- The program, one section each (its code cells are folded: click one to read it):\n"
+            f"{library}\n"
+            "- [Run](#Run): the cell that trains, samples and writes the outputs (Run All runs everything above it "
+            "first).\n"
+            "- [Sample more](#Sample-more): more text from the trained model.")
+
+
+def field_defaults(config_source: str) -> dict[str, tuple[object, str]]:
+    """"section.key" -> (default, one line of help), read from kernel/config.py's dataclasses: the help is the
+    field's `help` metadata or the comment that ends its line."""
+    tree = ast.parse(config_source)
+    lines = config_source.splitlines()
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    found = {}
+    for section, class_name in CONFIG_SECTIONS.items():
+        for node in classes[class_name].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            value, help_text = node.value, lines[node.lineno - 1].partition("  # ")[2].strip()
+            if isinstance(value, ast.Call):  # field(default=..., metadata={"help": ...})
+                keywords = {k.arg: k.value for k in value.keywords}
+                value = keywords.get("default") or getattr(keywords.get("default_factory"), "body", None)
+                metadata = keywords.get("metadata")
+                if isinstance(metadata, ast.Dict):  # {"help": ...}; a name (PROCESSES) holds no help
+                    help_text = ast.literal_eval(metadata).get("help", help_text)
+            found[f"{section}.{node.target.id}"] = (ast.literal_eval(value), help_text)
+    return found
+
+
+def preset_values(configs_dir: Path, name: str) -> dict[str, object]:
+    """The dotted values a bundled preset sets, its `extends` chain included."""
+    import yaml
+
+    data = yaml.safe_load((configs_dir / name).read_text(encoding="utf-8")) or {}
+    values = preset_values(configs_dir, data.pop("extends")) if "extends" in data else {}
+    values.update({f"{section}.{key}": value for section, keys in data.items() for key, value in keys.items()})
+    return values
+
+
+def shown(value) -> str:
+    return "" if value is None else f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+
+
+def settings_table(root: Path) -> str:
+    if not (root / PACKAGE / "config.py").is_file():  # a package without settings (the builder's own tests)
+        return WHAT_TO_CHANGE.rstrip()
+    defaults = field_defaults((root / PACKAGE / "config.py").read_text(encoding="utf-8"))
+    presets = [preset_values(root / "configs", name) for name, _ in PRESET_COLUMNS]
+    header = "| Key | Default | " + " | ".join(label for _, label in PRESET_COLUMNS) + " | What it does |"
+    rows = [header, "|" + " --- |" * (3 + len(PRESET_COLUMNS))]
+    for key, (default, help_text) in defaults.items():
+        cells = [shown(values.get(key)) if key in values and values[key] != default else "" for values in presets]
+        rows.append(f"| `{key}` | {shown(default) or '`null`'} | " + " | ".join(cells) +
+                    f" | {help_text.replace('|', '/')} |")
+    return WHAT_TO_CHANGE + "\n".join(rows)
+
+
 # --- Rules beyond one namespace: headings, function length ---------------------------------------------
 
 def check_heading(section: Section, number: int) -> None:
@@ -304,25 +399,62 @@ def check_parameters(code: str) -> None:
         ast.literal_eval(node.value)
 
 
-def cell(kind: str, cell_id: str, source: str, tags: list[str] | None = None) -> dict:
+def cell(kind: str, cell_id: str, source: str, tags: list[str] | None = None, hidden: bool = False) -> dict:
     lines = source.splitlines(keepends=True)
-    cell = {"cell_type": kind, "id": cell_id, "metadata": {"tags": tags} if tags else {}, "source": lines}
+    metadata = {"tags": tags} if tags else {}
+    if hidden:  # library code: folded in Jupyter and Kaggle's editor, so the text and the run cell stand out
+        metadata["jupyter"] = {"source_hidden": True}
+    cell = {"cell_type": kind, "id": cell_id, "metadata": metadata, "source": lines}
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
 
 
+def section_parts(section: Section) -> list[tuple[str, str]]:
+    """(sub-heading, code) of each cell of a section: its code cut at top-level `# --- Title ---` lines (the
+    first part, imports and constants, has no sub-heading)."""
+    parts: list[tuple[str, list[str]]] = [("", [])]
+    for line in section.code.splitlines():
+        match = PART_HEADING.match(line)
+        if match:
+            parts.append((match.group(1), []))
+        else:
+            parts[-1][1].append(line)
+    return [(title, tidy_code("\n".join(lines))) for title, lines in parts if title or "".join(lines).strip()]
+
+
+def check_cell_length(where: str, code: str) -> None:
+    if code.count("\n") + 1 > MAX_CELL_LINES:
+        raise BuildError(f"{where} makes a code cell of {code.count(chr(10)) + 1} lines (more than MAX_CELL_LINES = "
+                         f"{MAX_CELL_LINES}): cut it with a `# --- Title ---` line")
+
+
+def section_cells(sections: list[Section], marker: str) -> list[dict]:
+    """Each section's markdown, then its parts as cells, every code cell opening with the marker by which
+    the multi-GPU launcher finds the cells that ran (numbered over all the library's code cells)."""
+    parts = [(section, title, code) for section in sections for title, code in section_parts(section)]
+    cells, numbers = [], {}
+    for number, (section, title, code) in enumerate(parts, start=1):
+        part = numbers[section.name] = numbers.get(section.name, 0) + 1
+        name = section.name if part == 1 else f"{section.name}-{part}"
+        if part == 1:
+            check_heading(section, sections.index(section) + 1)
+            cells.append(cell("markdown", f"{section.name}-doc", section.doc))
+        if title:
+            cells.append(cell("markdown", f"{name}-doc", f"### {title}"))
+        source = f"{marker.format(number=number, total=len(parts), name=name)}\n{code}"
+        check_cell_length(f"{PACKAGE}/{section.name}.py ({title or 'its first part'})", source)
+        cells.append(cell("code", f"{name}-code", source, hidden=True))
+    return cells
+
+
 def build_notebook(root: Path = ROOT) -> dict:
     check_parameters(PARAMETERS)
-    cells = [cell("markdown", "title", TITLE.strip()), cell("code", "parameters", PARAMETERS.strip(), ["parameters"])]
-    # Each section's code starts with a marker line by which the multi-GPU launcher finds the cells it ran.
-    marker = literal_constant(root / PACKAGE / "distributed.py", "SECTION_MARKER")
     sections = stitch(root)
-    for number, section in enumerate(sections, start=1):
-        check_heading(section, number)
-        cells.append(cell("markdown", f"{section.name}-doc", section.doc))
-        heading = marker.format(number=number, total=len(sections), name=section.name)
-        cells.append(cell("code", f"{section.name}-code", f"{heading}\n{section.code}"))
+    cells = [cell("markdown", "title", TITLE.strip()), cell("markdown", "contents", contents(sections)),
+             cell("markdown", "what-to-change", settings_table(root)),
+             cell("code", "parameters", PARAMETERS.strip(), ["parameters"])]
+    cells += section_cells(sections, literal_constant(root / PACKAGE / "distributed.py", "SECTION_MARKER"))
     cells += [cell("markdown", "run-doc", RUN_MARKDOWN), cell("code", "run", RUN_CODE),
               cell("markdown", "sample-more-doc", SAMPLE_MARKDOWN), cell("code", "sample-more", SAMPLE_CODE)]
     check_function_lengths(root / PACKAGE)

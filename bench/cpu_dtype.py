@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernel.config import load_config  # noqa: E402
-from kernel.train import build_model, make_optimizer, train_step  # noqa: E402
+from kernel.model import build_model  # noqa: E402
+from kernel.optim import make_optimizer
+from kernel.train import train_step
 
 WIDTHS = [128, 192, 256, 384, 512]
 BATCHES = [(16, 64), (8, 256)]  # (sequences, tokens per sequence)

@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernel.config import load_config  # noqa: E402
 from kernel.env import DTYPES, describe_environment, peak_flops  # noqa: E402
-from kernel.train import build_model, make_optimizer, maybe_compile, train_step  # noqa: E402
+from kernel.model import build_model  # noqa: E402
+from kernel.optim import make_optimizer
+from kernel.train import maybe_compile, train_step
 
 GPT2_SMALL = {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,
               "model.dropout": 0.0}

@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernel.config import load_config  # noqa: E402
-from kernel.train import build_model, make_optimizer, train_step  # noqa: E402
+from kernel.model import build_model  # noqa: E402
+from kernel.optim import make_optimizer
+from kernel.train import train_step
 
 SETTINGS = [  # (label, overrides, autocast dtype)
     ("gpt2 fp32 (baseline)", {}, torch.float32),

@@ -1,5 +1,5 @@
 """`python -m kernel`: the same program the notebook runs, from a shell or under torchrun."""
 
-from kernel.main import cli
+from kernel.cli import cli
 
 raise SystemExit(cli())

@@ -1,4 +1,4 @@
-"""## 8. Checkpoints
+"""## 10. Checkpoints
 
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights, the
 optimizer and grad-scaler states, the step, the batch sampler's position, every process's random-number
@@ -17,13 +17,14 @@ import hashlib
 import io
 import random
 import shutil
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kernel.env import (TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root, process_alive, write_atomic,
+from kernel.env import (CACHE_DIR, CHECKPOINTS_DIR, TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root, process_alive, write_atomic,
                         write_error_advice)
 from kernel.tokenization import tokenizer_class
 from kernel.config import Config, config_from_dict, config_to_dict
@@ -118,7 +119,7 @@ def remove_output_debris(out_dir: Path) -> None:
     checkpoint is gone, and half-written folders (`<name>.partial-PID`, token caches included) of processes
     that no longer run.
     Called by the run holding the folder's lock: nobody else is writing there."""
-    for folder in (out_dir, out_dir / "checkpoints", out_dir / "cache"):
+    for folder in (out_dir, out_dir / CHECKPOINTS_DIR, out_dir / CACHE_DIR):
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             temporary = path.is_file() and path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
             orphan = path.name.endswith(".sha256") and not path.with_name(path.name.removesuffix(".sha256")).exists()
@@ -167,50 +168,95 @@ def load_checkpoint(path: str | Path, require_checksum: bool = True) -> Checkpoi
     return Checkpoint.from_payload(payload, path)
 
 
-def load_newest_valid(candidates: list[Path]) -> tuple[Path, Checkpoint]:
-    """The newest checkpoint that loads; damaged newer ones are skipped with a warning."""
+# --- Choosing a checkpoint ------------------------------------------------------------------------------
+# One set of rules for every caller: resuming (train.resume) and the sample/export commands. A folder means
+# its checkpoints or its checkpoints/ subfolder's; the newest one that loads wins. A file without its
+# .sha256 is an interrupted write in a run folder, but a lone copy (downloaded from Kaggle's Output tab) when
+# the commands are given one (`copies`): then it loads with a warning.
+
+def resume_warning(message: str) -> None:
+    print(f"[resume] warning: {message}")
+
+
+def command_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """A run folder's checkpoints (in its checkpoints/) or a checkpoints folder's own, oldest first."""
+    return list_checkpoints(folder) or list_checkpoints(folder / CHECKPOINTS_DIR)
+
+
+def load_copy(path: Path, warn) -> Checkpoint:
+    if checksum_path(path).is_file():
+        return load_checkpoint(path)
+    warn(f"{path} has no checksum file {checksum_path(path).name} (copied alone?): loaded without verifying it")
+    return load_checkpoint(path, require_checksum=False)
+
+
+def newest_valid(candidates: list[Path], warn=resume_warning, copies: bool = False) -> tuple[Path, Checkpoint]:
+    """The newest checkpoint that loads; damaged newer ones are skipped with a warning. With `copies`, files
+    without a checksum are passed over, and when none has one the newest loads unverified."""
     problems = []
     for path in reversed(candidates):
+        if copies and not checksum_path(path).is_file():
+            continue
         try:
             checkpoint = load_checkpoint(path)
         except CheckpointError as err:
-            print(f"[resume] warning: {err}; trying the one before it")
+            warn(f"{err}; trying the one before it")
             problems.append(str(err))
             continue
         if problems:
-            print(f"[resume] warning: resuming from {path.name}, an older checkpoint, because the newer ones are damaged")
+            warn(f"using {path.name}, an older checkpoint, because the newer ones are damaged")
         return path, checkpoint
+    if copies and not problems:
+        return candidates[-1], load_copy(candidates[-1], warn)
     raise KernelError("no usable checkpoint: " + "; ".join(problems) +
-                      ". Set train.resume=never (or another --out) to start a new run")
+                      (". Set train.resume=never (or another --out) to start a new run" if not copies else ""))
+
+
+def choose_checkpoint(given: str | Path, warn=resume_warning, copies: bool = False,
+                      name: str = "") -> tuple[Path, Checkpoint]:
+    """A checkpoint file, or the newest valid checkpoint of a run folder. `name`: how messages call `given`."""
+    path = Path(given).expanduser()
+    name = name or str(given)
+    if path.is_dir():
+        found = checkpoints_in(path)
+        if not found:
+            raise KernelError(f"{name}: {path} holds no checkpoint ({CHECKPOINT_PATTERN}, in it or in its "
+                              "checkpoints/ folder): give a run's output folder or a checkpoint file")
+        return newest_valid(found, warn, copies)
+    if not path.is_file():
+        raise KernelError(f"{name}: no such checkpoint file or run folder")
+    return path, (load_copy(path, warn) if copies else load_checkpoint(path))
+
+
+def given_checkpoint(path: str | Path) -> tuple[Path, Checkpoint]:
+    """What the sample and export commands are given: a run folder (its newest valid checkpoint) or a
+    checkpoint file, which may be a lone copy."""
+    return choose_checkpoint(path, command_warning, copies=True)
 
 
 def attached_checkpoints() -> list[Path]:
     """Checkpoints in the outputs of earlier notebook versions attached as inputs (kernel_sources), in the
     2026 layout (/kaggle/input/notebooks/<owner>/<slug>/...) and the older one (/kaggle/input/<slug>/...)."""
     root = kaggle_root() / "input"
-    return sorted(Path(p) for p in glob.glob(str(root / "**" / "checkpoints" / CHECKPOINT_PATTERN), recursive=True))
+    return sorted(Path(p) for p in glob.glob(str(root / "**" / CHECKPOINTS_DIR / CHECKPOINT_PATTERN), recursive=True))
 
 
 def find_resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path, Checkpoint] | None:
     """train.resume: 'never', 'auto' (the newest valid checkpoint in out_dir or, on Kaggle, in an attached
-    earlier version's output), a folder, or a file."""
+    earlier version's output), a run folder, or a file."""
     if resume == "never":
         return None
     if resume == "auto":
         attached = attached_checkpoints() if is_kaggle() else []
         # by step; at equal steps the output folder's own checkpoint sorts last, so it is tried first
-        found = sorted(set(list_checkpoints(out_dir / "checkpoints") + attached), key=lambda p: (p.name, p not in attached))
-        return before_budget_decay(*load_newest_valid(found)) if found else None
-    path = Path(resume)
-    if path.is_dir():
-        found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
-        if not found:
-            raise KernelError(f"train.resume={resume!r}: no {CHECKPOINT_PATTERN} in that folder")
-        return before_budget_decay(*load_newest_valid(found))
-    if not path.is_file():
-        raise KernelError(f"train.resume={resume!r}: no such checkpoint file or folder; "
-                          "use 'auto', 'never' or a path to a ckpt_*.pt file")
-    return path, load_checkpoint(path)
+        found = sorted(set(list_checkpoints(out_dir / CHECKPOINTS_DIR) + attached), key=lambda p: (p.name, p not in attached))
+        return before_budget_decay(*newest_valid(found)) if found else None
+    path, checkpoint = choose_checkpoint(resume, name=f"train.resume={resume!r} (or 'auto', 'never')")
+    return before_budget_decay(path, checkpoint) if Path(resume).is_dir() else (path, checkpoint)
 
 
 def before_budget_decay(path: Path, checkpoint: Checkpoint) -> tuple[Path, Checkpoint]:

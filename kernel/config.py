@@ -16,12 +16,10 @@ presets, and a value you set yourself that differs from it is an error naming bo
 
 import dataclasses
 import difflib
-import json
 import math
-import os
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import yaml
 
 from kernel.env import KernelError
 from kernel.bundled_configs import BUNDLED_CONFIGS
-from kernel.tokenization import TOKENIZER_FILES, TOKENIZERS
+from kernel.tokenization import TOKENIZERS
 
 
 class ConfigError(KernelError):
@@ -63,7 +61,7 @@ class ModelConfig:
     tie_embeddings: bool = True           # the output head shares the token embedding's matrix
     max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
-    size: str = ""                        # auto: the shape the time budget buys (section 10); "25M": that many parameters
+    size: str = ""                        # auto: the shape the time budget buys (section 15); "25M": that many parameters
     init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
@@ -102,8 +100,8 @@ class TrainConfig:
     weight_decay: float = 0.1             # decay on matrices (not on biases, norms)
     optimizer: str = "adamw"              # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_momentum: float = 0.95           # muon: momentum of the hidden matrices' updates
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = 0.9                    # AdamW: decay of the gradient's running mean
+    beta2: float = 0.99                   # AdamW: decay of the squared gradient's running mean
     grad_clip: float = 1.0                # max global gradient norm; 0 disables clipping
     eval_interval: int = 250              # steps between evaluations
     eval_batches: int = 20                # batches per split in one evaluation
@@ -387,9 +385,10 @@ def file_layers(name: str) -> list[tuple[str, dict]]:
 
 
 def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | None = None,
-                overrides_origin: str = "--set") -> Config:
-    """Defaults -> `extends` chain -> file -> overrides, then (with model.init_from) the pretrained model's shape
-    and tokenizer, then the cross-field checks."""
+                overrides_origin: str = "--set", pretrained: Callable[[Config, dict], None] | None = None) -> Config:
+    """Defaults -> `extends` chain -> file -> overrides, then the cross-field checks. This reads no file but the
+    YAML and never the network: `pretrained` (main passes section 8's `apply_pretrained`) applies
+    model.init_from's shape and tokenizer, told which keys the user set and where ("section.key" -> origin)."""
     config = Config()
     layers = file_layers(source) if source else []
     layers.append((overrides_origin, dotted_to_layer(parse_overrides(overrides, overrides_origin), overrides_origin)))
@@ -398,185 +397,10 @@ def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | 
         apply_layer(config, layer, origin)
         if Path(origin).name not in BUNDLED_CONFIGS:
             chosen.update({f"{section}.{key}": origin for section, values in layer.items() for key in values})
-    if config.model.init_from:
-        apply_pretrained(config, chosen)
+    if config.model.init_from and pretrained is not None:
+        pretrained(config, chosen)
     validate(config)
     return config
-
-
-# --- Starting from a pretrained model (model.init_from) -------------------------------------------------
-# A transformers model folder decides the model's exact shape and its tokenizer. Its values replace those of
-# the defaults and bundled presets; a value the user set (their own config file, --set, the parameters cell)
-# that differs is an error naming both. The way back, our shape as a transformers config, is export.hf_config.
-
-PRETRAINED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-MODEL_SEARCH_DEPTH = 6  # /kaggle/input/<model>/<framework>/<variation>/<version>/ and a level or two more
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # gpt2, Qwen/Qwen3-0.6B
-
-
-def is_model_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
-
-
-def model_folders_under(root: Path) -> list[Path]:
-    """Folders below `root` that hold a transformers model (config.json and weights), hidden folders skipped."""
-    found = []
-    for folder, subfolders, _ in os.walk(root):
-        depth = len(Path(folder).relative_to(root).parts)
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if depth < MODEL_SEARCH_DEPTH else []
-        if is_model_folder(Path(folder)):
-            found.append(Path(folder))
-    return found
-
-
-def find_model_folder(name: str) -> Path:
-    """The model folder model.init_from names: the folder itself, the one model folder under it (an attached
-    Kaggle Model: /kaggle/input/<model>/transformers/<variation>/<version>/), or, for a name that is no path
-    here, a Hugging Face Hub id (downloaded, which needs internet). Nothing else touches the network."""
-    path = Path(name).expanduser()
-    where = f"model.init_from={name!r}"
-    if (path / "config.json").is_file():
-        if not is_model_folder(path):
-            raise ConfigError(f"{where}: {path} holds config.json but no weights ({', '.join(WEIGHT_FILES)})")
-        return path
-    if path.is_dir():
-        found = model_folders_under(path)
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            raise ConfigError(f"{where}: no transformers model under {path} (a folder with config.json and "
-                              f"{' or '.join(WEIGHT_FILES)})")
-        listed = "\n  - ".join(str(f) for f in found)
-        raise ConfigError(f"{where}: {len(found)} models under {path}; set model.init_from to one of them:"
-                          f"\n  - {listed}")
-    if HUB_ID.fullmatch(name):
-        return download_model(name)
-    raise ConfigError(f"{where}: no such folder. Give the folder of a transformers model (config.json, weights, "
-                      "tokenizer files); on Kaggle, attach it with Add Input > Models and give its folder under "
-                      "/kaggle/input")
-
-
-def download_model(repo_id: str) -> Path:
-    """A Hub id's config, weights and tokenizer files, downloaded into the Hugging Face cache (a cached copy
-    is used offline)."""
-    try:
-        from huggingface_hub import snapshot_download  # imported late: only a Hub id needs it
-
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                 "*.jinja"]))
-    except Exception as err:  # offline, no such repository, gated: all end the same way
-        raise ConfigError(
-            f"model.init_from={repo_id!r} is not a folder here, and downloading it from the Hugging Face Hub failed "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). With internet off (as on "
-            "Kaggle by default) attach the model instead (Add Input > Models, or a dataset holding its files) and set "
-            "model.init_from to its folder under /kaggle/input") from None
-    if not is_model_folder(folder):
-        raise ConfigError(f"model.init_from={repo_id!r}: the Hub repository has no config.json with safetensors "
-                          "weights")
-    return folder
-
-
-def pretrained_settings(folder: Path) -> dict[str, object]:
-    """The model.* values of a transformers model folder, exactly. What the model code cannot hold (another
-    architecture, RoPE scaling, attention biases, sliding windows) is an error naming the value."""
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.init_from: {path} cannot be read ({type(err).__name__}: {err})") from None
-    by_type = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-    architecture = (raw.get("architectures") or [by_type.get(raw.get("model_type"))])[0]
-    if architecture not in PRETRAINED_ARCHITECTURES:
-        raise ConfigError(f"model.init_from: {path} is a {architecture or raw.get('model_type')!r} model; supported "
-                          f"are {', '.join(PRETRAINED_ARCHITECTURES)} (the architectures this program exports)")
-    from transformers import AutoConfig  # imported late: transformers is slow to import
-
-    try:
-        hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)  # a folder: never online
-    except Exception as err:  # transformers raises several types for a config it cannot read
-        raise ConfigError(f"model.init_from: transformers cannot read {path} ({type(err).__name__}: "
-                          f"{str(err)[:200]})") from None
-    settings = gpt2_settings(hf, path) if architecture == "GPT2LMHeadModel" else llama_settings(hf, path)
-    # the embedding keeps exactly the model's rows: a tokenizer of up to that many tokens rounds up to them;
-    # model.size "" because the shape is the model's own, never planned
-    return {**settings, "model.tie_embeddings": bool(hf.tie_word_embeddings), "model.vocab_multiple": hf.vocab_size,
-            "model.size": ""}
-
-
-def refuse_unsupported(path: Path, checks: list[tuple[str, object, bool, str]]) -> None:
-    """checks: (key, value, whether the model code can hold it, what it can hold)."""
-    problems = [f"{key}={value!r} (supported: {supported})" for key, value, ok, supported in checks if not ok]
-    if problems:
-        raise ConfigError(f"model.init_from: {path} needs what this program's model code cannot hold: "
-                          f"{'; '.join(problems)}")
-
-
-def gpt2_settings(hf, path: Path) -> dict[str, object]:
-    refuse_unsupported(path, [
-        ("activation_function", hf.activation_function, hf.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
-         "gelu_new, GPT-2's tanh GELU"),
-        ("scale_attn_weights", hf.scale_attn_weights, hf.scale_attn_weights, "true"),
-        ("scale_attn_by_inverse_layer_idx", hf.scale_attn_by_inverse_layer_idx, not hf.scale_attn_by_inverse_layer_idx,
-         "false"),
-        ("add_cross_attention", hf.add_cross_attention, not hf.add_cross_attention, "false")])
-    return {"model.arch": "gpt2", "model.n_layer": hf.n_layer, "model.n_head": hf.n_head, "model.n_kv_head": hf.n_head,
-            "model.n_embd": hf.n_embd, "model.head_dim": hf.n_embd // hf.n_head,
-            "model.mlp_hidden": hf.n_inner or 4 * hf.n_embd, "model.bias": True, "model.qk_norm": False,
-            "model.norm_eps": hf.layer_norm_epsilon, "model.max_positions": hf.n_positions}
-
-
-def llama_settings(hf, path: Path) -> dict[str, object]:
-    """Llama and Qwen3 (Llama with QK-norm and an explicit head width)."""
-    rope = dict(getattr(hf, "rope_parameters", None) or {})  # transformers 5: rope_theta and any scaling
-    layer_types = set(getattr(hf, "layer_types", None) or ["full_attention"])
-    kv_heads = hf.num_key_value_heads or hf.num_attention_heads
-    refuse_unsupported(path, [
-        ("hidden_act", hf.hidden_act, hf.hidden_act == "silu", "silu"),
-        ("attention_bias", hf.attention_bias, not hf.attention_bias, "false"),
-        ("mlp_bias", getattr(hf, "mlp_bias", False), not getattr(hf, "mlp_bias", False), "false"),
-        ("rope_parameters", rope, rope.get("rope_type", "default") == "default" and "rope_theta" in rope,
-         "rope_type default, no RoPE scaling"),
-        ("use_sliding_window", getattr(hf, "use_sliding_window", False), not getattr(hf, "use_sliding_window", False),
-         "false"),
-        ("layer_types", sorted(layer_types), layer_types == {"full_attention"}, "full_attention in every layer"),
-        ("num_key_value_heads", kv_heads, hf.num_attention_heads % kv_heads == 0, "a divisor of num_attention_heads")])
-    return {"model.arch": "llama", "model.n_layer": hf.num_hidden_layers, "model.n_head": hf.num_attention_heads,
-            "model.n_kv_head": kv_heads, "model.n_embd": hf.hidden_size,
-            "model.head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            "model.mlp_hidden": hf.intermediate_size, "model.bias": False, "model.qk_norm": hf.model_type == "qwen3",
-            "model.norm_eps": hf.rms_norm_eps, "model.rope_theta": rope["rope_theta"],
-            "model.max_positions": hf.max_position_embeddings}
-
-
-def pretrained_tokenizer(folder: Path, config: Config, chosen: dict[str, str]) -> dict[str, object]:
-    """The folder's own tokenizer; for a folder without one, the hf tokenizer the user names."""
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return {"tokenizer.mode": "hf", "tokenizer.pretrained_name": str(folder)}
-    if config.tokenizer.mode == "hf" and "tokenizer.pretrained_name" in chosen:
-        return {}
-    raise ConfigError(f"model.init_from: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): attach the "
-                      "model's tokenizer as well and set tokenizer.mode=hf and tokenizer.pretrained_name to its folder")
-
-
-def apply_pretrained(config: Config, chosen: dict[str, str]) -> None:
-    """model.init_from: the folder's shape and tokenizer replace what the defaults and presets said. A value the
-    user chose that differs is an error naming both; a preset's context longer than the model's is shortened."""
-    folder = find_model_folder(config.model.init_from)
-    settings = {**pretrained_settings(folder), **pretrained_tokenizer(folder, config, chosen)}
-    origin = f"model.init_from={config.model.init_from!r} ({folder / 'config.json'})"
-    theirs = Config()
-    apply_layer(theirs, dotted_to_layer(settings, origin), origin)
-    conflicts = [f"{key}: {get_key(config, key)!r} in {chosen[key]}, {get_key(theirs, key)!r} in the model"
-                 for key in settings if key in chosen and get_key(config, key) != get_key(theirs, key)]
-    if conflicts:
-        raise ConfigError(f"{origin} decides the model's shape and tokenizer, and values you set differ from "
-                          "it:\n  - " + "\n  - ".join(conflicts) + "\nRemove them (the model's own values are "
-                          "used), or remove model.init_from to train a model from scratch")
-    apply_layer(config, dotted_to_layer(settings, origin), origin)
-    if "model.block_size" not in chosen:
-        config.model.block_size = min(config.model.block_size, config.model.max_positions)
 
 
 # --- Values that cannot work together ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""## 7. Several GPUs: one process per GPU (DistributedDataParallel)
+"""## 9. Several GPUs: one process per GPU (DistributedDataParallel)
 
 With more than one GPU the run becomes one process per GPU, started by `torchrun` (PyTorch's launcher).
 Each process holds a copy of the model and trains on its share of every batch; the gradients are averaged
@@ -8,9 +8,6 @@ they ran) to a file and runs `torchrun --standalone --nproc_per_node=N FILE`, st
 you added go along, in notebook order, when they only define things (`def`, `class`, `import`,
 `name = value`): a redefined function is used by every process. Any other added cell ran in the notebook
 only, and a line before the launch names it.
-From a shell `python -m kernel` runs under any torchrun, several machines included:
-
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 -m kernel ...
 
 Only rank 0 prints, writes logs, checkpoints and outputs. The global batch (micro-batch x accumulation x
 processes) is the config's `batch_size x grad_accum_steps` whatever the number of processes, so runs
@@ -37,12 +34,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernel.env import KernelError, resolve_device, write_atomic
+from kernel.env import PROGRAM_FILE, KernelError, resolve_device, write_atomic
 
 # The first line of every code section of the notebook (build_kernel.py writes it; the launcher finds the
 # cells by it).
 SECTION_MARKER = "# kernel section {number} of {total}: {name}"
-SECTION_MARKER_PATTERN = re.compile(r"# kernel section (\d+) of (\d+): (\w+)$")
+SECTION_MARKER_PATTERN = re.compile(r"# kernel section (\d+) of (\d+): ([\w-]+)$")
 # Wall-clock time (time.time()) at which the launching process started: the time budget counts from there.
 RUN_STARTED_ENV = "KERNEL_RUN_STARTED_AT"
 # A file the launcher writes (holding a signal's name) to ask the training processes to stop after a step.
@@ -351,7 +348,7 @@ def forwarding_stop_signals(proc: subprocess.Popen, stop_file: Path, received: l
 
 def launch_torchrun(program: str, processes: int, folder: Path, started_at: float) -> None:
     """Write the program into `folder`, run it with torchrun, echo its output live, fail if it fails."""
-    path = folder / "train_gpt_program.py"
+    path = folder / PROGRAM_FILE
     write_atomic(path, program)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(path)]

@@ -6,6 +6,8 @@ message always names the culprit (a key, a file, a value) and what to do about i
 """
 
 import errno
+import json
+import math
 import os
 import platform
 import random
@@ -81,6 +83,36 @@ def write_error_advice(err: OSError) -> str:
     return "check the folder, or choose another output folder (--out)"
 
 
+def json_safe(value):
+    """NaN and infinities as null: JSON has no such numbers (Python would write the invalid `NaN`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def count_words(count: float) -> str:
+    """2.31M, 840K: parameter counts as people say them."""
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
+
+
+# --- The run's output folder ---------------------------------------------------------------------------
+# What a run writes there, by name: every section uses these names (and a run's folder attached as an input
+# is recognised by them, so it is never read as training text).
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
+SAMPLES_FILE, CURVES_FILE, PROGRAM_FILE = "samples.txt", "loss.png", "train_gpt_program.py"
+CHECKPOINTS_DIR, TOKENIZER_DIR, EXPORT_DIR, CACHE_DIR = "checkpoints", "tokenizer", "hf", "cache"
+RUN_OUTPUT_NAMES = frozenset({SUMMARY_FILE, METRICS_FILE, SAMPLES_FILE, CURVES_FILE, CHECKPOINTS_DIR, CONFIG_FILE,
+                              PROGRAM_FILE})
+
+
 # --- Where we run --------------------------------------------------------------------------------------
 
 def is_kaggle() -> bool:
@@ -135,8 +167,11 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(requested: str, device: torch.device, model_width: int = 0) -> tuple[torch.dtype, str]:
-    """The autocast dtype for this device (and, on a CPU, this model width), with the reason in words.
+def resolve_dtype(requested: str, device: torch.device, model_width: int = 0,
+                  resumed: str | None = None) -> tuple[torch.dtype, str]:
+    """The autocast dtype for this device (and, on a CPU, this model width), with the reason in words. The one
+    rule for the planner, the trainer and check-env; `resumed`: the dtype a resumed checkpoint was trained in,
+    which `auto` keeps.
 
     bf16 needs compute capability >= 8.0 to be real: torch.cuda.is_bf16_supported() also says True on a T4
     through slow emulation, so we decide by capability. Below 8.0 (T4, V100) fp16 uses the tensor cores and
@@ -149,6 +184,8 @@ def resolve_dtype(requested: str, device: torch.device, model_width: int = 0) ->
         if dtype == torch.float16 and device.type != "cuda":
             raise KernelError("train.dtype=float16 needs a CUDA GPU; on CPU use float32 or bfloat16")
         return dtype, f"train.dtype={requested} was requested"
+    if resumed is not None:
+        return DTYPES[resumed], "as when the checkpoint was written"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:

@@ -1,4 +1,4 @@
-"""## 12. Export to Hugging Face transformers
+"""## 17. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
@@ -24,30 +24,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernel.env import KernelError
+from kernel.env import CHECKPOINTS_DIR, SUMMARY_FILE, KernelError, count_words
 from kernel.config import Config, SampleConfig, config_to_yaml
 from kernel.tokenization import Tokenizer
-from kernel.model import GPT, hf_state_dict
-
-def hf_config(model: GPT, special: dict):
-    """Our shape as a transformers config (config.pretrained_settings reads one back for model.init_from)."""
-    from transformers import GPT2Config, LlamaConfig, Qwen3Config
-
-    c = model.config
-    if c.arch == "gpt2":
-        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_positions, n_embd=c.n_embd, n_layer=c.n_layer,
-                          n_head=c.n_head, n_inner=None if c.mlp_hidden == 4 * c.n_embd else c.mlp_hidden,
-                          activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                          attn_pdrop=c.dropout, layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
-                          architectures=["GPT2LMHeadModel"], **special)
-    config_class, architecture = (Qwen3Config, "Qwen3ForCausalLM") if c.qk_norm else (LlamaConfig, "LlamaForCausalLM")
-    return config_class(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
-                        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                        head_dim=c.head_dim, max_position_embeddings=c.max_positions, rms_norm_eps=c.norm_eps,
-                        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, hidden_act="silu",
-                        attention_bias=False, attention_dropout=c.dropout, tie_word_embeddings=c.tie_embeddings,
-                        architectures=[architecture], **special)
-
+from kernel.model import GPT
+from kernel.checkpoint import Checkpoint
+from kernel.hf_interop import hf_config, hf_state_dict
 
 # --- The folder ----------------------------------------------------------------------------------------
 
@@ -70,6 +52,28 @@ class RunFacts:
     evaluation: dict = field(default_factory=dict)  # the last evaluation: val_loss, val_ppl, val_bpb
     data: dict = field(default_factory=dict)        # the data statistics (known at the end of a run)
     trained_on: str = ""                            # device, precision, processes, time
+
+
+def run_facts(summary: dict) -> RunFacts:
+    """What the model card tells about the run, from its summary."""
+    return RunFacts(name=Path(summary["out_dir"]).name, steps=summary["steps"], tokens=summary["tokens"],
+                    evaluation={k: summary[k] for k in ("val_loss", "val_ppl", "val_bpb")}, data=summary["data"],
+                    trained_on=f"{summary['device']}, {summary['dtype']}, {summary['processes']} process(es), "
+                               f"{summary['wall_s']:.0f} s of training")
+
+
+def checkpoint_facts(path: Path, checkpoint: Checkpoint) -> RunFacts:
+    """What the model card tells about a checkpoint's run: all of its summary.json when that describes this
+    very checkpoint (the run's last), else what the checkpoint holds."""
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")) if run_dir else {}
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("steps") == checkpoint.step and "data" in summary:
+        return run_facts({**summary, "out_dir": str(run_dir)})
+    return RunFacts(name=run_dir.name if run_dir else path.stem, steps=checkpoint.step, tokens=checkpoint.tokens,
+                    evaluation=dict(checkpoint.last_eval))
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Path, run: RunFacts | None = None,
@@ -203,11 +207,6 @@ class ModelCardFacts:
 
     def data_source(self) -> str:
         return self.run.data.get("source") or self.config.data.text_glob or "the demo corpus (pydoc_data.topics)"
-
-
-def count_words(count: float) -> str:
-    """2.31M, 840K: parameter counts as people say them."""
-    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
 
 
 def write_model_card(facts: ModelCardFacts, path: Path) -> None:

@@ -1,27 +1,17 @@
-"""## 14. Main
+"""## 19. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
-when a checkpoint is there), write samples and `summary.json`. The notebook's last cell calls `main(...)`
-with the parameters cell's values; `python -m kernel` calls `cli()`, which parses the same settings from
-the command line:
-
-    python -m kernel --config configs/llm_cpu.yaml --set train.max_steps=500 --out outputs
-    python -m kernel sample outputs/checkpoints/ckpt_00002000.pt --prompt "def "
-    python -m kernel export outputs/checkpoints/ckpt_00002000.pt exported/
-    python -m kernel check-env
+when a checkpoint is there), write samples, the curves, the `transformers` export and `summary.json`. The
+notebook's run cell calls `main(...)` with the parameters cell's values; from a shell, `python -m kernel`
+parses the same settings from the command line (see the README).
 """
 
-import argparse
 import contextlib
 import json
-import math
 import os
-import signal
-import sys
 import tempfile
 import time
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -31,23 +21,25 @@ except ImportError:
 
 import torch
 
-from kernel.env import (DTYPES, KAGGLE_TIME_BUDGET_S, KernelError, default_out_dir, describe_environment, dtype_name,
-                        is_kaggle, print_environment, resolve_device, resolve_dtype, seed_everything, write_atomic)
-from kernel.config import (DEVICE_PATTERN, Config, SampleConfig, config_from_dict, config_to_yaml, did_you_mean,
-                           load_config, parse_overrides)
+from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, EXPORT_DIR, KAGGLE_TIME_BUDGET_S, SAMPLES_FILE,
+                        SUMMARY_FILE, TOKENIZER_DIR, KernelError, default_out_dir, describe_environment, dtype_name,
+                        is_kaggle, json_safe, print_environment, resolve_dtype, seed_everything, write_atomic,
+                        write_json_atomic)
+from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import TokenData, cache_location, prepare_data, print_data_report
-from kernel.model import GPT
+from kernel.hf_interop import apply_pretrained
 from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
-from kernel.checkpoint import (CHECKPOINT_PATTERN, Checkpoint, CheckpointError, check_resume_compatible, checksum_path,
-                               find_resume_checkpoint, list_checkpoints, load_checkpoint, remove_output_debris)
-from kernel.train import (RunStopped, StopRequests, TrainResult, build_model, optimizer_blocker, require_optimizer,
-                          train)
-from kernel.plan import plan_model, shaped
-from kernel.sample import format_samples, sample_texts, sampling_settings
-from kernel.export import RunFacts, export_hf
+from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
+                               remove_output_debris)
+from kernel.optim import require_optimizer
+from kernel.progress import RunStopped, StopRequests
+from kernel.train import TrainResult, train
+from kernel.plan import plan_model, planned_before, shaped
+from kernel.sample import format_samples, sample_texts
+from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
 GPU_CONFIG, CPU_CONFIG = "llm_kaggle_t4.yaml", "llm_cpu.yaml"
@@ -60,19 +52,9 @@ def pick_config(name: str) -> str:
     return name
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-
-
-def json_safe(value):
-    """NaN and infinities as null: JSON has no such numbers (Python would write the invalid `NaN`)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+def resolve_config(name: str, overrides=None, overrides_origin: str = "--set") -> Config:
+    """A preset name or YAML path ('auto': by the hardware) with overrides, and model.init_from's folder applied."""
+    return load_config(pick_config(name), overrides, overrides_origin, pretrained=apply_pretrained)
 
 
 def ensure_writable(folder: Path) -> None:
@@ -85,6 +67,8 @@ def ensure_writable(folder: Path) -> None:
         raise KernelError(f"the output folder {folder} cannot be written ({type(err).__name__}: "
                           f"{err.strerror or err}); choose another one with --out (or OUT_DIR in the notebook)") from None
 
+
+# --- Before training: the output folder, the checkpoint, the data, the plan ----------------------------
 
 def run(config: Config, out_dir: str | Path, now=time.perf_counter) -> dict | None:
     """Train with a resolved config, write every output into out_dir, return the summary. Under torchrun every
@@ -178,7 +162,7 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
     seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process
     resume_path, checkpoint = agreed_resume_checkpoint(config.train.resume, out_dir, processes)
     if checkpoint is not None and config.model.size:  # the shape (and learning rates) the run was planned with
-        config = planned_before(config, checkpoint)
+        config = planned_before(config, config_from_dict(checkpoint.config, "the checkpoint's config"))
     if checkpoint is not None:
         check_resume_compatible(checkpoint, config, resume_path)
     given_tokenizer = tokenizer_from_dict(checkpoint.tokenizer) if checkpoint else None
@@ -188,13 +172,11 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
     plan = None
     if config.model.size and checkpoint is None:
         config, plan = planned_config(config, data, processes, device, train_seconds, now)
-    dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd)
-    if config.train.dtype == "auto" and checkpoint is not None:  # keep the precision the run started with
-        dtype, why = DTYPES[checkpoint.dtype], "as when the checkpoint was written"
+    dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd, checkpoint and checkpoint.dtype)
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
     if processes.is_main:
-        write_atomic(out_dir / "config.yaml", config_to_yaml(config))
-        data.tokenizer.save(out_dir / "tokenizer")
+        write_atomic(out_dir / CONFIG_FILE, config_to_yaml(config))
+        data.tokenizer.save(out_dir / TOKENIZER_DIR)
     return PreparedRun(data, dtype, checkpoint, resume_path, config, plan)
 
 
@@ -204,19 +186,14 @@ def planned_config(config: Config, data: TokenData, processes: Processes, device
     chosen = None
     if processes.is_main:
         plan = plan_model(config, data.tokenizer.vocab_size, int(data.train.size), train_seconds, device,
-                          resolve_dtype(config.train.dtype, device, config.model.n_embd)[0], processes.world_size, now)
+                          processes.world_size, now)
         print(plan.report())
         chosen = (plan.chosen.n_layer, plan.chosen.n_embd, plan.to_dict())
     n_layer, n_embd, summary = from_main(processes, chosen)
     return shaped(config, n_layer, n_embd), summary
 
 
-def planned_before(config: Config, checkpoint: Checkpoint) -> Config:
-    saved = config_from_dict(checkpoint.config, "the checkpoint's config")
-    print(f"[plan] resumed: the shape planned at the start, {saved.model.n_layer} x {saved.model.n_embd}")
-    return dataclasses.replace(config, model=saved.model, train=dataclasses.replace(
-        config.train, lr=saved.train.lr, min_lr=saved.train.min_lr))
-
+# --- Training, then the outputs ------------------------------------------------------------------------
 
 def run_process(config: Config, out_dir: Path, processes: Processes, device: torch.device,
                 now=time.perf_counter) -> dict | None:
@@ -234,7 +211,7 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
             raise RunStopped(stop.signal_name, f"stopped by {stop.signal_name} while preparing the run (before "
                              "any training): nothing was trained and no checkpoint was changed") from None
         config = prepared.config  # model.size: the planned shape
-        curves = LossCurves(out_dir / "loss.png", run_label(out_dir, config))  # in a notebook: redrawn at each eval
+        curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config))  # in a notebook: redrawn at each eval
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
                        now=now, stop_requests=stops, run_started=started, on_eval=curves.update)
@@ -243,7 +220,7 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
         print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
               f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
         summary = run_summary(result, prepared, device, processes, environment, out_dir)
-        write_json_atomic(out_dir / "summary.json", summary)  # first: what the run paid for is never lost
+        write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
         finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary)
         print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
               f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
@@ -272,14 +249,14 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
     already saved: a failure or a stop signal skips it with a line, never the run's results."""
     def write_samples() -> None:
         samples = sample_texts(result.model, tokenizer, config.sample, device, config.train.seed)
-        write_atomic(out_dir / "samples.txt", format_samples(samples))
+        write_atomic(out_dir / SAMPLES_FILE, format_samples(samples))
         print(format_samples(samples))
 
-    outputs = [("loss.png", "", lambda: curves.finish(result.history)),  # shown in a notebook
-               ("the hf/ export", f"python -m kernel export {out_dir / 'checkpoints'} DIR",
+    outputs = [(CURVES_FILE, "", lambda: curves.finish(result.history)),  # shown in a notebook
+               ("the hf/ export", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",
                 # the run's own folder: its earlier export is replaced, a file a user put there is kept
-                lambda: export_hf(result.model, tokenizer, config, out_dir / "hf", run_facts(summary), force=True)),
-               ("samples.txt", f"python -m kernel sample {out_dir / 'checkpoints'}", write_samples)]
+                lambda: export_hf(result.model, tokenizer, config, out_dir / EXPORT_DIR, run_facts(summary), force=True)),
+               (SAMPLES_FILE, f"python -m kernel sample {out_dir / CHECKPOINTS_DIR}", write_samples)]
     for name, retry, make in outputs:
         if stops.signal_name:
             print(f"[stop] {name} skipped after {stops.signal_name}")
@@ -295,14 +272,6 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
                   f"are saved{f': try {retry!r}' if retry else ''}")
 
 
-def run_facts(summary: dict) -> RunFacts:
-    """What the model card tells about the run, from its summary."""
-    return RunFacts(name=Path(summary["out_dir"]).name, steps=summary["steps"], tokens=summary["tokens"],
-                    evaluation={k: summary[k] for k in ("val_loss", "val_ppl", "val_bpb")}, data=summary["data"],
-                    trained_on=f"{summary['device']}, {summary['dtype']}, {summary['processes']} process(es), "
-                               f"{summary['wall_s']:.0f} s of training")
-
-
 def show_in_notebook(png: Path) -> None:
     """Display the curves inline when running in a notebook (the file is written either way)."""
     if in_notebook() and png.is_file():
@@ -310,13 +279,15 @@ def show_in_notebook(png: Path) -> None:
         display(Image(filename=str(png)))
 
 
+# --- The entry point: main() ---------------------------------------------------------------------------
+
 def main(config: str = "auto", overrides: dict | list | None = None, data_glob: str = "",
          out_dir: str = "") -> dict:
     """The notebook's entry point: the parameters cell's values in, the run's summary out."""
     settings = parse_overrides(overrides, "parameters cell")
     if data_glob:
         settings["data.text_glob"] = data_glob
-    resolved = load_config(pick_config(config), settings, overrides_origin="parameters cell")
+    resolved = resolve_config(config, settings, "parameters cell")
     out_dir = str(out_dir or default_out_dir())
     return run_or_launch(resolved, out_dir, dict(config=config, overrides=overrides, data_glob=data_glob, out_dir=out_dir))
 
@@ -331,248 +302,13 @@ def run_or_launch(config: Config, out_dir: str, call: dict) -> dict:
     started_at = time.time()
     ensure_writable(Path(out_dir))
     package = __name__.rpartition(".")[0] or None  # "kernel" when imported; in a notebook, its own cells
-    summary_path = Path(out_dir) / "summary.json"
+    summary_path = Path(out_dir) / SUMMARY_FILE
     launch_torchrun(program_source({**call, "processes": count}, globals(), package), count, Path(out_dir), started_at)
     if not summary_path.is_file() or summary_path.stat().st_mtime < started_at:  # none, or an earlier run's
         raise KernelError(f"the training processes stopped before writing {summary_path}; run again to resume "
-                          f"from the newest checkpoint in {Path(out_dir) / 'checkpoints'}")
+                          f"from the newest checkpoint in {Path(out_dir) / CHECKPOINTS_DIR}")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    show_in_notebook(Path(out_dir) / "loss.png")
+    show_in_notebook(Path(out_dir) / CURVES_FILE)
     return summary
 
 
-# --- The command line ----------------------------------------------------------------------------------
-
-COMMAND_HELP = {
-    "sample": "text from a run folder or a checkpoint, e.g. python -m kernel sample outputs --prompt 'The '",
-    "export": "a checkpoint as a transformers model folder with a model card: python -m kernel export outputs my-model",
-    "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
-}
-SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name != "prompts"]
-
-
-def flag_name(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def checkpoint_to_use(path: str | Path) -> tuple[Path, Checkpoint]:
-    """A checkpoint file, or the newest valid one of a run folder (in it or in its checkpoints/)."""
-    given = Path(path).expanduser()
-    if given.is_dir():
-        found = list_checkpoints(given) or list_checkpoints(given / "checkpoints")
-        if not found:
-            raise KernelError(f"{given} holds no checkpoint ({CHECKPOINT_PATTERN}, in it or in its checkpoints/ "
-                              "folder): give a run's output folder or a checkpoint file")
-        return newest_loadable(found)
-    if not given.is_file():
-        raise KernelError(f"{path} is neither a checkpoint file nor a run folder")
-    return given, load_copied(given)
-
-
-def newest_loadable(found: list[Path]) -> tuple[Path, Checkpoint]:
-    """The newest checkpoint whose checksum matches (in a run folder, a missing checksum means an interrupted
-    write); when none has a checksum file (files copied by hand), the newest one."""
-    problems = []
-    for candidate in reversed(found):
-        if checksum_path(candidate).is_file():
-            try:
-                return candidate, load_checkpoint(candidate)
-            except CheckpointError as err:
-                problems.append(str(err))
-                warn(f"{err}; trying the one before it")
-    if problems:
-        raise KernelError("no usable checkpoint: " + "; ".join(problems))
-    return found[-1], load_copied(found[-1])
-
-
-def load_copied(path: Path) -> Checkpoint:
-    """A checkpoint without its .sha256 loads with a warning: the checksum tells complete writes in the output
-    folder from interrupted ones, and a file copied alone (e.g. from Kaggle's Output tab) has none."""
-    if checksum_path(path).is_file():
-        return load_checkpoint(path)
-    warn(f"{path} has no checksum file {checksum_path(path).name} (copied alone?): loaded without verifying it")
-    return load_checkpoint(path, require_checksum=False)
-
-
-def load_trained(path: str | Path, checkpoint: Checkpoint | None = None) -> tuple[Config, Tokenizer, GPT]:
-    """The config, tokenizer and model of a checkpoint (pass it when it is already loaded)."""
-    checkpoint = checkpoint or load_checkpoint(path)
-    config = config_from_dict(checkpoint.config, f"{path} (saved config)")
-    tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
-    model = build_model(config, tokenizer.vocab_size)
-    model.load_state_dict(checkpoint.model)
-    return config, tokenizer, model
-
-
-def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device: str, name) -> str:
-    """Samples from a checkpoint or a run folder. `changes`: sample.* values to use instead of the
-    checkpoint's (None keeps its own), checked before anything is loaded; a bad one is named by `name`."""
-    sampling_settings(SampleConfig(), name, **changes)
-    if not DEVICE_PATTERN.fullmatch(device):
-        raise KernelError(f"{name('device')} must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
-    device = resolve_device(device)
-    path, checkpoint = checkpoint_to_use(path)
-    print(f"[sample] {path} (step {checkpoint.step:,})", file=sys.stderr)
-    config, tokenizer, model = load_trained(path, checkpoint)
-    settings = sampling_settings(config.sample, name, **changes)
-    seed = config.train.seed if seed is None else seed  # the run's own samples.txt used train.seed too
-    return format_samples(sample_texts(model.to(device), tokenizer, settings, device, seed))
-
-
-def sample_command(args: argparse.Namespace) -> None:
-    prompts = args.prompt + [read_prompt_file(path) for path in args.prompt_file]
-    changes = {"prompts": prompts or None, **{key: getattr(args, key) for key in SAMPLING_KEYS}}
-    print(sample_checkpoint(args.checkpoint, changes, args.seed, args.device, flag_name))
-
-
-def read_prompt_file(path: str) -> str:
-    """A prompt file's text as it is, but for one final line break (which editors add by themselves)."""
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise KernelError(f"--prompt-file {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except OSError as err:
-        raise KernelError(f"--prompt-file {path}: {err.strerror or err}") from None
-    return text.removesuffix("\n").removesuffix("\r")
-
-
-def sample_from_run(out_dir: str | Path, prompts: list[str] | str | None = None, *, max_new_tokens: int | None = None,
-                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    num_samples: int | None = None, seed: int | None = None, device: str = "auto") -> str:
-    """Samples from the newest valid checkpoint of a run folder (the notebook's last cell). What is left None
-    is the run's own: its sample.* settings (SampleConfig's defaults unless the run set them) and train.seed."""
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    changes = dict(prompts=list(prompts) if prompts is not None else None, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
-    return sample_checkpoint(out_dir, changes, seed, device, lambda key: key)
-
-
-def export_command(args: argparse.Namespace) -> None:
-    path, checkpoint = checkpoint_to_use(args.checkpoint)
-    config, tokenizer, model = load_trained(path, checkpoint)
-    folder = export_hf(model, tokenizer, config, args.out, checkpoint_facts(path, checkpoint), force=args.force)
-    print(f"exported {path} (step {checkpoint.step:,}) to {folder}")
-
-
-def checkpoint_facts(path: Path, checkpoint: Checkpoint) -> RunFacts:
-    """What the model card tells about a checkpoint's run: all of its summary.json when that describes this
-    very checkpoint (the run's last), else what the checkpoint holds."""
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")) if run_dir else {}
-    except (OSError, ValueError):
-        summary = {}
-    if summary.get("steps") == checkpoint.step and "data" in summary:
-        return run_facts({**summary, "out_dir": str(run_dir)})
-    return RunFacts(name=run_dir.name if run_dir else path.stem, steps=checkpoint.step, tokens=checkpoint.tokens,
-                    evaluation=dict(checkpoint.last_eval))
-
-
-def check_env_command(args: argparse.Namespace) -> None:
-    config = load_config(pick_config(args.config), args.overrides)
-    print_environment(describe_environment())
-    requested = args.device or config.train.device
-    devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] if requested == "auto" else []
-    for device in devices or [resolve_device(requested)]:
-        # the rule a run with this config follows (a resumed run keeps its checkpoint's precision)
-        dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd)
-        print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
-    count = processes_to_launch(config.train.devices, requested)
-    print(f"[env] train.devices={config.train.devices} trains with {count} "
-          f"process{'es (torchrun, one per GPU)' if count > 1 else ''}")
-    print(f"[env] {optimizer_blocker(config.train) or f'train.optimizer={config.train.optimizer}: available'}")
-    print(f"[env] outputs would go to {default_out_dir()}")
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """A bad argument is one line (`error: ...`, exit code 2), as every other bad input."""
-
-    def error(self, message: str):
-        raise KernelError(f"{message} (`{self.prog} --help` lists the options)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    commands = "\n".join(f"  {name:<10} {line}" for name, line in COMMAND_HELP.items())
-    parser = CommandLineParser(
-        prog="python -m kernel", formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="python -m kernel [--config CONFIG] [--set SECTION.KEY=VALUE ...] [--out OUT]\n"
-              "       python -m kernel {sample,export,check-env} ...",
-        description="Train a small GPT on your own text (with no command), or use a trained one.",
-        epilog=f"commands:\n{commands}\n\n`python -m kernel COMMAND --help` lists a command's options.")
-    parser.add_argument("--config", default="auto", help="a YAML file or bundled preset name "
-                        f"(auto: {GPU_CONFIG} with a GPU, {CPU_CONFIG} without)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (repeatable), e.g. --set train.lr=3e-4")
-    parser.add_argument("--out", default="", help=f"output folder (default: {default_out_dir()})")
-    return parser
-
-
-def sample_parser() -> argparse.ArgumentParser:
-    """One flag per SampleConfig field, which gives its help; a flag left out keeps the checkpoint's value."""
-    parser = CommandLineParser(prog="python -m kernel sample", description=f"Sample {COMMAND_HELP['sample']}.")
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
-                        help="a run's output folder (its newest valid checkpoint) or a ckpt_*.pt file")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); with neither "
-                        "--prompt nor --prompt-file: the checkpoint's sample.prompts")
-    parser.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
-                        help="a prompt read from a UTF-8 text file (repeatable), as it is but for its final line break")
-    defaults = SampleConfig()
-    for spec in fields(SampleConfig):
-        if spec.name in SAMPLING_KEYS:
-            default = getattr(defaults, spec.name)
-            parser.add_argument(flag_name(spec.name), type=type(default), default=None,
-                                metavar="N" if isinstance(default, int) else "X",
-                                help=f"{spec.metadata['help']} (default: the checkpoint's sample.{spec.name}, "
-                                     f"{default} unless its run set it)")
-    parser.add_argument("--seed", type=int, default=None, help="default: the run's train.seed")
-    parser.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda, cuda:N, mps")
-    return parser
-
-
-def export_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(prog="python -m kernel export", description=f"Export {COMMAND_HELP['export']}.")
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
-                        help="a run's output folder (its newest valid checkpoint) or a ckpt_*.pt file")
-    parser.add_argument("out", metavar="DIR", help="a new or empty folder, or one that holds an earlier export")
-    parser.add_argument("--force", action="store_true", help="write into a folder that holds other files too: "
-                        "replace only the export's own files there and keep the others")
-    return parser
-
-
-def check_env_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(prog="python -m kernel check-env", description=f"Report {COMMAND_HELP['check-env']}.")
-    parser.add_argument("--config", default="auto", help="the config a run would use (as for training)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--device", default=None, help="default: the config's train.device")
-    return parser
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m kernel ...`: exit code 0 on success (a run stopped by a signal after it trained included),
-    2 with a one-line explanation on bad input, 128 + the signal's number when stopped before training."""
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"sample": (sample_parser, sample_command), "export": (export_parser, export_command),
-                "check-env": (check_env_parser, check_env_command)}
-    try:
-        if argv and argv[0] in commands:
-            make_parser, command = commands[argv[0]]
-            command(make_parser().parse_args(argv[1:]))
-        elif argv and not argv[0].startswith("-"):
-            raise KernelError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(commands))} "
-                              "(`python -m kernel --help` lists the commands; with none, it trains)")
-        else:
-            args = build_parser().parse_args(argv)
-            out_dir = args.out or default_out_dir()
-            run_or_launch(load_config(pick_config(args.config), args.overrides), out_dir,
-                          dict(config=args.config, overrides=args.overrides, data_glob="", out_dir=out_dir))
-    except RunStopped as stop:  # a stop signal before training: the usual exit code of a signalled program
-        print(f"stopped: {stop}", file=sys.stderr)
-        return 128 + signal.Signals[stop.signal_name].value
-    except KernelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,4 +1,4 @@
-"""## 6. The model
+"""## 7. The model
 
 A decoder-only transformer in two presets that share one implementation:
 
@@ -23,20 +23,15 @@ being stored, trading ~30% more compute for a much smaller memory footprint. For
 keeps each layer's keys and values, so every new token costs one forward step over that token alone.
 """
 
-import functools
-import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernel.env import KernelError
-from kernel.config import ModelConfig
+from kernel.config import Config, ModelConfig
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -270,118 +265,5 @@ class GPT(nn.Module):
         return logits, loss
 
 
-# --- The same weights under transformers' names ----------------------------------------------------------
-# Each entry: (our tensor, its transformers name(s), how they relate): "same"; "transposed" (GPT-2's Conv1D
-# stores a linear layer's weight as (in, out)); "stacked" (our c_attn is q, k and v one above the other).
-# Export reads the table one way (hf_state_dict), model.init_from the other (load_hf_weights).
-
-def hf_layout(c: GPTConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    head = [] if c.tie_embeddings else [("lm_head.weight", ("lm_head.weight",), "same")]
-    if c.arch == "gpt2":  # nanoGPT kept GPT-2's names: only the linear layers' layout differs
-        same = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
-        transposed = []
-        for i in range(c.n_layer):
-            h = f"transformer.h.{i}."
-            same += [f"{h}{norm}.{kind}" for norm in ("ln_1", "ln_2") for kind in ("weight", "bias")]
-            linears = [f"{h}{linear}." for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-            same += [linear + "bias" for linear in linears]
-            transposed += [linear + "weight" for linear in linears]
-        return [(n, (n,), "same") for n in same] + [(n, (n,), "transposed") for n in transposed] + head
-    table = [("transformer.wte.weight", ("model.embed_tokens.weight",), "same"),
-             ("transformer.ln_f.weight", ("model.norm.weight",), "same")]
-    renamed = {"attn.c_proj": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
-               "mlp.c_proj": "mlp.down_proj", "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
-    if c.qk_norm:
-        renamed.update({"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"})
-    for i in range(c.n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        qkv = tuple(f"{theirs}self_attn.{p}_proj.weight" for p in "qkv")
-        table.append((ours + "attn.c_attn.weight", qkv, "stacked"))
-        table += [(f"{ours}{a}.weight", (f"{theirs}{b}.weight",), "same") for a, b in renamed.items()]
-    return table + head
-
-
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under transformers' names and layout (a tied head is stored once, as the embedding)."""
-    c, ours = model.config, model.state_dict()
-    exported = {}
-    for name, theirs, layout in hf_layout(c):
-        tensor = ours.get(name)
-        if tensor is None:  # a gpt2 model trained without biases: zero biases compute the same
-            tensor = torch.zeros(ours[name.removesuffix("bias") + "weight"].size(0))
-        parts = tensor.split(model.transformer.h[0].attn.sizes) if layout == "stacked" else [
-            tensor.t() if layout == "transposed" else tensor]
-        exported.update(zip(theirs, parts))
-    return {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in exported.items()}
-
-
-# Tensors a checkpoint may hold that are no weights: GPT-2's causal-mask buffers, old Llama rotary tables.
-NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-def load_hf_weights(model: GPT, folder: Path) -> int:
-    """Copy the weights of the transformers checkpoint in `folder` (a model of this model's shape) into the
-    model, one tensor at a time; returns the number of tensors read. A tensor missing, left over or of
-    another shape is an error."""
-    c, ours = model.config, model.state_dict()
-    prefix = "transformer." if c.arch == "gpt2" else "model."
-    readers = {name if name.startswith(prefix) or name == "lm_head.weight" else prefix + name: read
-               for name, read in open_weights(folder).items()}  # saved from the base model: names lack the prefix
-    layout = hf_layout(c)
-    wanted = {name for _, theirs, _ in layout for name in theirs}
-    missing = sorted(wanted - set(readers))
-    unused = sorted(n for n in set(readers) - wanted if not n.endswith(NOT_WEIGHTS) and n != "lm_head.weight")
-    if missing or unused:
-        raise KernelError(f"model.init_from: the weights in {folder} do not fit its config.json: "
-                          f"{describe_names('missing', missing)}{describe_names('not used', unused)}")
-    with torch.no_grad():
-        for name, theirs, how in layout:
-            parts = [readers[n]() for n in theirs]
-            value = torch.cat(parts) if how == "stacked" else parts[0].t() if how == "transposed" else parts[0]
-            if value.shape != ours[name].shape:
-                raise KernelError(shape_mismatch(folder, name, theirs, value.shape, ours[name].shape))
-            ours[name].copy_(value)
-    return len(wanted)
-
-
-def describe_names(what: str, names: list[str]) -> str:
-    return f"{what}: {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}; " if names else ""
-
-
-def shape_mismatch(folder: Path, name: str, theirs: tuple[str, ...], shape, expected) -> str:
-    if name == "transformer.wte.weight":  # the rows are the tokenizer's count rounded up to the model's rows
-        return (f"model.init_from: the embedding in {folder} has {shape[0]:,} rows, fewer than the tokenizer's "
-                f"tokens need ({expected[0]:,}): use the tokenizer that came with the model")
-    return f"model.init_from: {'+'.join(theirs)} in {folder} is {tuple(shape)}, the model needs {tuple(expected)}"
-
-
-def open_weights(folder: Path) -> dict[str, Callable[[], torch.Tensor]]:
-    """Every tensor of the checkpoint in `folder` (model.safetensors or its shards, else pytorch_model.bin or
-    its shards), each read only when called: the model is never held twice in memory."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        try:
-            if (folder / index).is_file():
-                files = sorted(set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()))
-            elif (folder / single).is_file():
-                files = [single]
-            else:
-                continue
-            return {name: read for file in files for name, read in tensor_readers(folder / file).items()}
-        except Exception as err:  # a damaged index or weight file: safetensors and torch raise several types
-            raise KernelError(f"model.init_from: the weights in {folder} cannot be read ({type(err).__name__}: "
-                              f"{str(err)[:200]})") from None
-    raise KernelError(f"model.init_from: {folder} holds no weights (model.safetensors or pytorch_model.bin)")
-
-
-def tensor_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open  # imported late: only model.init_from reads safetensors
-
-        handle = safe_open(str(path), framework="pt")
-        return {name: functools.partial(handle.get_tensor, name) for name in handle.keys()}
-    try:  # memory-mapped: tensors are paged in when copied, not all at once
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return {name: functools.partial(state.__getitem__, name) for name in state}
+def build_model(config: Config, vocab_size: int) -> GPT:
+    return GPT(GPTConfig.from_settings(config.model, vocab_size))

@@ -1,4 +1,4 @@
-"""## 10. Planning: the model a time budget can buy
+"""## 15. Planning: the model a time budget can buy
 
 With `model.size: auto` the run chooses its model's shape before training, for this device, this corpus and
 this budget, instead of taking `model.n_layer` / `n_embd` / `n_head` as given:
@@ -34,8 +34,9 @@ import torch
 
 from kernel.env import KernelError
 from kernel.config import Config
-from kernel.model import GPTConfig
-from kernel.train import build_model, make_optimizer, train_step
+from kernel.model import build_model
+from kernel.optim import make_optimizer
+from kernel.train import train_step
 
 # (layers, width): deeper as it grows wider, as in GPT-2's and Llama's families.
 LADDER = [(1, 64), (2, 96), (2, 128), (3, 160), (3, 192), (4, 256), (5, 320), (6, 384), (8, 512), (10, 640),
@@ -258,5 +259,9 @@ def predict(candidate: Candidate, seconds: float, unique_tokens: int) -> None:
     candidate.loss = predicted_loss(candidate.core_params, candidate.tokens, unique_tokens)
 
 
-def apply_plan(config: Config, plan: Plan) -> Config:
-    return shaped(config, plan.chosen.n_layer, plan.chosen.n_embd)
+def planned_before(config: Config, saved: Config) -> Config:
+    """A resumed run keeps what its plan chose at the start (the keys `shaped` sets: the model's shape and the
+    learning rates scaled to it), whatever this session's budget would choose."""
+    print(f"[plan] resumed: the shape planned at the start, {saved.model.n_layer} x {saved.model.n_embd}")
+    return dataclasses.replace(config, model=saved.model, train=dataclasses.replace(
+        config.train, lr=saved.train.lr, min_lr=saved.train.min_lr))

@@ -1,4 +1,4 @@
-"""## 13. Report
+"""## 18. Report
 
 What people look at after a run: `loss.png` and a short summary in words. The figure shows train and
 validation loss against tokens seen (optimizer steps on the top axis, the learning rate on a second axis)
@@ -17,9 +17,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from kernel.env import write_atomic
+from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, EXPORT_DIR, METRICS_FILE, SAMPLES_FILE,
+                        SUMMARY_FILE, TOKENIZER_DIR, count_words, write_atomic)
 from kernel.config import Config
-from kernel.export import count_words
 
 
 def in_notebook() -> bool:
@@ -154,10 +154,10 @@ def human_summary(summary: dict) -> str:
 
 
 # What a run writes, as the summary names it (a step skipped after a stop or a warning leaves its file out).
-OUTPUT_FILES = (("loss.png", "loss.png"), ("samples.txt", "samples.txt"), ("summary.json", "summary.json"),
-                ("metrics.jsonl", "metrics.jsonl"), ("config.yaml", "config.yaml"),
-                ("hf", "hf/ (the model for transformers, with its model card README.md)"),
-                ("tokenizer", "tokenizer/"), ("checkpoints", "checkpoints/"))
+OUTPUT_FILES = ((CURVES_FILE, CURVES_FILE), (SAMPLES_FILE, SAMPLES_FILE), (SUMMARY_FILE, SUMMARY_FILE),
+                (METRICS_FILE, METRICS_FILE), (CONFIG_FILE, CONFIG_FILE),
+                (EXPORT_DIR, f"{EXPORT_DIR}/ (the model for transformers, with its model card README.md)"),
+                (TOKENIZER_DIR, f"{TOKENIZER_DIR}/"), (CHECKPOINTS_DIR, f"{CHECKPOINTS_DIR}/"))
 
 
 def output_files(out: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""## 11. Sampling
+"""## 16. Sampling
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
@@ -8,17 +8,23 @@ the smallest set whose probability reaches `top_p`, until `max_new_tokens` or th
 A key-value cache makes each new token one forward step over that token alone; past the context length
 the window slides and the context is recomputed, exactly as without the cache. Sampling uses its own seeded
 generator, so the same checkpoint, prompt and seed give the same text.
+
+The last part loads a trained run (a run folder's newest valid checkpoint, or a checkpoint file) to sample
+from it: `sample_from_run` is what the notebook's last cell calls.
 """
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernel.env import KernelError
-from kernel.config import SampleConfig, sample_problems
-from kernel.tokenization import Tokenizer
-from kernel.model import GPT, KVCache
+from kernel.env import KernelError, resolve_device
+from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict, sample_problems
+from kernel.tokenization import Tokenizer, tokenizer_from_dict
+from kernel.model import GPT, KVCache, build_model
+from kernel.checkpoint import Checkpoint, given_checkpoint, load_checkpoint
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -123,3 +129,41 @@ def sampling_settings(saved: SampleConfig, name=lambda key: key, **changes) -> S
 def format_samples(samples: list[tuple[str, str]]) -> str:
     blocks = [f"=== sample {i + 1} | prompt {prompt!r} ===\n{text}\n" for i, (prompt, text) in enumerate(samples)]
     return "\n".join(blocks)
+
+
+# --- From a trained run ------------------------------------------------------------------------------
+
+def load_trained(path: str | Path, checkpoint: Checkpoint | None = None) -> tuple[Config, Tokenizer, GPT]:
+    """The config, tokenizer and model of a checkpoint (pass it when it is already loaded)."""
+    checkpoint = checkpoint or load_checkpoint(path)
+    config = config_from_dict(checkpoint.config, f"{path} (saved config)")
+    tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
+    model = build_model(config, tokenizer.vocab_size)
+    model.load_state_dict(checkpoint.model)
+    return config, tokenizer, model
+
+
+def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device: str, name) -> str:
+    """Samples from a checkpoint or a run folder. `changes`: sample.* values to use instead of the
+    checkpoint's (None keeps its own), checked before anything is loaded; a bad one is named by `name`."""
+    sampling_settings(SampleConfig(), name, **changes)
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise KernelError(f"{name('device')} must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
+    device = resolve_device(device)
+    path, checkpoint = given_checkpoint(path)
+    print(f"[sample] {path} (step {checkpoint.step:,})", file=sys.stderr)
+    config, tokenizer, model = load_trained(path, checkpoint)
+    settings = sampling_settings(config.sample, name, **changes)
+    seed = config.train.seed if seed is None else seed  # the run's own samples.txt used train.seed too
+    return format_samples(sample_texts(model.to(device), tokenizer, settings, device, seed))
+
+
+def sample_from_run(out_dir: str | Path, prompts: list[str] | str | None = None, *, max_new_tokens: int | None = None,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    num_samples: int | None = None, seed: int | None = None, device: str = "auto") -> str:
+    """Samples from the newest valid checkpoint of a run folder (the notebook's last cell). What is left None
+    is the run's own: its sample.* settings (SampleConfig's defaults unless the run set them) and train.seed."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    changes = dict(prompts=list(prompts) if prompts is not None else None, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+    return sample_checkpoint(out_dir, changes, seed, device, lambda key: key)

@@ -1,12 +1,11 @@
-"""## 9. Training
+"""## 14. Training
 
-The loop: AdamW with weight-decay groups (or Muon for the blocks' matrices, `train.optimizer: muon`),
-mixed precision chosen by the hardware, gradient accumulation,
-a cosine (or warmup-stable-decay) learning-rate schedule with linear warm-up, gradient clipping, periodic
-evaluation, a JSON-lines metrics file and checkpoints (section 8).
+The loop: mixed precision chosen by the hardware, gradient accumulation, the optimizer and learning-rate
+schedule of section 11, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
+(section 10).
 
 A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
-each process's share (section 7) and that share into micro-batches whose gradients accumulate, which gives
+each process's share (section 9) and that share into micro-batches whose gradients accumulate, which gives
 the same gradient as one big batch. `train()` at the end reads top to bottom: a `Trainer` holds what stays
 fixed during a run (model, optimizer, data, files), a `LoopState` what changes (step, tokens, evaluations,
 the batch plan), and each phase of a step is one method: stop?, optimizer step, log, evaluate, checkpoint.
@@ -16,140 +15,28 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from kernel.env import KernelError, dtype_name, is_batch_run, peak_flops, write_atomic
-from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml, find_model_folder
+from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
+                        write_atomic)
+from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
-from kernel.model import GPT, GPTConfig, load_hf_weights
-from kernel.distributed import (Processes, gather_objects, launcher_stop_request, max_across, split_global_batch,
-                                sum_across)
+from kernel.model import GPT, build_model
+from kernel.hf_interop import find_model_folder, load_hf_weights
+from kernel.distributed import Processes, gather_objects, max_across, split_global_batch, sum_across
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
                                rng_states, save_checkpoint)
+from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
+from kernel.memory import check_memory
+from kernel.progress import LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
 
 
-# --- Learning rate -------------------------------------------------------------------------------------
-
-def step_limit(train: TrainConfig) -> float:
-    """train.max_steps as a number: `auto` has none (the time budget ends the run)."""
-    return math.inf if train.max_steps == "auto" else train.max_steps
-
-
-def schedule_progress(step: int, train: TrainConfig, time_progress: float) -> tuple[float, bool]:
-    """(how far the decay's clock has run, 0..1; whether the time budget rather than the step count drives it)."""
-    by_steps = (step - train.warmup_steps) / max(1, step_limit(train) - train.warmup_steps)
-    return min(1.0, max(by_steps, time_progress)), time_progress > by_steps
-
-
-def lr_at(step: int, train: TrainConfig, time_progress: float = 0.0) -> float:
-    """Linear warm-up to train.lr over warmup_steps, then the decay to min_lr, which ends at max_steps or, with
-    a time budget, when the budget does (time_progress: the share of the training time used, 0..1),
-    whichever comes first.
-
-    cosine: a half cosine from lr to min_lr. wsd (warmup-stable-decay): lr until the last
-    train.decay_fraction of the run, then a linear decay to min_lr; it suits runs whose length is set by a
-    clock rather than a step count, since most of the run is spent at the peak rate.
-    """
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress, _ = schedule_progress(step, train, time_progress)
-    if train.schedule == "wsd":
-        stable = 1.0 - train.decay_fraction
-        share = 0.0 if progress <= stable else (progress - stable) / train.decay_fraction
-        return train.lr - share * (train.lr - train.min_lr)
-    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
-
-
-def wsd_phase(step: int, train: TrainConfig, time_progress: float) -> str:
-    """For checkpoints: 'budget_decay' once a wsd schedule decays because the time budget is running out (a
-    new session's budget starts its clock again, so it continues from the last 'stable' checkpoint instead),
-    'decay' when the step count drives it, else 'stable' ('' for other schedules)."""
-    if train.schedule != "wsd" or step < train.warmup_steps:
-        return ""
-    progress, by_time = schedule_progress(step, train, time_progress)
-    if progress <= 1.0 - train.decay_fraction:
-        return "stable"
-    return "budget_decay" if by_time else "decay"
-
-
-# --- Model, optimizer, precision -----------------------------------------------------------------------
-
-def build_model(config: Config, vocab_size: int) -> GPT:
-    return GPT(GPTConfig.from_settings(config.model, vocab_size))
-
-
-def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
-    """train.optimizer: `adamw`, or `muon`: Muon (momentum orthogonalised by Newton-Schulz) for the blocks'
-    hidden matrices and AdamW for the rest (embeddings, head, norm gains, biases), as modded-nanogpt and
-    nanochat split them. Weight decay only on matrices. Muon's step is scaled to AdamW's update size
-    (`match_rms_adamw`), so both follow train.lr on one schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = ({id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2}
-              if train.optimizer == "muon" else set())
-    adamw = adamw_optimizer([p for p in params if id(p) not in hidden], train, device)
-    if not hidden:
-        return adamw
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=train.lr, weight_decay=train.weight_decay,
-                            momentum=train.muon_momentum, adjust_lr_fn="match_rms_adamw")
-    return MuonWithAdamW(muon, adamw)
-
-
-def optimizer_blocker(train: TrainConfig) -> str | None:
-    """Why this torch cannot run the chosen optimizer (torch.optim.Muon came in torch 2.9), or None."""
-    if train.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        return (f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
-                f"upgrade torch, or set train.optimizer=adamw")
-    return None
-
-
-def require_optimizer(train: TrainConfig) -> None:
-    """Fail before any data is read, not when the loop starts."""
-    reason = optimizer_blocker(train)
-    if reason:
-        raise KernelError(reason)
-
-
-def adamw_optimizer(params: list, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")  # one kernel for the whole update instead of one per tensor
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
-
-
-class MuonWithAdamW:
-    """Two optimizers that the loop, the grad scaler (which needs `param_groups` and `step`) and checkpoints
-    see as one: the learning rate is set on every group, one state dict holds both."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
+# --- Precision and compiling --------------------------------------------------------------------------
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
@@ -178,75 +65,6 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device) -
         print(f"[train] train.compile is on but turned off: {reason}")
         return model
     return torch.compile(model)
-
-
-# --- Will it fit? Memory, estimated before anything is built ----------------------------------------------
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes the device can still give: free GPU memory, or the RAM Linux calls available; None: unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            lines = Path("/proc/meminfo").read_text().splitlines()
-        except OSError:
-            return None
-        return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
-    return None
-
-
-def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training: bool) -> dict[str, int]:
-    """A rough estimate of a run's peak memory, in bytes, by what holds it. The fp32 weights (and their
-    half-precision copies under autocast); to train, also their gradients, the optimizer's two moments and
-    the activations a micro-batch keeps for the backward pass (per layer and token about 12 x width + 4 x the
-    MLP's width; with gradient checkpointing one layer's, plus every layer's input); in any case the logits
-    of a micro-batch (with their fp32 copy, and to train their log-softmax and gradient)."""
-    with torch.device("meta"):  # the exact shape, without allocating it
-        model = build_model(config, vocab_size)
-    c, params, width = model.config, model.num_params(), torch.finfo(dtype).bits // 8  # bytes per activation
-    tokens = config.train.batch_size * config.model.block_size
-    layer = tokens * width * (12 * c.n_embd + 4 * c.mlp_hidden)
-    needed = {"weights": params * (4 + (width if width < 4 else 0))}
-    if training:
-        kept = layer + tokens * width * c.n_embd * c.n_layer if c.gradient_checkpointing else layer * c.n_layer
-        needed.update({"gradients and optimizer state": 12 * params, "activations": kept,
-                       "logits": tokens * c.vocab_size * (width + 12)})
-    else:
-        needed.update({"activations": layer, "logits": tokens * c.vocab_size * (width + 4)})
-    return needed
-
-
-def check_memory(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype, sharing: int = 1) -> None:
-    """Fail before the model is built, with advice, when the estimate exceeds what the device has free (not an
-    hour into training). `sharing`: processes that share this memory (several CPU processes share the RAM)."""
-    training = config.train.max_steps != 0  # 0: only evaluate the model as it is
-    needed = memory_needed(config, vocab_size, dtype, training)
-    total, free = sum(needed.values()) * sharing, free_memory(device)
-    parts = ", ".join(f"{what} {memory_size(count)}" for what, count in needed.items())
-    doing = "training" if training else "evaluating"
-    shared = f", x {sharing} processes" if sharing > 1 else ""
-    print(f"[memory] {doing} needs about {memory_size(total)} ({parts}{shared}); "
-          f"{memory_size(free) if free is not None else 'unknown'} free on {device}")
-    if free is not None and total > free:
-        raise KernelError(f"the model does not fit: {doing} needs about {memory_size(total)} ({parts}), and {device} "
-                          f"has {memory_size(free)} free. {memory_advice(config, device, dtype)}")
-
-
-def memory_size(count: float) -> str:
-    return f"{count / 2**30:,.2f} GB" if count >= 2**30 else f"{count / 2**20:,.1f} MB"
-
-
-def memory_advice(config: Config, device: torch.device, dtype: torch.dtype) -> str:
-    m, t = config.model, config.train
-    advice = [f"lower train.batch_size (now {t.batch_size}; raise train.grad_accum_steps to keep the batch) or "
-              f"model.block_size (now {m.block_size}): both shrink the activations and the logits"]
-    if not m.gradient_checkpointing:
-        advice.append("set model.gradient_checkpointing=true (it keeps one layer's activations, not all)")
-    if device.type == "cuda" and dtype == torch.float32:
-        advice.append("train.dtype=bfloat16 (or float16 on a T4) halves the activations")
-    advice.append("start from a smaller model (model.init_from)" if m.init_from else
-                  "use a smaller model (model.n_layer, model.n_embd)")
-    return "Either " + "; or ".join(advice)
 
 
 # --- One optimizer step --------------------------------------------------------------------------------
@@ -334,163 +152,6 @@ class BatchPlan:
         return [starts[i:i + self.micro_batch] for i in range(0, self.share, self.micro_batch)]
 
 
-# --- Around the loop: metrics, progress, the clock, stop requests -----------------------------------------
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per log or eval step, appended and flushed as the run goes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def show_progress_bar() -> bool:
-    """A live bar where someone watches (a terminal, a notebook in the editor); plain lines in a Kaggle
-    Save Version run or a log file, where a bar does not animate and only clutters the log."""
-    return not is_batch_run() and (sys.stderr.isatty() or "ipykernel" in sys.modules)
-
-
-class Progress:
-    """tqdm where it animates; otherwise one plain line per `every_s` seconds."""
-
-    def __init__(self, total: float, initial: int, every_s: float = 30.0, shown: bool = True):
-        self.total = f"/{total:,}" if math.isfinite(total) else ""  # max_steps=auto: the budget ends it
-        self.every_s, self.last_line = every_s, time.perf_counter()
-        self.bar = (tqdm(total=total if math.isfinite(total) else None, initial=initial, desc="train", unit="step",
-                         mininterval=1.0, dynamic_ncols=True) if shown and show_progress_bar() else None)
-
-    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        elif loss is not None and time.perf_counter() - self.last_line >= self.every_s:
-            self.last_line = time.perf_counter()
-            print(f"[train] step {step:,}{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tokens/s", flush=True)
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class TrainingClock:
-    """Time spent in train(), read from `now` (injectable). With a deadline (a `now()` value), training stops
-    when what is left is just enough to finish: 1.5 x (the longest evaluation + the longest checkpoint so
-    far) + 1 s; the share of the training time used lets the schedule's decay end with the budget."""
-
-    def __init__(self, deadline: float | None, now=time.perf_counter, run_started: float | None = None):
-        self.deadline, self.now = deadline, now
-        self.started = self.loop_started = now()
-        self.run_started = self.started if run_started is None else run_started  # where the budget began
-        self.longest = {"eval": 0.0, "save": 0.0}
-
-    def start_loop(self) -> None:
-        self.loop_started = self.now()
-
-    @contextlib.contextmanager
-    def timing(self, kind: str):
-        begun = self.now()
-        yield
-        self.longest[kind] = max(self.longest[kind], self.now() - begun)
-
-    def training_time_used(self) -> tuple[float, bool]:
-        """(share of the time available for training used so far, whether it is all used)."""
-        if self.deadline is None:
-            return 0.0, False
-        training_ends = self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + 1)
-        now = self.now()
-        return (now - self.loop_started) / max(1e-9, training_ends - self.loop_started), now >= training_ends
-
-    def elapsed(self) -> float:
-        return self.now() - self.started
-
-
-class LossWindow:
-    """The training loss summed on the device between two log lines: read back (a host sync) only when logged."""
-
-    def __init__(self, device: torch.device, now):
-        self.device, self.now = device, now
-        self.reset()
-
-    def reset(self) -> None:
-        self.total, self.steps, self.started = torch.zeros((), device=self.device), 0, self.now()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.total += loss
-        self.steps += 1
-
-    def mean(self) -> float:
-        return (self.total / self.steps).item()
-
-    def state(self) -> dict:
-        """For checkpoints: a resumed run's first log line then averages the same steps as a straight run's."""
-        return {"sum": self.total.item(), "steps": self.steps}
-
-    def restore(self, state: dict) -> None:
-        self.total = torch.tensor(state["sum"], dtype=torch.float32, device=self.device)
-        self.steps = state["steps"]
-
-    def tokens_per_s(self, tokens_per_step: int) -> float:
-        return self.steps * tokens_per_step / (self.now() - self.started)
-
-
-class RunStopped(KernelError):
-    """A stop signal outside the training loop (data preparation, sampling), where work cannot pause."""
-
-    def __init__(self, signal_name: str, message: str = ""):
-        super().__init__(message or f"stopped by {signal_name}")
-        self.signal_name = signal_name
-
-
-class StopRequests:
-    """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt). Inside the training
-    loop (`between_steps`) they ask it to stop after the current step, so it can checkpoint and write its
-    outputs instead of dying mid-step; anywhere else they raise RunStopped at once, which the run turns into
-    a clean stop of that phase (half-written files are removed by the code that writes them)."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.previous: dict = {}
-        self.deferred = False
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self.request)
-        return self
-
-    def request(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-        if not self.deferred:
-            raise RunStopped(self.signal_name)
-        print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
-
-    @contextlib.contextmanager
-    def between_steps(self):
-        self.deferred = True
-        try:
-            yield self
-        finally:
-            self.deferred = False
-
-    def reason(self) -> str | None:
-        """The signal received here, or the one the multi-process launcher passed on, or None."""
-        return self.signal_name or launcher_stop_request()
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def out_of_memory_error(config: Config, micro: int, distributed: bool) -> KernelError:
     m = config.model
     if distributed:  # processes must take the same steps together, so one cannot retry alone
@@ -518,7 +179,7 @@ def is_due(step: int, interval: int, max_steps: float) -> bool:
     return step % interval == 0 or step == max_steps
 
 
-# --- The loop ------------------------------------------------------------------------------------------
+# --- What the loop keeps and returns --------------------------------------------------------------------
 
 @dataclass
 class LoopState:
@@ -552,6 +213,8 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+# --- The trainer: one method per phase of a step ------------------------------------------------------
+
 class Trainer:
     """What stays fixed during a run (model, optimizer, sampler, files), and one method per phase of the loop.
     Every process makes one; only rank 0 writes files."""
@@ -561,7 +224,7 @@ class Trainer:
         self.config, self.t, self.data, self.device, self.dtype = config, config.train, data, device, dtype
         self.processes, self.clock = processes, clock
         self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
-        self.ckpt_dir, self.metrics = out_dir / "checkpoints", MetricsLog(out_dir / "metrics.jsonl")
+        self.ckpt_dir, self.metrics = out_dir / CHECKPOINTS_DIR, MetricsLog(out_dir / METRICS_FILE)
         check_memory(config, data.tokenizer.vocab_size, device, dtype,
                      sharing=processes.world_size if device.type == "cpu" else 1)  # one machine's RAM
         self.model = build_model(config, data.tokenizer.vocab_size).to(device)
@@ -745,7 +408,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict())
         with self.clock.timing("save"):
             save_checkpoint(checkpoint, checkpoint_path(self.ckpt_dir, state.step))
-        write_atomic(self.ckpt_dir / "config.yaml", config_to_yaml(self.config))
+        write_atomic(self.ckpt_dir / CONFIG_FILE, config_to_yaml(self.config))
         prune_checkpoints(self.ckpt_dir, self.t.keep_checkpoints, {state.best.get("step"), state.stable_step})
 
     def finish(self, state: LoopState) -> None:
@@ -767,6 +430,8 @@ class Trainer:
                            resumed_from=str(resumed_from) if resumed_from is not None else None,
                            best=state.best, history=state.history)
 
+
+# --- The loop, top to bottom -------------------------------------------------------------------------
 
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
           checkpoint: Checkpoint | None = None, checkpoint_source: Path | None = None,

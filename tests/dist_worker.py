@@ -70,7 +70,7 @@ def main() -> int:
         from tests.conftest import StepClock
         clock = StepClock(options["step_clock"]).install(setattr)
         main_module.run = functools.partial(main_module.run, now=clock)
-    from kernel.main import cli
+    from kernel.cli import cli
     return cli(argv)
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import kernel.data as data_module
-from kernel.data import BatchSampler, Source, demo_sources, find_text_files, iterate_pieces, prepare_data
+from kernel.data import BatchSampler, iterate_pieces, prepare_data
+from kernel.sources import Source, demo_sources, find_text_files
 from kernel.env import KernelError
 from kernel.tokenization import END_OF_DOCUMENT
 

@@ -15,7 +15,9 @@ from kernel.distributed import Processes, split_global_batch
 from kernel.env import KernelError
 from kernel.main import run
 from kernel.checkpoint import list_checkpoints, load_checkpoint
-from kernel.train import build_model, make_optimizer, train_step
+from kernel.model import build_model
+from kernel.optim import make_optimizer
+from kernel.train import train_step
 from tests.conftest import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kernel.config import Config, SampleConfig
-from kernel.data import demo_sources
+from kernel.sources import demo_sources
 from kernel.env import KernelError
 from kernel.export import RunFacts, export_hf
 from kernel.model import GPT, GPTConfig
@@ -110,7 +110,7 @@ def test_llama_exports_with_the_same_logits_and_greedy_tokens(tmp_path, qk_norm,
 
 
 def test_a_padded_vocabulary_exports_with_its_padding_suppressed(tmp_path, tiny):
-    from kernel.train import build_model
+    from kernel.model import build_model
     tokenizer = CharTokenizer.train(TEXT)
     model = build_model(tiny(), tokenizer.vocab_size).eval()
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size > tokenizer.vocab_size
@@ -145,7 +145,7 @@ def transformers_warnings(caplog):
 def exported_preset(tmp_path, preset: str, mode: str, arch: str | None = None):
     """A preset's model (random weights) and a tokenizer of `mode` learnt from the demo text, exported."""
     from kernel.config import load_config
-    from kernel.train import build_model
+    from kernel.model import build_model
     config = load_config(preset, {"tokenizer.mode": mode, **({"model.arch": arch} if arch else {})})
     tokenizer = CharTokenizer.train(TEXT) if mode == "char" else BPETokenizer.train([TEXT], vocab_size=400)
     torch.manual_seed(0)

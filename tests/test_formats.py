@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernel.data import list_sources, prepare_data
+from kernel.sources import list_sources
+from kernel.data import prepare_data
 from kernel.env import KernelError
 from kernel.main import main
 

@@ -16,9 +16,11 @@ import kernel.checkpoint as checkpoint_module
 import kernel.data as data_module
 from kernel.checkpoint import list_checkpoints
 from kernel.config import ConfigError, load_config
-from kernel.data import Source, find_text_files
+from kernel.sources import Source, find_text_files
 from kernel.env import FILE_MODE, KernelError
-from kernel.main import run, sample_from_run, write_json_atomic
+from kernel.main import run
+from kernel.sample import sample_from_run
+from kernel.env import write_json_atomic
 from tests.test_reliability import ROOT, metrics_without_timing, start_cli, wait_for_step
 
 

@@ -11,13 +11,16 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 from kernel.checkpoint import checksum_path, list_checkpoints, load_checkpoint
-from kernel.config import ConfigError, load_config
-from kernel.data import demo_sources
+from kernel.config import ConfigError
+from kernel.main import resolve_config
+from kernel.sources import demo_sources
 from kernel.env import KernelError
-from kernel.main import load_trained, run
-from kernel.model import load_hf_weights
+from kernel.sample import load_trained
+from kernel.main import run
+from kernel.hf_interop import load_hf_weights
 from kernel.tokenization import END_OF_DOCUMENT, BPETokenizer
-from kernel.train import build_model, memory_needed
+from kernel.model import build_model
+from kernel.memory import memory_needed
 from tests.conftest import TINY
 
 TEXT = "".join(s.text for s in demo_sources()[:5])
@@ -91,7 +94,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", list(SOURCES))
 def test_zero_steps_give_the_source_logits_through_our_model_and_the_export(tmp_path, sources, tokenizer, kind):
     root, models = sources
-    summary = run(load_config("configs/llm_cpu.yaml", settings(root, kind, train__max_steps=0)), tmp_path / "run")
+    summary = run(resolve_config("configs/llm_cpu.yaml", settings(root, kind, train__max_steps=0)), tmp_path / "run")
     assert summary["steps"] == 0 and summary["val_loss"] < 6.5  # evaluated as it is: zero-shot figures
     assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / 0.6931471805599453 *
                                                summary["data"]["val_tokens"] / summary["data"]["val_bytes"], rel=1e-3)
@@ -118,7 +121,7 @@ def test_zero_steps_give_the_source_logits_through_our_model_and_the_export(tmp_
 @pytest.mark.slow
 def test_a_few_steps_lower_the_validation_loss_and_a_resumed_run_keeps_its_own_weights(tmp_path, sources, capsys):
     root, _ = sources
-    config = load_config("configs/llm_cpu.yaml", settings(root, "llama", train__max_steps=20, train__eval_interval=10,
+    config = resolve_config("configs/llm_cpu.yaml", settings(root, "llama", train__max_steps=20, train__eval_interval=10,
                                                           train__checkpoint_interval=10, train__keep_checkpoints=5))
     first = run(config, tmp_path)
     evaluations = [r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
@@ -139,7 +142,7 @@ def test_a_few_steps_lower_the_validation_loss_and_a_resumed_run_keeps_its_own_w
 
 def test_the_folder_decides_the_shape_and_tokenizer_and_an_explicit_other_value_is_an_error(tmp_path, sources):
     root, _ = sources
-    config = load_config("llm_kaggle_t4.yaml", {"model.init_from": str(root / "qwen3")})  # a preset: 6 x 384, 256
+    config = resolve_config("llm_kaggle_t4.yaml", {"model.init_from": str(root / "qwen3")})  # a preset: 6 x 384, 256
     m = config.model
     assert (m.arch, m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.head_dim, m.mlp_hidden, m.qk_norm) == (
         "llama", 2, 4, 1, 64, 32, 96, True)
@@ -148,42 +151,42 @@ def test_the_folder_decides_the_shape_and_tokenizer_and_an_explicit_other_value_
     assert m.block_size == 128  # the preset's 256 is longer than the model's context
     folder = str(root / "qwen3" / "transformers" / "1")
     assert (config.tokenizer.mode, config.tokenizer.pretrained_name) == ("hf", folder)
-    assert load_config(None, {"model.init_from": str(root / "qwen3"), "model.n_layer": 2}).model.n_layer == 2  # agrees
+    assert resolve_config(None, {"model.init_from": str(root / "qwen3"), "model.n_layer": 2}).model.n_layer == 2  # agrees
     with pytest.raises(ConfigError) as err:
-        load_config("llm_cpu.yaml", {"model.init_from": str(root / "qwen3"), "model.n_layer": 4,
+        resolve_config("llm_cpu.yaml", {"model.init_from": str(root / "qwen3"), "model.n_layer": 4,
                                      "tokenizer.mode": "char"})
     assert "model.n_layer: 4 in --set, 2 in the model" in str(err.value)
     assert "tokenizer.mode: 'char' in --set, 'hf' in the model" in str(err.value)
     with pytest.raises(ConfigError, match=r"model.size: 'auto' in --set, '' in the model"):  # no planning either
-        load_config(None, {"model.init_from": str(root / "qwen3"), "model.size": "auto"})
+        resolve_config(None, {"model.init_from": str(root / "qwen3"), "model.size": "auto"})
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"extends: llm_cpu.yaml\nmodel:\n  init_from: {root / 'gpt2'}\n  n_head: 8\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"model.n_head: 8 in {mine}, 4 in the model"):
-        load_config(str(mine))
+        resolve_config(str(mine))
     with pytest.raises(ConfigError, match=r"'model.block_size' \(256\) must be <= 'model.max_positions' \(64\)"):
-        load_config(None, {"model.init_from": str(root / "gpt2"), "model.block_size": 256})
+        resolve_config(None, {"model.init_from": str(root / "gpt2"), "model.block_size": 256})
 
 
 def test_the_model_folder_is_found_below_the_given_one_and_never_guessed(tmp_path, sources, monkeypatch):
     root, _ = sources
-    assert load_config(None, {"model.init_from": str(root / "llama")}).model.n_kv_head == 2
+    assert resolve_config(None, {"model.init_from": str(root / "llama")}).model.n_kv_head == 2
     with pytest.raises(ConfigError) as err:
-        load_config(None, {"model.init_from": str(root)})  # three models below it
+        resolve_config(None, {"model.init_from": str(root)})  # three models below it
     assert "3 models under" in str(err.value) and str(root / "gpt2" / "transformers" / "1") in str(err.value)
     (tmp_path / "empty").mkdir()
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="no transformers model under"):
-        load_config(None, {"model.init_from": str(tmp_path / "empty")})
+        resolve_config(None, {"model.init_from": str(tmp_path / "empty")})
     with pytest.raises(ConfigError, match="holds config.json but no weights"):
-        load_config(None, {"model.init_from": str(tmp_path / "config-only")})
+        resolve_config(None, {"model.init_from": str(tmp_path / "config-only")})
     with pytest.raises(ConfigError, match="no such folder.*Add Input > Models"):
-        load_config(None, {"model.init_from": str(tmp_path / "missing")})
+        resolve_config(None, {"model.init_from": str(tmp_path / "missing")})
     from huggingface_hub import constants  # a Hub id, offline: one error that says to attach the model
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(ConfigError, match=r"'Qwen/Qwen3-0.6B' is not a folder here.*Hub.*attach the model"):
-        load_config(None, {"model.init_from": "Qwen/Qwen3-0.6B"})
+        resolve_config(None, {"model.init_from": "Qwen/Qwen3-0.6B"})
 
 
 @pytest.mark.parametrize("hf_config, named", [
@@ -201,7 +204,7 @@ def test_what_the_model_code_cannot_hold_is_refused_naming_it(tmp_path, hf_confi
     hf_config.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
     with pytest.raises(ConfigError, match=named):
-        load_config(None, {"model.init_from": str(tmp_path)})
+        resolve_config(None, {"model.init_from": str(tmp_path)})
 
 
 @pytest.mark.parametrize("kind, layout", [("llama", "shards"), ("qwen3", "bin"), ("gpt2", "bin")])
@@ -215,7 +218,7 @@ def test_weights_load_from_shards_and_from_pytorch_model_bin(tmp_path, tokenizer
         (folder / "model.safetensors").unlink()
         prefix = "model." if kind != "gpt2" else "transformer."
         torch.save({k.removeprefix(prefix): v for k, v in source.state_dict().items()}, folder / "pytorch_model.bin")
-    config = load_config(None, {"model.init_from": str(folder)})
+    config = resolve_config(None, {"model.init_from": str(folder)})
     model = build_model(config, tokenizer.vocab_size).eval()
     load_hf_weights(model, folder)
     ids = torch.tensor([tokenizer.encode(TEXT[:400])[:40]])
@@ -225,7 +228,7 @@ def test_weights_load_from_shards_and_from_pytorch_model_bin(tmp_path, tokenizer
 def test_a_tokenizer_larger_than_the_embedding_and_foreign_tensors_are_errors(tmp_path, tokenizer):
     folder = tmp_path / "model"
     make_source("llama", folder, tokenizer)
-    config = load_config(None, {"model.init_from": str(folder)})
+    config = resolve_config(None, {"model.init_from": str(folder)})
     with pytest.raises(KernelError, match="fewer than the tokenizer's tokens need"):
         load_hf_weights(build_model(config, VOCAB + 1), folder)  # a tokenizer of 321 tokens for 320 rows
     weights = load_file(str(folder / "model.safetensors"))
@@ -238,18 +241,18 @@ def test_a_tokenizer_larger_than_the_embedding_and_foreign_tensors_are_errors(tm
 @pytest.mark.slow
 def test_a_model_too_big_for_the_memory_fails_before_training_with_advice(tmp_path, sources, monkeypatch, tokenizer):
     root, _ = sources
-    config = load_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=10))
+    config = resolve_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=10))
     evaluating = sum(memory_needed(config, tokenizer.vocab_size, torch.float32, training=False).values())
     training = sum(memory_needed(config, tokenizer.vocab_size, torch.float32, training=True).values())
     assert training > 2 * evaluating
-    monkeypatch.setattr("kernel.train.free_memory", lambda device: (evaluating + training) // 2)
+    monkeypatch.setattr("kernel.memory.free_memory", lambda device: (evaluating + training) // 2)
     with pytest.raises(KernelError) as err:
         run(config, tmp_path / "train")
     message = str(err.value)
     assert message.startswith("the model does not fit: training needs about") and "free" in message
     assert "train.batch_size (now 8" in message and "model.gradient_checkpointing=true" in message
     assert not list_checkpoints(tmp_path / "train" / "checkpoints")  # failed before any step
-    zero_shot = load_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=0))
+    zero_shot = resolve_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=0))
     assert run(zero_shot, tmp_path / "evaluate")["steps"] == 0  # evaluating the model as it is fits
 
 

@@ -11,9 +11,10 @@ import nbformat
 import pytest
 
 import build_kernel
-from build_kernel import BuildError, build_notebook, notebook_text, stitch
+from build_kernel import MAX_CELL_LINES, BuildError, build_notebook, notebook_text, stitch
 from kernel import NOTEBOOK_SECTIONS
 from kernel.bundled_configs import BUNDLED_CONFIGS
+from kernel.config import Config, all_keys, get_key, load_config
 from kernel.distributed import SECTION_MARKER_PATTERN
 from kernel.env import KernelError
 
@@ -58,15 +59,50 @@ def test_build_is_deterministic_valid_and_self_contained():
         assert "__file__" not in source and "__main__" not in source
 
 
-def test_first_cells_are_a_title_and_a_literal_parameters_cell():
+def test_first_cells_are_title_contents_settings_and_a_literal_parameters_cell():
     cells = build_notebook()["cells"]
     assert cells[0]["cell_type"] == "markdown" and cells[0]["source"][0].startswith("# Train a GPT")
-    params = cells[1]
-    assert params["cell_type"] == "code" and params["metadata"]["tags"] == ["parameters"]
+    contents, settings, params = ("".join(c["source"]) for c in cells[1:4])
+    assert contents.startswith("## Contents") and "[Run](#Run)" in contents
+    assert all(f"[{s.doc.splitlines()[0][3:]}]" in contents for s in stitch(ROOT))  # every section is listed
+    assert cells[3]["cell_type"] == "code" and cells[3]["metadata"]["tags"] == ["parameters"]
     names = {}
-    for node in ast.parse("".join(params["source"])).body:
+    for node in ast.parse(params).body:
         names[node.targets[0].id] = ast.literal_eval(node.value)
     assert names == {"CONFIG": "auto", "DATA_GLOB": "", "OVERRIDES": {}, "OUT_DIR": ""}
+    assert settings.startswith("## What to change") and all(f"`{name}`" in settings for name in names)
+
+
+def test_the_settings_table_lists_every_key_with_its_default_and_the_presets_values():
+    settings = "".join(build_notebook()["cells"][2]["source"])
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ") for line in settings.splitlines()
+            if line.startswith("| `") and "." in line.split(" | ")[0]}
+    assert set(rows) == set(all_keys())
+    defaults = Config()
+    gpu, cpu = (("llm_kaggle_t4.yaml", load_config("llm_kaggle_t4.yaml")), ("llm_cpu.yaml", load_config("llm_cpu.yaml")))
+    for key, (_, default, on_gpu, on_cpu, help_text) in rows.items():
+        assert default == (f"`{get_key(defaults, key)!r}`" if get_key(defaults, key) is not None else "`null`"), key
+        for (name, preset), cell in ((gpu, on_gpu), (cpu, on_cpu)):
+            if get_key(preset, key) == get_key(defaults, key):
+                assert cell == "", (key, cell)
+            else:  # the value shown, given as an override, is the preset's ("8h" for a duration)
+                shown = ast.literal_eval(cell.strip("`"))
+                assert get_key(load_config(name, {key: shown}), key) == get_key(preset, key), (key, cell)
+        assert help_text.strip(" |"), f"{key} has no help text: give its field a comment in kernel/config.py"
+
+
+def test_code_cells_are_of_a_readable_size_and_the_library_is_folded():
+    cells = build_notebook()["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert max(len(c["source"]) for c in code) <= MAX_CELL_LINES
+    library = [c for c in code if SECTION_MARKER_PATTERN.match(c["source"][0].rstrip("\n"))]
+    assert all(c["metadata"]["jupyter"] == {"source_hidden": True} for c in library)
+    numbers = [int(SECTION_MARKER_PATTERN.match(c["source"][0].rstrip("\n"))[1]) for c in library]
+    assert numbers == list(range(1, len(library) + 1))
+    shown = [c["id"] for c in code if c not in library]
+    assert shown == ["parameters", "run", "sample-more"]
+    text = "".join("".join(c["source"]) for c in cells)
+    assert "argparse" not in text and "--nnodes" not in text  # the command line is not the notebook's
 
 
 def test_sections_follow_the_package_order_and_configs_are_bundled():
@@ -108,8 +144,23 @@ def test_build_fails_on_what_would_break_one_namespace(tmp_path, modules, messag
 def test_build_fails_on_an_unlisted_module(tmp_path):
     root = make_package(tmp_path, {"a": "X = 1\n"})
     (root / "kernel" / "extra.py").write_text("Y = 2\n")
-    with pytest.raises(BuildError, match="does not list"):
+    with pytest.raises(BuildError, match="neither NOTEBOOK_SECTIONS nor COMMAND_LINE_ONLY lists"):
         stitch(root)
+    (root / "kernel" / "__init__.py").write_text("NOTEBOOK_SECTIONS = ['a']\nCOMMAND_LINE_ONLY = ['extra']\n")
+    assert [s.name for s in stitch(root)] == ["a"]  # the command line's module stays out of the notebook
+
+
+def test_a_module_is_cut_into_cells_at_its_part_headings_and_long_cells_fail(tmp_path):
+    part = "".join(f"X{i} = {i}\n" for i in range(200))
+    source = f'"""## 2. A"""\n{part}\n# --- Second part ---\n{part.replace("X", "Y")}'
+    root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": source})
+    cells = build_notebook(root)["cells"]
+    a_cells = [c for c in cells if c["id"].startswith("a")]
+    assert [c["id"] for c in a_cells] == ["a-doc", "a-code", "a-2-doc", "a-2-code"]
+    assert a_cells[2]["source"] == ["### Second part"] and a_cells[3]["source"][1] == "Y0 = 0\n"
+    (root / "kernel" / "a.py").write_text(f'"""## 2. A"""\n{part}{part.replace("X", "Y")}')
+    with pytest.raises(BuildError, match=r"kernel/a.py \(its first part\) makes a code cell of 401 lines"):
+        build_notebook(root)
 
 
 def test_multi_line_imports_are_removed_whole(tmp_path):
@@ -266,7 +317,7 @@ def test_build_fails_on_a_section_heading_that_is_not_its_number(tmp_path, doc, 
 def test_headings_may_hold_h1_lines_inside_code_fences(tmp_path):
     doc = "## 2. A\n\n```python\n# a comment, not a heading\n```\n\n### Details"
     root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": f'"""{doc}"""\nX = 1\n'})
-    assert "".join(build_notebook(root)["cells"][4]["source"]) == doc
+    assert "".join(build_notebook(root)["cells"][6]["source"]) == doc
 
 
 def method_of(lines: int) -> str:
@@ -276,11 +327,11 @@ def method_of(lines: int) -> str:
 
 
 def test_build_fails_on_a_function_longer_than_the_limit(tmp_path):
-    assert build_kernel.MAX_FUNCTION_LINES == 80
-    root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": method_of(81)})
-    with pytest.raises(BuildError, match=r"kernel/a.py:4: Box.f is 81 lines"):
+    assert build_kernel.MAX_FUNCTION_LINES == 60
+    root = make_package(tmp_path, {"distributed": DISTRIBUTED, "a": method_of(61)})
+    with pytest.raises(BuildError, match=r"kernel/a.py:4: Box.f is 61 lines"):
         build_notebook(root)
-    (root / "kernel" / "a.py").write_text(method_of(80))
+    (root / "kernel" / "a.py").write_text(method_of(60))
     build_notebook(root)
     nested = textwrap.indent(method_of(81).split("\n", 1)[1], "    ")  # the class, inside a function
     (root / "kernel" / "a.py").write_text(f'"""## 2. A"""\ndef outer():\n{nested}')
@@ -293,10 +344,13 @@ def test_each_section_heading_is_its_code_cells_section_number():
     numbers = []
     for markdown, code in zip(cells, cells[1:]):
         match = SECTION_MARKER_PATTERN.match(code["source"][0].rstrip("\n")) if code["cell_type"] == "code" else None
-        if match:
-            assert markdown["cell_type"] == "markdown" and markdown["source"][0].startswith(f"## {match[1]}. "), \
+        if match and match[3] in NOTEBOOK_SECTIONS:  # a section's first cell: under the section's own heading
+            number = NOTEBOOK_SECTIONS.index(match[3]) + 1
+            assert markdown["cell_type"] == "markdown" and markdown["source"][0].startswith(f"## {number}. "), \
                 (match[3], markdown["source"][0])
-            numbers.append(int(match[1]))
+            numbers.append(number)
+        elif match:  # a later part of a section: under its own sub-heading
+            assert markdown["source"][0].startswith("### "), (match[3], markdown["source"][0])
     assert numbers == list(range(1, len(NOTEBOOK_SECTIONS) + 1))
     h1 = [c["id"] for c in cells if c["cell_type"] == "markdown" and any(re.match(r" {0,3}# ", line) for line in c["source"])]
     assert h1 == ["title"]

@@ -157,7 +157,7 @@ def test_a_redraw_that_fails_never_stops_the_training(tmp_path, capsys):
 
 def test_check_env_says_when_this_torch_lacks_the_configured_optimizer(monkeypatch, capsys):
     import torch
-    from kernel.main import check_env_command, check_env_parser
+    from kernel.cli import check_env_command, check_env_parser
     monkeypatch.delattr(torch.optim, "Muon")  # torch < 2.9
     check_env_command(check_env_parser().parse_args(["--config", "llm_cpu.yaml"]))
     assert "[env] train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch" in capsys.readouterr().out

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from kernel.config import SampleConfig
 from kernel.env import KernelError
-from kernel.main import cli, run, sample_from_run
+from kernel.cli import cli
+from kernel.main import run
+from kernel.sample import sample_from_run
 from kernel.model import GPT, GPTConfig, KVCache
 from kernel.sample import filter_logits, generate, sample_texts
 from kernel.tokenization import CharTokenizer

@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 
 from kernel.config import CHOICES, ConfigError
 from kernel.env import KernelError
-from kernel.data import Source, prepare_data, training_text_sample
+from kernel.sources import Source
+from kernel.data import prepare_data, training_text_sample
 from kernel.tokenization import (END_OF_DOCUMENT, TOKENIZERS, BPETokenizer, CharTokenizer, HFTokenizer,
                                  load_tokenizer, tokenizer_from_dict)
 

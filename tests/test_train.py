@@ -11,7 +11,9 @@ import kernel.main as main_module
 from kernel.main import run
 from kernel.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
 from tests.conftest import StepClock
-from kernel.train import build_model, compile_blocker, lr_at, make_optimizer, train_step
+from kernel.model import build_model
+from kernel.train import compile_blocker, train_step
+from kernel.optim import lr_at, make_optimizer
 
 
 def test_lr_schedule_values():
@@ -137,7 +139,7 @@ def test_resume_paths(tmp_path):
     assert find_resume_checkpoint("auto", tmp_path) is None
     with pytest.raises(KernelError, match="no such checkpoint"):
         find_resume_checkpoint(str(tmp_path / "nope.pt"), tmp_path)
-    with pytest.raises(KernelError, match="no ckpt_"):
+    with pytest.raises(KernelError, match="holds no checkpoint"):
         find_resume_checkpoint(str(tmp_path), tmp_path)
 
 
@@ -269,7 +271,8 @@ def test_auto_dtype_on_cpu_follows_the_rule_and_a_resumed_run_keeps_its_precisio
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny):
-    from kernel.train import MuonWithAdamW, build_model, make_optimizer
+    from kernel.optim import MuonWithAdamW, make_optimizer
+    from kernel.model import build_model
     config = tiny(train__optimizer="muon")
     model = build_model(config, vocab_size=65)
     optimizer = make_optimizer(model, config.train, torch.device("cpu"))
@@ -296,7 +299,9 @@ def test_resume_refuses_another_optimizer(tmp_path, tiny):
 
 def test_the_grad_scaler_drives_muon_and_adamw_together(tiny):
     """fp16's scaler unscales, checks and steps both optimizers through the pair's param_groups and step."""
-    from kernel.train import build_model, make_optimizer, train_step
+    from kernel.model import build_model
+    from kernel.optim import make_optimizer
+    from kernel.train import train_step
     config = tiny(train__optimizer="muon")
     model = build_model(config, vocab_size=65)
     optimizer = make_optimizer(model, config.train, torch.device("cpu"))

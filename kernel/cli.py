@@ -1,0 +1,174 @@
+"""The command line: `python -m kernel` (training, `sample`, `export`, `check-env`).
+
+Not a notebook section: a notebook has its parameters cell instead. Every command reports bad input as one
+line (`error: ...`, exit code 2), as the notebook does.
+
+    python -m kernel --config configs/llm_cpu.yaml --set train.max_steps=500 --out outputs
+    python -m kernel sample outputs --prompt "def "
+    python -m kernel export outputs exported/
+    python -m kernel check-env
+
+It also runs under any torchrun, several machines included, e.g.
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 -m kernel ...
+"""
+
+import argparse
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from kernel.env import (KernelError, default_out_dir, describe_environment, dtype_name, print_environment,
+                        resolve_device, resolve_dtype)
+from kernel.config import SampleConfig, did_you_mean
+from kernel.distributed import processes_to_launch
+from kernel.checkpoint import given_checkpoint
+from kernel.optim import optimizer_blocker
+from kernel.progress import RunStopped
+from kernel.sample import load_trained, sample_checkpoint
+from kernel.export import checkpoint_facts, export_hf
+from kernel.main import CPU_CONFIG, GPU_CONFIG, resolve_config, run_or_launch
+
+COMMAND_HELP = {
+    "sample": "text from a run folder or a checkpoint, e.g. python -m kernel sample outputs --prompt 'The '",
+    "export": "a checkpoint as a transformers model folder with a model card: python -m kernel export outputs my-model",
+    "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
+}
+SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name != "prompts"]
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def sample_command(args: argparse.Namespace) -> None:
+    prompts = args.prompt + [read_prompt_file(path) for path in args.prompt_file]
+    changes = {"prompts": prompts or None, **{key: getattr(args, key) for key in SAMPLING_KEYS}}
+    print(sample_checkpoint(args.checkpoint, changes, args.seed, args.device, flag_name))
+
+
+def read_prompt_file(path: str) -> str:
+    """A prompt file's text as it is, but for one final line break (which editors add by themselves)."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise KernelError(f"--prompt-file {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise KernelError(f"--prompt-file {path}: {err.strerror or err}") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def export_command(args: argparse.Namespace) -> None:
+    path, checkpoint = given_checkpoint(args.checkpoint)
+    config, tokenizer, model = load_trained(path, checkpoint)
+    folder = export_hf(model, tokenizer, config, args.out, checkpoint_facts(path, checkpoint), force=args.force)
+    print(f"exported {path} (step {checkpoint.step:,}) to {folder}")
+
+
+def check_env_command(args: argparse.Namespace) -> None:
+    config = resolve_config(args.config, args.overrides)
+    print_environment(describe_environment())
+    requested = args.device or config.train.device
+    devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())] if requested == "auto" else []
+    for device in devices or [resolve_device(requested)]:
+        # the rule a run with this config follows (a resumed run keeps its checkpoint's precision)
+        dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd)
+        print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    count = processes_to_launch(config.train.devices, requested)
+    print(f"[env] train.devices={config.train.devices} trains with {count} "
+          f"process{'es (torchrun, one per GPU)' if count > 1 else ''}")
+    print(f"[env] {optimizer_blocker(config.train) or f'train.optimizer={config.train.optimizer}: available'}")
+    print(f"[env] outputs would go to {default_out_dir()}")
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """A bad argument is one line (`error: ...`, exit code 2), as every other bad input."""
+
+    def error(self, message: str):
+        raise KernelError(f"{message} (`{self.prog} --help` lists the options)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<10} {line}" for name, line in COMMAND_HELP.items())
+    parser = CommandLineParser(
+        prog="python -m kernel", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python -m kernel [--config CONFIG] [--set SECTION.KEY=VALUE ...] [--out OUT]\n"
+              "       python -m kernel {sample,export,check-env} ...",
+        description="Train a small GPT on your own text (with no command), or use a trained one.",
+        epilog=f"commands:\n{commands}\n\n`python -m kernel COMMAND --help` lists a command's options.")
+    parser.add_argument("--config", default="auto", help="a YAML file or bundled preset name "
+                        f"(auto: {GPU_CONFIG} with a GPU, {CPU_CONFIG} without)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set train.lr=3e-4")
+    parser.add_argument("--out", default="", help=f"output folder (default: {default_out_dir()})")
+    return parser
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    """One flag per SampleConfig field, which gives its help; a flag left out keeps the checkpoint's value."""
+    parser = CommandLineParser(prog="python -m kernel sample", description=f"Sample {COMMAND_HELP['sample']}.")
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="a run's output folder (its newest valid checkpoint) or a ckpt_*.pt file")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); with neither "
+                        "--prompt nor --prompt-file: the checkpoint's sample.prompts")
+    parser.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
+                        help="a prompt read from a UTF-8 text file (repeatable), as it is but for its final line break")
+    defaults = SampleConfig()
+    for spec in fields(SampleConfig):
+        if spec.name in SAMPLING_KEYS:
+            default = getattr(defaults, spec.name)
+            parser.add_argument(flag_name(spec.name), type=type(default), default=None,
+                                metavar="N" if isinstance(default, int) else "X",
+                                help=f"{spec.metadata['help']} (default: the checkpoint's sample.{spec.name}, "
+                                     f"{default} unless its run set it)")
+    parser.add_argument("--seed", type=int, default=None, help="default: the run's train.seed")
+    parser.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda, cuda:N, mps")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="python -m kernel export", description=f"Export {COMMAND_HELP['export']}.")
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="a run's output folder (its newest valid checkpoint) or a ckpt_*.pt file")
+    parser.add_argument("out", metavar="DIR", help="a new or empty folder, or one that holds an earlier export")
+    parser.add_argument("--force", action="store_true", help="write into a folder that holds other files too: "
+                        "replace only the export's own files there and keep the others")
+    return parser
+
+
+def check_env_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="python -m kernel check-env", description=f"Report {COMMAND_HELP['check-env']}.")
+    parser.add_argument("--config", default="auto", help="the config a run would use (as for training)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--device", default=None, help="default: the config's train.device")
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m kernel ...`: exit code 0 on success (a run stopped by a signal after it trained included),
+    2 with a one-line explanation on bad input, 128 + the signal's number when stopped before training."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"sample": (sample_parser, sample_command), "export": (export_parser, export_command),
+                "check-env": (check_env_parser, check_env_command)}
+    try:
+        if argv and argv[0] in commands:
+            make_parser, command = commands[argv[0]]
+            command(make_parser().parse_args(argv[1:]))
+        elif argv and not argv[0].startswith("-"):
+            raise KernelError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(commands))} "
+                              "(`python -m kernel --help` lists the commands; with none, it trains)")
+        else:
+            args = build_parser().parse_args(argv)
+            out_dir = args.out or default_out_dir()
+            run_or_launch(resolve_config(args.config, args.overrides), out_dir,
+                          dict(config=args.config, overrides=args.overrides, data_glob="", out_dir=out_dir))
+    except RunStopped as stop:  # a stop signal before training: the usual exit code of a signalled program
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 128 + signal.Signals[stop.signal_name].value
+    except KernelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,178 @@
+"""## 13. Around the loop: metrics, progress, the clock, stop requests
+
+The training loop's helpers, each with one job: `MetricsLog` appends `metrics.jsonl`; `Progress` is the
+progress bar (or, in a batch run, a line every half minute); `TrainingClock` measures the time spent
+training and the share of the time budget used; `LossWindow` averages the training loss between log lines;
+`StopRequests` turns SIGTERM / SIGINT (the notebook's interrupt, Kaggle's end of session) into a clean stop
+after the current step.
+"""
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kernel.env import KernelError, is_batch_run
+from kernel.distributed import launcher_stop_request
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per log or eval step, appended and flushed as the run goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def show_progress_bar() -> bool:
+    """A live bar where someone watches (a terminal, a notebook in the editor); plain lines in a Kaggle
+    Save Version run or a log file, where a bar does not animate and only clutters the log."""
+    return not is_batch_run() and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+
+
+class Progress:
+    """tqdm where it animates; otherwise one plain line per `every_s` seconds."""
+
+    def __init__(self, total: float, initial: int, every_s: float = 30.0, shown: bool = True):
+        self.total = f"/{total:,}" if math.isfinite(total) else ""  # max_steps=auto: the budget ends it
+        self.every_s, self.last_line = every_s, time.perf_counter()
+        self.bar = (tqdm(total=total if math.isfinite(total) else None, initial=initial, desc="train", unit="step",
+                         mininterval=1.0, dynamic_ncols=True) if shown and show_progress_bar() else None)
+
+    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        elif loss is not None and time.perf_counter() - self.last_line >= self.every_s:
+            self.last_line = time.perf_counter()
+            print(f"[train] step {step:,}{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tokens/s", flush=True)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TrainingClock:
+    """Time spent in train(), read from `now` (injectable). With a deadline (a `now()` value), training stops
+    when what is left is just enough to finish: 1.5 x (the longest evaluation + the longest checkpoint so
+    far) + 1 s; the share of the training time used lets the schedule's decay end with the budget."""
+
+    def __init__(self, deadline: float | None, now=time.perf_counter, run_started: float | None = None):
+        self.deadline, self.now = deadline, now
+        self.started = self.loop_started = now()
+        self.run_started = self.started if run_started is None else run_started  # where the budget began
+        self.longest = {"eval": 0.0, "save": 0.0}
+
+    def start_loop(self) -> None:
+        self.loop_started = self.now()
+
+    @contextlib.contextmanager
+    def timing(self, kind: str):
+        begun = self.now()
+        yield
+        self.longest[kind] = max(self.longest[kind], self.now() - begun)
+
+    def training_time_used(self) -> tuple[float, bool]:
+        """(share of the time available for training used so far, whether it is all used)."""
+        if self.deadline is None:
+            return 0.0, False
+        training_ends = self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + 1)
+        now = self.now()
+        return (now - self.loop_started) / max(1e-9, training_ends - self.loop_started), now >= training_ends
+
+    def elapsed(self) -> float:
+        return self.now() - self.started
+
+
+class LossWindow:
+    """The training loss summed on the device between two log lines: read back (a host sync) only when logged."""
+
+    def __init__(self, device: torch.device, now):
+        self.device, self.now = device, now
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.steps, self.started = torch.zeros((), device=self.device), 0, self.now()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.steps += 1
+
+    def mean(self) -> float:
+        return (self.total / self.steps).item()
+
+    def state(self) -> dict:
+        """For checkpoints: a resumed run's first log line then averages the same steps as a straight run's."""
+        return {"sum": self.total.item(), "steps": self.steps}
+
+    def restore(self, state: dict) -> None:
+        self.total = torch.tensor(state["sum"], dtype=torch.float32, device=self.device)
+        self.steps = state["steps"]
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return self.steps * tokens_per_step / (self.now() - self.started)
+
+
+class RunStopped(KernelError):
+    """A stop signal outside the training loop (data preparation, sampling), where work cannot pause."""
+
+    def __init__(self, signal_name: str, message: str = ""):
+        super().__init__(message or f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
+class StopRequests:
+    """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt). Inside the training
+    loop (`between_steps`) they ask it to stop after the current step, so it can checkpoint and write its
+    outputs instead of dying mid-step; anywhere else they raise RunStopped at once, which the run turns into
+    a clean stop of that phase (half-written files are removed by the code that writes them)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous: dict = {}
+        self.deferred = False
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.request)
+        return self
+
+    def request(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        if not self.deferred:
+            raise RunStopped(self.signal_name)
+        print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
+
+    @contextlib.contextmanager
+    def between_steps(self):
+        self.deferred = True
+        try:
+            yield self
+        finally:
+            self.deferred = False
+
+    def reason(self) -> str | None:
+        """The signal received here, or the one the multi-process launcher passed on, or None."""
+        return self.signal_name or launcher_stop_request()
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
