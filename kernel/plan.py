@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernel.env import KernelError
+from kernel.env import KernelError, resolve_dtype
 from kernel.config import Config
 from kernel.model import build_model
 from kernel.optim import make_optimizer
@@ -151,9 +151,11 @@ def shaped(config: Config, n_layer: int, n_embd: int) -> Config:
 
 
 def measure_tokens_per_s(config: Config, candidate: Candidate, vocab_size: int, device: torch.device,
-                         dtype: torch.dtype, now=time.perf_counter) -> float:
-    """Real training steps of this shape on random tokens: one to warm up, then MEASURED_STEPS timed."""
+                         now=time.perf_counter) -> float:
+    """Real training steps of this shape on random tokens: one to warm up, then MEASURED_STEPS timed, in the
+    number format the run would train this shape in."""
     trial = shaped(config, candidate.n_layer, candidate.n_embd)
+    dtype = resolve_dtype(trial.train.dtype, device, trial.model.n_embd)[0]
     torch.manual_seed(0)
     model = build_model(trial, vocab_size).to(device)
     optimizer = make_optimizer(model, trial.train, device)
@@ -186,7 +188,7 @@ def requested_params(size: str) -> float | None:
 
 
 def plan_model(config: Config, vocab_size: int, unique_tokens: int, train_seconds: float | None,
-               device: torch.device, dtype: torch.dtype, processes: int = 1, now=time.perf_counter) -> Plan:
+               device: torch.device, processes: int = 1, now=time.perf_counter) -> Plan:
     """The shape for `config.model.size`, for `train_seconds` of training on `unique_tokens` tokens by
     `processes` processes (each trains its share of every batch, so throughput adds up)."""
     started = now()
@@ -201,7 +203,7 @@ def plan_model(config: Config, vocab_size: int, unique_tokens: int, train_second
                           "(e.g. train.time_budget=2h; on Kaggle it defaults to 8h), or a size such as model.size=25M")
 
     def measure(candidate: Candidate) -> float:
-        return processes * measure_tokens_per_s(config, candidate, vocab_size, device, dtype, now)
+        return processes * measure_tokens_per_s(config, candidate, vocab_size, device, now)
 
     tried = timed_candidates(candidates, train_seconds, unique_tokens, measure, started, now)
     chosen = best_runnable(tried, measure, train_seconds, unique_tokens, started, now)

@@ -158,6 +158,7 @@ def exported_preset(tmp_path, preset: str, mode: str, arch: str | None = None):
     ("llm_cpu.yaml", "char", None), ("llm_cpu.yaml", "bpe_simple", None), ("llm_kaggle_t4.yaml", "char", None),
     ("llm_kaggle_t4.yaml", "bpe_simple", None), ("llm_cpu.yaml", "char", "gpt2"),
     ("llm_cpu.yaml", "bpe_simple", "gpt2")])
+@pytest.mark.slow
 def test_generate_and_pipeline_with_the_exported_defaults_stay_within_the_context(tmp_path, transformers_warnings,
                                                                                    preset, mode, arch):
     from transformers import pipeline

@@ -140,6 +140,7 @@ def attach_csv_dataset(root: Path, relative: str) -> Path:
     return folder / "reviews.csv"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["notebooks/me/my-gpt", "my-gpt"])
 @pytest.mark.parametrize("data_glob", ["", "{root}/input/**/*.*"])
 def test_an_attached_earlier_version_is_never_training_text(tmp_path, monkeypatch, layout, data_glob):

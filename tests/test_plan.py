@@ -25,7 +25,7 @@ class FakeClock:
 
 def mocked_throughput(monkeypatch, clock: FakeClock, flop_rate: float, measured: list) -> None:
     """Every shape runs at the same FLOP rate (tokens/s = rate / FLOPs per token); each measurement costs time."""
-    def measure(config, candidate, vocab_size, device, dtype, now):
+    def measure(config, candidate, vocab_size, device, now):
         clock.seconds += clock.step
         measured.append(candidate.shape)
         return flop_rate / candidate.flops_per_token
@@ -54,14 +54,14 @@ def test_the_ladder_grows_and_has_the_cpu_presets_shape():
     assert plan_module.shaped(config, 2, 128).model == config.model  # the ladder holds the CPU preset exactly
 
 
+@pytest.mark.slow
 def test_a_longer_budget_buys_a_larger_model_and_measuring_stays_in_its_share(monkeypatch):
     config = load_config("llm_cpu.yaml", {"model.size": "auto"})
     choices = {}
     for seconds in (60, 600, 6000, 60000):
         clock, measured = FakeClock(seconds_per_measure=0.01 * seconds), []
         mocked_throughput(monkeypatch, clock, flop_rate=2e10, measured=measured)
-        plan = plan_model(config, 65, unique_tokens=50_000_000, train_seconds=seconds, device=CPU,
-                          dtype=torch.float32, now=clock)
+        plan = plan_model(config, 65, unique_tokens=50_000_000, train_seconds=seconds, device=CPU, now=clock)
         choices[seconds] = plan.chosen.params
         # measuring stops at its share; past it, only the shape about to be chosen is measured (once)
         assert plan.plan_seconds <= plan_module.MEASURE_SHARE * seconds + 2 * clock.step
@@ -76,7 +76,7 @@ def test_a_small_corpus_gets_a_smaller_model_than_a_large_one(monkeypatch):
     for unique in (200_000, 200_000_000):
         clock = FakeClock(seconds_per_measure=1.0)
         mocked_throughput(monkeypatch, clock, flop_rate=5e11, measured=[])
-        plan = plan_model(config, 65, unique, train_seconds=3600, device=CPU, dtype=torch.float32, now=clock)
+        plan = plan_model(config, 65, unique, train_seconds=3600, device=CPU, now=clock)
         chosen[unique] = plan.chosen
         assert plan.to_dict()["candidates"][0]["epochs"] == pytest.approx(
             plan.candidates[0].tokens / unique, rel=1e-2)
@@ -87,10 +87,10 @@ def test_a_small_corpus_gets_a_smaller_model_than_a_large_one(monkeypatch):
 
 def test_a_size_in_parameters_picks_the_nearest_shape_and_auto_needs_a_budget():
     config = load_config("llm_cpu.yaml", {"model.size": "10M"})
-    plan = plan_model(config, 65, 10**6, None, CPU, torch.float32)
+    plan = plan_model(config, 65, 10**6, None, CPU)
     assert plan.chosen.shape == "6 x 384" and abs(math.log(plan.chosen.params / 1e7)) < 0.1
     with pytest.raises(KernelError, match="model.size=auto sizes the model for train.time_budget"):
-        plan_model(load_config("llm_cpu.yaml", {"model.size": "auto"}), 65, 10**6, None, CPU, torch.float32)
+        plan_model(load_config("llm_cpu.yaml", {"model.size": "auto"}), 65, 10**6, None, CPU)
 
 
 @pytest.mark.slow
@@ -121,6 +121,23 @@ def test_a_shape_that_runs_out_of_memory_ends_the_ladder(monkeypatch):
 
     monkeypatch.setattr(plan_module, "measure_tokens_per_s", measure)
     config = load_config("llm_cpu.yaml", {"model.size": "auto"})
-    plan = plan_model(config, 65, 10**9, train_seconds=36000, device=CPU, dtype=torch.float32, now=FakeClock(0.0))
+    plan = plan_model(config, 65, 10**9, train_seconds=36000, device=CPU, now=FakeClock(0.0))
     assert [c.shape for c in plan.candidates] == ["1 x 64", "2 x 96", "2 x 128", "3 x 160", "3 x 192"]
     assert plan.chosen.shape == "3 x 192"  # the largest that fits wins with ten hours of a fast device
+
+
+def test_each_candidate_is_timed_in_the_dtype_training_would_use(monkeypatch):
+    """One dtype rule (env.resolve_dtype) for the planner and the trainer: on a CPU with native bf16, widths
+    from CPU_BF16_MIN_WIDTH up train (and so are timed) in bf16, narrower ones in fp32."""
+    import kernel.env as env_module
+
+    monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: True)
+    timed = []
+    monkeypatch.setattr(plan_module, "train_step", lambda model, *args: timed.append((model.config.n_embd, args[5])))
+    config = load_config("llm_cpu.yaml", {"model.size": "auto"})
+    for n_layer, n_embd in ((2, 128), (4, 256)):
+        candidate = next(c for c in plan_module.ladder(config, 65) if (c.n_layer, c.n_embd) == (n_layer, n_embd))
+        plan_module.measure_tokens_per_s(config, candidate, 65, CPU, now=FakeClock(0.0))
+    assert {width: dtype for width, dtype in timed} == {128: torch.float32, 256: torch.bfloat16}
+    resumed = env_module.resolve_dtype("auto", CPU, 512, resumed="float32")
+    assert resumed == (torch.float32, "as when the checkpoint was written")  # a resume keeps its precision

@@ -28,6 +28,7 @@ def metrics_without_timing(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s", "mfu")} for r in rows]
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny, capsys):
     config = tiny(train__max_steps=60, train__checkpoint_interval=20, train__keep_checkpoints=5)
     straight = run(config, tmp_path / "straight")
@@ -54,6 +55,7 @@ def test_a_checkpoint_without_its_checksum_is_not_trusted(tmp_path, tiny):
         run(tiny(train__max_steps=30, train__resume=str(newest)), tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_by_validation_loss_is_kept(tmp_path, tiny, monkeypatch):
     losses = iter([5.0, 1.0, 3.0, 4.0, 4.5, 4.6])  # evals at steps 0, 10, 20, 30, 40, 50
 
@@ -220,6 +222,7 @@ def oom_above(max_rows: int):
     return forward
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, tiny, monkeypatch, capsys):
     config = tiny(train__batch_size=12, train__max_steps=30, train__checkpoint_interval=10)
     reference = run(config, tmp_path / "reference")

@@ -17,6 +17,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_loss_png_shows_the_metrics_and_the_summary_reads_well(tmp_path, tiny, monkeypatch):
     import kernel.report as report_module
     figures = []
@@ -38,6 +39,7 @@ def test_loss_png_shows_the_metrics_and_the_summary_reads_well(tmp_path, tiny, m
     assert "hf/" in text and len(figures) == 1  # outside a notebook: drawn once, at the end
 
 
+@pytest.mark.slow
 def test_check_env_on_cpu_reports_versions_device_and_dtype():
     import subprocess
     import sys
@@ -118,6 +120,7 @@ def ipython_shell(tmp_path, monkeypatch):
     InteractiveShell.clear_instance()
 
 
+@pytest.mark.slow
 def test_in_a_notebook_one_figure_is_updated_in_place_as_evaluations_arrive(tmp_path, ipython_shell):
     history = recorded_history()
     curves = LossCurves(tmp_path / "loss.png", "outputs", live=True)

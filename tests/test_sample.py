@@ -181,6 +181,7 @@ def test_sample_from_run_takes_the_runs_settings_and_names_bad_keywords(trained_
         sample_from_run(trained_run / "cache")
 
 
+@pytest.mark.slow
 def test_a_bad_value_on_the_real_command_line_is_one_line_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "kernel", "sample", str(tmp_path), "--top-p", "-0.5"],
                           capture_output=True, text=True, timeout=120)

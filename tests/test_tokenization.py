@@ -100,6 +100,7 @@ def test_hf_mode_with_a_local_folder(tmp_path, bpe):
     assert load_tokenizer(tmp_path / "saved").encode(MIXED) == bpe.encode(MIXED)
 
 
+@pytest.mark.slow
 def test_hf_mode_offline_with_an_unknown_name_explains_what_to_do():
     code = ("from kernel.tokenization import HFTokenizer\n"
             "from kernel.env import KernelError\n"

@@ -108,6 +108,7 @@ def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
     assert (out / "tokenizer" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: both optimizers' states in one checkpoint
 def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny, optimizer):
     config = tiny(train__max_steps=60, train__checkpoint_interval=30, train__keep_checkpoints=5,
@@ -128,6 +129,7 @@ def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny, optimize
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model_shape(tmp_path, tiny):
     run(tiny(train__max_steps=20), tmp_path)
     with pytest.raises(KernelError, match=r"model.n_layer: 2 -> 3"):
@@ -152,6 +154,7 @@ def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny, monkeypatch):
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
 
 
+@pytest.mark.slow
 def test_a_bpe_run_learns_exports_its_tokenizer_and_resumes(tmp_path, tiny):
     from transformers import AutoTokenizer
 
@@ -171,6 +174,7 @@ def test_a_bpe_run_learns_exports_its_tokenizer_and_resumes(tmp_path, tiny):
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+@pytest.mark.slow
 def test_a_llama_run_learns(tmp_path, tiny):
     summary = run(tiny(model__arch="llama", model__qk_norm=True, train__max_steps=150, train__lr=3e-3), tmp_path)
     assert summary["val_loss"] < 0.7 * math.log(summary["data"]["vocab_size"])
@@ -203,6 +207,7 @@ def test_a_budgeted_run_lands_its_decay_at_the_end(tmp_path, tiny, monkeypatch):
     assert rates[-1] < 0.5 * tiny().train.lr  # decayed by the end of the budget
 
 
+@pytest.mark.slow
 def test_a_budgeted_wsd_run_goes_on_from_its_stable_phase_in_the_next_session(tmp_path, tiny, monkeypatch, capsys):
     settings = tiny(train__max_steps="auto", train__time_budget=4, train__schedule="wsd", train__warmup_steps=5,
                     train__decay_fraction=0.2, train__log_interval=1, train__checkpoint_interval=0)
@@ -260,6 +265,7 @@ def test_an_explicit_dtype_wins_over_the_rule(tmp_path, tiny, monkeypatch):
                tmp_path)["dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_auto_dtype_on_cpu_follows_the_rule_and_a_resumed_run_keeps_its_precision(tmp_path, tiny, monkeypatch):
     import kernel.env as env_module
     monkeypatch.setattr(env_module, "cpu_has_native_bf16", lambda: True)
