@@ -7,9 +7,12 @@ the training loop fills one in, `save_checkpoint` writes it and `load_checkpoint
 back, so the format is defined in one place.
 
 Files are `checkpoints/ckpt_<step>.pt`, each with a `.sha256` beside it that is written last: a checkpoint
-without its checksum was interrupted while being written and is never trusted. Resuming takes the newest
-checkpoint that loads (on Kaggle also from an earlier version of the notebook attached as an input);
-older ones are pruned, except the best by validation loss.
+without its checksum was interrupted while being written and is never resumed from (the `sample` and
+`export` commands load a lone copied file with a warning). Resuming takes the newest checkpoint that loads
+(on Kaggle also from an earlier version of the notebook attached as an input), and refuses one whose model
+shape, tokenizer or optimizer differ from the config's. A `wsd` run whose decay the time budget started
+resumes from the checkpoint saved just before that decay, so the new session's budget decays afresh. The
+newest `train.keep_checkpoints` are kept, plus the best by validation loss and that pre-decay one.
 """
 
 import glob

@@ -5,13 +5,14 @@ A run's config is built in layers, each checked strictly as it is applied:
 
     defaults (below) -> the `extends` chain -> the YAML file -> overrides (`--set`, the parameters cell)
 
-An unknown key, a wrong type or an impossible value stops the run before anything is written, with a
-message that names the layer and the key and suggests the closest valid one. The resolved config is saved
-as YAML beside every checkpoint, and loading that file again gives the same config.
+An unknown key or a wrong type stops the run before anything is written, with a message that names the
+layer and the key and suggests the closest valid key; values that cannot work (alone or together) are then
+all reported at once. The resolved config is saved as `config.yaml` in the output folder and beside the
+checkpoints, and loading that file again gives the same config.
 
 With `model.init_from` (a `transformers` model folder: GPT-2, Llama or Qwen3) the model's own
-`config.json` then decides the model's shape and its tokenizer: it overrides the defaults and the bundled
-presets, and a value you set yourself that differs from it is an error naming both.
+`config.json` then decides the model's shape and its tokenizer (section 8): it overrides the defaults and
+the bundled presets, and a value you set yourself that differs from it is an error naming both.
 """
 
 import dataclasses

@@ -4,12 +4,13 @@ The documents of section 5 become token files on disk, and random training windo
 Built for corpora from one small .txt to many gigabytes:
 
 * **Split**: the last `data.val_fraction` of the characters is validation, the rest training: the two never
-  overlap and the split is the same on every run. The tokenizer learns from the training part only.
-* **Tokens**: documents are encoded in pieces of about a megabyte, in parallel worker processes, and
-  appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32), with the
-  end-of-document token after each document (a blank line for a tokenizer that has none), and before each
-  one the beginning-of-sequence token of a tokenizer that adds one itself (Llama's `<s>`: a pretrained model
-  saw it there). Memory stays flat as the corpus grows.
+  overlap and the split is the same on every run. A tokenizer trained here (`char`, `bpe_simple`) learns
+  from the training part only.
+* **Tokens**: documents are encoded in pieces of about a megabyte, in parallel worker processes on Linux
+  (`data.workers`), and appended to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32),
+  with the end-of-document token after each document (a blank line for a tokenizer that has none), and
+  before each one the beginning-of-sequence token of a tokenizer that adds one itself (Llama's `<s>`: a
+  pretrained model saw it there). Memory stays flat as the corpus grows.
 * **Cache**: the token files live in a folder named by a hash of the files (path, size, mtime), the text
   field, the split and the tokenizer settings; a second run with the same inputs reuses them. It is under
   the output folder, except on Kaggle, where the output folder is kept with every version: there it is in

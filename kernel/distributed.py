@@ -1,13 +1,14 @@
 """## 9. Several GPUs: one process per GPU (DistributedDataParallel)
 
-With more than one GPU the run becomes one process per GPU, started by `torchrun` (PyTorch's launcher).
-Each process holds a copy of the model and trains on its share of every batch; the gradients are averaged
-across processes before each update (DistributedDataParallel). A notebook cannot fork itself into
-several GPU processes once CUDA is initialised, so it writes this program (the code of its own cells, as
-they ran) to a file and runs `torchrun --standalone --nproc_per_node=N FILE`, streaming the output. Cells
-you added go along, in notebook order, when they only define things (`def`, `class`, `import`,
-`name = value`): a redefined function is used by every process. Any other added cell ran in the notebook
-only, and a line before the launch names it.
+With more than one GPU the run becomes one process per GPU (`train.devices: auto`; a number chooses how
+many), started by `torchrun` (PyTorch's launcher). Each process holds a copy of the model and trains on its
+share of every batch; the gradients are averaged across processes before each update
+(DistributedDataParallel). A notebook cannot fork itself into several GPU processes once CUDA is
+initialised, so it writes this program (the code of its own cells, as they ran) to a file and runs
+`torchrun --standalone --nproc_per_node=N FILE`, streaming the output. Cells you added go along, in the
+order they ran, when they only define things (`def`, `class`, `import`, `name = value`): a redefined
+function is used by every process. Any other added cell ran in the notebook only, and a line before the
+launch names it.
 
 Only rank 0 prints, writes logs, checkpoints and outputs. The global batch (micro-batch x accumulation x
 processes) is the config's `batch_size x grad_accum_steps` whatever the number of processes, so runs

@@ -2,7 +2,9 @@
 
 Where are we running (a laptop, a GPU box, or a Kaggle notebook), which device and number format will the
 model use, and why. Also the one error type the whole program raises for bad input: `KernelError`, whose
-message always names the culprit (a key, a file, a value) and what to do about it.
+message always names the culprit (a key, a file, a value) and what to do about it; and small helpers the
+later sections share: atomic file writes, the names of the files a run writes, seeding, and the GPUs' peak
+FLOP/s for model FLOPs utilisation (MFU).
 """
 
 import errno

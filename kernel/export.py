@@ -7,11 +7,13 @@ namesake's architecture, so only names and layout change: `gpt2` loads as `GPT2L
 stores linear weights transposed; a model trained without biases gets zero biases, which compute the same),
 `llama` as `LlamaForCausalLM` (the fused q/k/v matrix is split), `llama` with QK-norm as `Qwen3ForCausalLM`.
 
-What transformers needs to generate well is set here: the generation config holds the run's `sample.*`
-settings and `max_length` = the context (transformers' classes cannot slide a window past it, so `generate()`
-with its defaults stops there; `python -m kernel sample` slides and goes further), the tokenizer knows the
-context (`model_max_length`), pads on the left with the end-of-text token (a padded batch of prompts
-generates correctly), and the end-of-text token also starts a prompt-less `generate()` and stops it.
+What transformers needs to generate well is set here: the generation config holds the run's sampling
+settings (`sample.temperature`, `top_k`, `top_p`) and `max_length` = the context (transformers' classes
+cannot slide a window past it, so `generate()` with its defaults stops there; `python -m kernel sample`
+slides and goes further); the tokenizer knows the context (`model_max_length`) and pads on the left (a
+padded batch of prompts generates correctly), with the end-of-text token unless it has a pad token of its
+own; the end-of-text token stops generation and, for a tokenizer without a beginning-of-sequence token of
+its own, also starts a prompt-less `generate()`. The embedding's padding rows are never generated.
 
 `python -m kernel export CKPT OUT` does the same from a checkpoint. It never deletes what it did not
 write: a folder holding other files is refused, and `--force` replaces only the export's own files there.

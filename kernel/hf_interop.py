@@ -1,13 +1,14 @@
 """## 8. Transformers interop
 
-Everything that reads or writes the `transformers` world lives here, so the rest of the notebook speaks only
-its own config and model:
+The bridge between this notebook's model and `transformers` model folders, so the model section speaks
+only its own config (the tokenizers `transformers` loads are section 3's `hf` mode):
 
 * **Finding a model** (`model.init_from`): a folder with `config.json` and weights, the one model folder
   under a folder you name (an attached Kaggle Model), or a Hugging Face Hub id, downloaded only then (the
   one thing here that may touch the network).
-* **Reading its config** into our shape (GPT-2, Llama, Qwen3): its values replace the defaults' and presets';
-  a value you set that differs is an error naming both.
+* **Reading its config** into our shape (GPT-2, Llama, Qwen3; what the model code cannot hold, such as RoPE
+  scaling or sliding windows, is refused by name): its values and its tokenizer replace the defaults' and
+  presets'; a value you set that differs is an error naming both.
 * **One table of tensor names**: where each of our tensors lives in a `transformers` checkpoint, read one way
   to load pretrained weights (`load_hf_weights`) and the other way to export (`hf_state_dict`).
 * **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 17.
@@ -323,7 +324,7 @@ def tensor_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
 # --- Our shape as a transformers config ----------------------------------------------------------------
 
 def hf_config(model: GPT, special: dict):
-    """Our shape as a transformers config (config.pretrained_settings reads one back for model.init_from)."""
+    """Our shape as a transformers config (pretrained_settings above reads one back for model.init_from)."""
     from transformers import GPT2Config, LlamaConfig, Qwen3Config
 
     c = model.config

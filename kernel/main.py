@@ -1,9 +1,10 @@
 """## 19. Main
 
-One call runs everything: check the environment, resolve the config, prepare the data, train (resuming
-when a checkpoint is there), write samples, the curves, the `transformers` export and `summary.json`. The
-notebook's run cell calls `main(...)` with the parameters cell's values; from a shell, `python -m kernel`
-parses the same settings from the command line (see the README).
+One call runs everything: check the environment, resolve the config, prepare the data, plan the model's
+shape (with `model.size`), train (resuming when a checkpoint is there; with several GPUs, in one process per
+GPU), then write `summary.json`, the curves, the `transformers` export and the samples. The notebook's run
+cell calls `main(...)` with the parameters cell's values; from a shell, `python -m kernel` parses the same
+settings from the command line (see the README).
 """
 
 import contextlib

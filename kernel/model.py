@@ -12,9 +12,8 @@ Keeping each preset exactly its namesake means a trained model exports to `trans
 loaded to start from (`model.init_from`). Pretrained models differ from the presets in details the model
 also holds exactly: grouped-query attention (fewer key/value heads than query heads), a head width that is
 not width / heads, any MLP width, an output head of its own (not tied to the embedding), their norms'
-epsilon and a position count longer than the training windows. The last part of this section is one table
-of where each of our tensors lives in a `transformers` checkpoint, read one way to load one and the other
-way to export.
+epsilon and a position count longer than the training windows. Section 8 maps each of these tensors to its
+name in a `transformers` checkpoint.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel
 the hardware has (FlashAttention on Ampere+, memory-efficient attention on a T4, plain math on a CPU).

@@ -1,9 +1,9 @@
 """## 11. Learning rate and optimizers
 
 The schedule: a linear warm-up to `train.lr`, then a cosine or a warmup-stable-decay (wsd) curve down to
-`train.min_lr`, ending at `train.max_steps` or, with a time budget, when the budget does. The optimizer:
-AdamW with weight decay on matrices only, or (`train.optimizer: muon`) Muon for the blocks' hidden matrices
-and AdamW for the rest, presented to the loop as one optimizer.
+`train.min_lr`, ending at `train.max_steps` or, with a time budget, when the budget does, whichever comes
+first. The optimizer: AdamW with weight decay on matrices only, or (`train.optimizer: muon`) Muon for the
+blocks' hidden matrices and AdamW for the rest, presented to the loop as one optimizer.
 """
 
 import math

@@ -1,22 +1,21 @@
 """## 15. Planning: the model a time budget can buy
 
 With `model.size: auto` the run chooses its model's shape before training, for this device, this corpus and
-this budget, instead of taking `model.n_layer` / `n_embd` / `n_head` as given:
+this budget (`train.time_budget`, 8 h by default on Kaggle), instead of taking `model.n_layer` / `n_embd` /
+`n_head` as given:
 
-1. **Measure.** A ladder of shapes (1 x 64 up to 32 x 2048) is timed for a few real training
-   steps each, smallest first, on the run's device and number format, with its batch and context (heads
-   32 wide below 256, then 64; `model.n_kv_head` etc. keep their rule). Measuring
-   stops when it has used its share of the budget (5%) or when larger shapes can only predict worse; a shape
-   not measured is credited with the FLOP rate of the largest one that was (and is measured before it is
-   chosen).
+1. **Measure.** A ladder of shapes (1 x 64 up to 32 x 2048) is timed for a few real training steps each,
+   smallest first, on the run's device and number format, with its batch and context (heads 32 wide below
+   256, then 64; `model.n_kv_head` etc. keep their rule). Measuring stops when it has used its share of the
+   budget (5%) or when larger shapes can only predict worse; a shape not measured is credited with the FLOP
+   rate of the largest one that was (and is measured before it is chosen).
 2. **Predict.** Each shape's training tokens are its throughput x the time left to train. Its loss is
-   predicted by the Chinchilla law, L = E + A / N^a + B / D^b (Hoffmann et al. 2022), with the data-constrained
-   corrections of Muennighoff et al. (2023): tokens seen again after the first epoch count less and less
-   (repeating more than ~4 times buys little), and so do parameters beyond what the unique tokens can fill.
-   Small models on a CPU sit far from the law's home ground, so the law's data term is scaled by one factor
-   measured on this project's CPU benchmark (BENCHMARKS.md), where the best shape for 64 s was known.
+   predicted by the Chinchilla law, L = E + A / N^a + B / D^b (Hoffmann et al. 2022), with the
+   data-constrained corrections of Muennighoff et al. (2023): tokens seen again after the first epoch count
+   less and less (repeating more than ~4 times buys little), and so do parameters beyond what the unique
+   tokens can fill.
 3. **Choose** the shape with the lowest predicted loss among those that run: one that runs out of GPU
-   memory ends the ladder. The learning rate is scaled by sqrt(config width /
+   memory ends the ladder. The learning rates (`train.lr`, `train.min_lr`) are scaled by sqrt(config width /
    chosen width), as wider models want smaller steps. The plan is printed in one block and saved in
    `summary.json` (`plan`).
 
@@ -47,7 +46,9 @@ CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 REPEAT_DECAY = 15.4        # Muennighoff et al.: how fast repeated tokens lose value (R*_D)
 EXCESS_PARAMETER_DECAY = 5.3  # ... and parameters beyond what the unique tokens support (R*_N)
 TOKENS_PER_PARAMETER = 20  # the compute-optimal ratio the law implies (to size "what the data supports")
-DATA_TERM_SCALE = 1.0      # calibrated on the 64 s CPU benchmark (see the module text)
+# Small models on a CPU sit far from the law's home ground: this factor on the law's data term is calibrated on
+# the project's 64 s CPU benchmark (BENCHMARKS.md), where the best shape for 64 s was known.
+DATA_TERM_SCALE = 1.0      # the one calibration knob of the law
 MEASURE_SHARE = 0.05       # of the budget, for timing the candidates
 MEASURED_STEPS = 2         # timed steps per candidate, after one warm-up step
 SIZE_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMB])$", re.IGNORECASE)

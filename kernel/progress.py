@@ -1,10 +1,10 @@
 """## 13. Around the loop: metrics, progress, the clock, stop requests
 
 The training loop's helpers, each with one job: `MetricsLog` appends `metrics.jsonl`; `Progress` is the
-progress bar (or, in a batch run, a line every half minute); `TrainingClock` measures the time spent
-training and the share of the time budget used; `LossWindow` averages the training loss between log lines;
-`StopRequests` turns SIGTERM / SIGINT (the notebook's interrupt, Kaggle's end of session) into a clean stop
-after the current step.
+progress bar (or, where a bar does not animate, such as a Save Version run or a log file, a line every half
+minute); `TrainingClock` measures the time spent training and the share of the time budget used;
+`LossWindow` averages the training loss between log lines; `StopRequests` turns SIGTERM / SIGINT (the
+notebook's interrupt, Kaggle's end of session) into a clean stop after the current step.
 """
 
 import contextlib

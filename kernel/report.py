@@ -6,7 +6,8 @@ and against wall-clock time. The loss axis starts below the lowest loss and ends
 first 5% of training, so the first steps' high loss (off the top) does not squeeze the curve that matters;
 the title holds the run's name and its latest validation figures. In a notebook it is one figure, redrawn
 in place after every evaluation (an IPython display handle), so the curve grows while the run trains;
-elsewhere `loss.png` is written at the end.
+elsewhere `loss.png` is written at the end. With several GPUs (whose training processes run outside the
+notebook) the notebook shows it once, at the end.
 """
 
 import io

@@ -2,12 +2,13 @@
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
-own values for the rest). The prompt is encoded, then tokens are drawn one at a time from the softmax
-of the last position's logits, sharpened by `temperature`, limited to the `top_k` most likely tokens and to
-the smallest set whose probability reaches `top_p`, until `max_new_tokens` or the end-of-document token.
-A key-value cache makes each new token one forward step over that token alone; past the context length
-the window slides and the context is recomputed, exactly as without the cache. Sampling uses its own seeded
-generator, so the same checkpoint, prompt and seed give the same text.
+own values for the rest). The prompt is encoded, then tokens are drawn one at a time from the softmax of the
+last position's logits, divided by `temperature` (below 1 is more conservative; 0 always takes the most
+likely token), limited to the `top_k` most likely tokens and to the smallest set whose probability reaches
+`top_p`, until `max_new_tokens` or the end-of-document token. A key-value cache makes each new token one
+forward step over that token alone; past the context length the window slides and the context is
+recomputed, exactly as without the cache. Sampling uses its own seeded generator, so the same checkpoint,
+prompt and seed give the same text.
 
 The last part loads a trained run (a run folder's newest valid checkpoint, or a checkpoint file) to sample
 from it: `sample_from_run` is what the notebook's last cell calls.

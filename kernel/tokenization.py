@@ -3,25 +3,27 @@
 Text in, integer ids out, and back. Every tokenizer offers the same small interface, so the data pipeline,
 the trainer and the sampler never ask which kind they hold:
 
-    encode(text) -> list[int]    decode(ids) -> str    vocab_size    eos_id    save(folder)    to_dict()
+    encode(text) -> list[int]    decode(ids) -> str    vocab_size    eos_id    bos_id    save(folder)    to_dict()
 
 * `char`: every distinct character of the training text gets its own id, in code-point order, so the same
   text always yields the same vocabulary. Id 0 stands for characters never seen in training: they encode
   to it and it decodes to U+FFFD, so unseen text never crashes the model. The last id is `<|endoftext|>`,
   put between documents, so generation learns where a text ends.
-* `bpe_simple`: byte-level BPE (GPT-2's scheme: any text, any language, no unknown tokens) trained offline
-  on the training text with the `tokenizers` library, on an evenly spread sample of at most
+* `bpe_simple`: byte-level BPE (GPT-2's scheme: any text, any language, no unknown tokens) trained
+  offline on the training text with the `tokenizers` library, on an evenly spread sample of at most
   `tokenizer.train_sample_mb` so memory stays bounded, with `<|endoftext|>` between documents.
 * `hf`: an existing tokenizer through `transformers.AutoTokenizer`, from a local folder (offline, e.g. a
-  Kaggle dataset) or a Hub id (needs internet). Remote code is never trusted.
+  Kaggle dataset) or a Hub id (needs internet). Remote code is never trusted. A tokenizer that puts a
+  beginning-of-sequence token before every text (Llama's `<s>`) reports it as `bos_id`.
 
-Every mode saves a `tokenizer.json` that `AutoTokenizer.from_pretrained(folder)` loads offline and that
-encodes to the same ids, plus `kernel_tokenizer.json`, which this program reads back.
+`save(folder)` writes the files that `AutoTokenizer.from_pretrained(folder)` loads offline and that encode
+to the same ids (a `tokenizer.json` for `char` and `bpe_simple`), plus `kernel_tokenizer.json`, which this
+program reads back.
 
-`TOKENIZERS` maps each mode to its class. The class also knows how to build itself from the config's
-`tokenizer` settings and the training text, which settings identify it (part of the token cache key), which
-settings cannot work, and how to come back from `to_dict()` or a saved folder. The config, the data pipeline
-and restoring from a checkpoint only look modes up there, so a new mode is one class in this section.
+`TOKENIZERS` maps each mode to its class. Each class also builds itself from the config's `tokenizer`
+settings and the training text, names the settings that identify it (part of the token cache key) and
+those that cannot work (reported when the config is checked), and restores itself from `to_dict()` or a
+saved folder.
 """
 
 import array

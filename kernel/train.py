@@ -6,9 +6,12 @@ schedule of section 11, gradient clipping, periodic evaluation, a JSON-lines met
 
 A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
 each process's share (section 9) and that share into micro-batches whose gradients accumulate, which gives
-the same gradient as one big batch. `train()` at the end reads top to bottom: a `Trainer` holds what stays
-fixed during a run (model, optimizer, data, files), a `LoopState` what changes (step, tokens, evaluations,
-the batch plan), and each phase of a step is one method: stop?, optimizer step, log, evaluate, checkpoint.
+the same gradient as one big batch. A step whose loss or gradients are not finite updates nothing (the run
+stops after `train.nan_patience` such losses in a row); with one GPU, a step that runs out of memory is
+retried with smaller micro-batches, the batch unchanged. `train()` at the end reads top to bottom: a
+`Trainer` holds what stays fixed during a run (model, optimizer, data, files), a `LoopState` what changes
+(step, tokens, evaluations, the batch plan), and each phase of a step is one method: stop?, optimizer step,
+log, evaluate, checkpoint.
 """
 
 import contextlib
