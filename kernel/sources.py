@@ -4,28 +4,30 @@ Which files are training text, and how each format becomes documents. Everything
 `.json` file excepted: JSON has no streaming form), so memory stays flat however large the files are.
 
 * **Formats**, by extension (any may end in `.gz`): plain text (`.txt`, `.md`, `.text`; a file the glob names
-  with another extension is read as text too) is one document per file; `.jsonl`, `.json`, `.csv`, `.tsv` and
-  `.parquet` hold records, each one document: the field `data.text_field` names (a dotted name reaches into
-  nested JSON), or else `text`, `content` or the only text field. Records without text are counted and
-  skipped. Text is UTF-8 (UTF-16/32 by their BOM); a BOM is stripped, invalid bytes are replaced (and counted
-  per file), binary files are skipped.
+  with another extension is read as text too) is one document per file; `.jsonl` (or `.ndjson`), `.json`,
+  `.csv`, `.tsv` and `.parquet` hold records, each one document: the field `data.text_field` names (a dotted
+  name reaches into nested JSON), or else `text`, `content` or the only text field. Records without text
+  are counted and skipped. Text is UTF-8 (UTF-16/32 by their BOM); a BOM is stripped, invalid bytes are
+  replaced (and counted per file), binary files are skipped.
 * **Finding the files**: `data.text_glob` (`**` recurses), in file-name order. Never read, even when the glob
   matches them: a training run's output folder (an earlier version attached as an input: its samples and
   logs), a notebook's kept outputs and a model's folder.
-* **Empty glob**: on Kaggle every readable file of the attached datasets and competitions (a dataset with
-  nothing readable is an error listing what it holds); elsewhere, or with nothing attached, the **demo
-  corpus**: the help topics that ship inside every Python (`pydoc_data.topics`, ~465 KB of English), so the
-  default run needs no download.
+* **Empty glob**: on Kaggle every readable file of the attached datasets and competitions (attached files
+  of which none is readable are an error listing them and why); elsewhere, or with nothing attached, the
+  **demo corpus**: the help topics that ship inside every Python (`pydoc_data.topics`, ~465 KB of English),
+  so the default run needs no download.
 """
 
 import codecs
 import collections
+import contextlib
 import csv
 import glob
 import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -110,9 +112,18 @@ class Source:
         if self.path is None:
             yield self.text
             return
-        with open_text(self.path) as f:
+        with self.reading(), open_text(self.path) as f:
             while block := f.read(READ_BLOCK_CHARS):
                 yield block
+
+    @contextlib.contextmanager
+    def reading(self):
+        """A truncated or corrupt .gz file is one line naming it, not a decompressor's traceback."""
+        try:
+            yield
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise KernelError(f"{self.path}: a truncated or corrupt compressed file ({err}); download it again, "
+                              "or leave it out of data.text_glob") from None
 
     def documents(self, skipped: collections.Counter | None = None) -> Iterator[Iterable[str]]:
         """Each document as an iterable of text blocks; records without text are skipped (and counted, by
@@ -120,8 +131,9 @@ class Source:
         if self.format == "text":
             yield self.blocks()
             return
-        for text in record_texts(self, skipped if skipped is not None else collections.Counter()):
-            yield (text,)
+        with self.reading():
+            for text in record_texts(self, skipped if skipped is not None else collections.Counter()):
+                yield (text,)
 
 
 # --- Records: JSON Lines, JSON, CSV/TSV, Parquet -------------------------------------------------------
@@ -183,7 +195,15 @@ def parquet_records(source: Source) -> Iterator:
                for f in table.schema_arrow}
     field = text_field_for(source, columns, "columns")
     top = field.split(".")[0]
-    for batch in table.iter_batches(batch_size=4096, columns=[top]):
+    batches = table.iter_batches(batch_size=4096, columns=[top])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for damaged pages (corrupt compression, ...)
+            raise KernelError(f"{source.path}: a damaged Parquet file ({type(err).__name__}: {err}); download it "
+                              "again, or leave it out of data.text_glob") from None
+        if batch is None:
+            return
         for value in batch.column(0).to_pylist():
             yield field_value({top: value}, field)
 
@@ -194,21 +214,18 @@ TABULAR = {"csv", "tsv", "parquet"}  # their readers yield each row's text; the 
 
 
 def text_field_for(source: Source, record: dict, kind: str = "fields") -> str:
-    """The field holding the text: the first of data.text_field's names (comma-separated) the record has, else
-    'text', else 'content', else the only field with a string value. A file without one stops the run with the
-    fields it has."""
+    """The text field of a file whose fields (or columns) `record` lists, chosen as record_field chooses; a file
+    without one stops the run with the fields it has."""
+    field = record_field(source, record)
+    if field:
+        return field
     listing = f"its {kind}: {', '.join(map(str, record)) or 'none'}"
     if source.text_field:
         names = [name.strip() for name in source.text_field.split(",") if name.strip()]
-        present = [name for name in names if field_value(record, name) is not None or name in record]
-        if source.format in TABULAR and not present:
+        if source.format in TABULAR:
             raise KernelError(f"{source.path} has no column {' or '.join(map(repr, names))} (data.text_field); "
                               f"{listing}")
-        return (present or names)[0]  # JSON: a record without the field is counted, not an error
-    found = next((name for name in AUTO_TEXT_FIELDS if name in record), None)
-    strings = [name for name, value in record.items() if isinstance(value, str)]
-    if found or len(strings) == 1:
-        return found or strings[0]
+        return names[0]  # JSON: a record without the field is counted, not an error
     raise KernelError(f"{source.path}: no field named {' or '.join(map(repr, AUTO_TEXT_FIELDS))}; {listing}; set "
                       "data.text_field to the one holding the text (a dotted name reaches into nested JSON, "
                       "e.g. meta.body; several names, comma-separated, serve files that differ)")
@@ -220,23 +237,40 @@ def field_value(record, dotted: str):
     return record
 
 
+def record_field(source: Source, record: dict) -> str | None:
+    """The field holding this record's text: the first of data.text_field's names (comma-separated) it has;
+    with none set, 'text', else 'content', else its only field with a string value. None: no such field."""
+    if source.text_field:
+        names = [name.strip() for name in source.text_field.split(",") if name.strip()]
+        return next((name for name in names if field_value(record, name) is not None or name in record), None)
+    strings = [name for name, value in record.items() if isinstance(value, str)]
+    return next((name for name in AUTO_TEXT_FIELDS if name in record), strings[0] if len(strings) == 1 else None)
+
+
 def record_texts(source: Source, skipped: collections.Counter) -> Iterator[str]:
     """The text of each record (a record that is a string is its own text; a list of strings is joined by
-    newlines); what has none is counted in `skipped` by reason."""
-    field = None
+    newlines); what has none is counted in `skipped` by reason. The field is chosen for each record, so
+    records that differ are read as far as they have text. A file in which no record has one is an error
+    listing its fields."""
+    fieldless, texts = None, 0
     for record in RECORD_READERS[source.format](source):
         if record is INVALID_JSON:
             skipped["invalid JSON line"] += 1
             continue
-        if isinstance(record, dict) and field is None:
-            field = text_field_for(source, record)
-        value = field_value(record, field) if isinstance(record, dict) and source.format not in TABULAR else record
+        value = record
+        if isinstance(record, dict) and source.format not in TABULAR:
+            field = record_field(source, record)
+            fieldless = fieldless or (record if field is None else None)
+            value = field_value(record, field) if field else None
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = "\n".join(value)
         if isinstance(value, str) and value:
+            texts += 1
             yield value
         else:
             skipped["no text field" if value is None else "empty text" if value == "" else "text field not text"] += 1
+    if not texts and fieldless is not None:
+        text_field_for(source, fieldless)  # raises, naming the fields the records have
 
 
 # --- Finding the files ---------------------------------------------------------------------------------
@@ -298,11 +332,12 @@ KAGGLE_NOT_TEXT = {"notebooks", "models", "kernels"}
 
 
 # A folder holding two of these is a training run's output folder (this program's: an earlier version attached
-# as an input, or the run's own): its samples, logs and scripts are never training text. So are the outputs
-# Kaggle keeps of a notebook and a model's folder (its vocabulary files, model card).
+# as an input, or the run's own): its samples, logs and scripts are never training text. Neither are the outputs
+# Kaggle keeps of a notebook, nor a model's or a tokenizer's folder (a folder holding any of MODEL_FILES: its
+# vocabulary, merges and model card would otherwise be read as text, or its JSON stop the run).
 NOTEBOOK_OUTPUT_NAMES = {"__notebook__.ipynb", "__results__.html", "__output__.json"}
-MODEL_NAMES = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
-               "pytorch_model.bin.index.json"}
+MODEL_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+               "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"}
 
 
 def folder_not_text(folder: Path) -> str | None:
@@ -315,15 +350,21 @@ def folder_not_text(folder: Path) -> str | None:
         return f"in a training run's output folder {folder}"
     if names & NOTEBOOK_OUTPUT_NAMES:
         return f"in a notebook's kept output folder {folder}"
-    if "config.json" in names and names & MODEL_NAMES:
-        return f"in the model folder {folder}"
+    if found := sorted(names & MODEL_FILES):
+        return f"in the model or tokenizer folder {folder} (it holds {', '.join(found)})"
     return None
 
 
-def file_verdict(path: Path, given: bool, text_field: str, folders: dict) -> Source | str:
+def file_verdict(path: Path, given: bool, text_field: str, folders: dict, root: Path) -> Source | str:
     """A source for the file, or why it is skipped. `given`: the user's glob named it, so a file of unknown
-    extension is read as text (code, extension-less files); in a search of attached inputs it is skipped."""
+    extension is read as text (code, extension-less files); in a search of attached inputs it is skipped.
+    The folders looked at are those from the search's `root` down (a config.json above the data, in the
+    project the glob is run from, says nothing about it)."""
+    root = Path(os.path.abspath(root))
+    root = root.parent if root.is_file() else root
     for folder in reversed(Path(os.path.abspath(path)).parents):  # outermost first: name the whole folder left out
+        if folder != root and root not in folder.parents:
+            continue
         if folder not in folders:
             folders[folder] = folder_not_text(folder)
         if folders[folder]:
@@ -371,9 +412,10 @@ def list_sources(text_glob: str, text_field: str = "") -> tuple[str, list[Source
     if searching and not is_kaggle():
         return DEMO_CORPUS, demo_sources(), []
     paths = kaggle_input_files() if searching else find_text_files(text_glob)
+    root = kaggle_root() / "input" if searching else glob_root(os.path.expanduser(text_glob))
     sources, skipped, folders = [], [], {}
     for path in paths:
-        verdict = file_verdict(path, not searching, text_field, folders)
+        verdict = file_verdict(path, not searching, text_field, folders, root)
         if isinstance(verdict, Source):
             sources.append(verdict)
         else:
