@@ -193,13 +193,19 @@ SYNONYMS = {
 
 
 def did_you_mean(word: str, options: Sequence[str]) -> str:
+    """A hint for a word that is not one of `options`: the option it is another library's name for (SYNONYMS),
+    or the option, or synonym, closest to it in spelling (`learnin_rate` is `lr`), else the valid options."""
     section, _, key = word.rpartition(".")
-    synonym = ".".join(filter(None, [section, SYNONYMS.get(key)]))
-    if key in SYNONYMS and synonym in options:
-        hint = " (it counts optimizer steps, not epochs)" if "epoch" in key else ""
-        return f"; did you mean {synonym!r}?{hint}"
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
+    named = {option: option for option in options}
+    named.update({".".join(filter(None, [section, other])): option for other, ours in SYNONYMS.items()
+                  if (option := ".".join(filter(None, [section, ours]))) in options})
+    close = [word] if word in named else difflib.get_close_matches(word, list(named), n=1, cutoff=0.5)
+    if close and close[0] != word and close[0].rpartition(".")[0] == section:  # the shared section is no likeness
+        close = close if difflib.SequenceMatcher(None, key, close[0].rpartition(".")[2]).ratio() >= 0.4 else []
+    if not close:
+        return f"; valid: {', '.join(sorted(options))}"
+    hint = " (it counts optimizer steps, not epochs)" if "epoch" in close[0] else ""
+    return f"; did you mean {named[close[0]]!r}?{hint}"
 
 
 # --- Values: types and durations -----------------------------------------------------------------------

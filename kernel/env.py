@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,14 @@ import torch
 
 class KernelError(Exception):
     """A problem with the user's input or environment, explained in the message."""
+
+    def _render_traceback_(self) -> list[str]:
+        """How a notebook shows it (IPython asks for this): the message as one block, as the command line's
+        `error:` line, not a traceback through the program's cells. `%env KERNEL_TRACEBACK=1` shows that."""
+        if os.environ.get("KERNEL_TRACEBACK") == "1":
+            return "".join(traceback.format_exception(type(self), self, self.__traceback__)).rstrip("\n").split("\n")
+        return [f"{type(self).__name__}: {self}",
+                "(the full traceback: run `%env KERNEL_TRACEBACK=1` in a cell, then this cell again)"]
 
 
 def current_umask() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kernel.env import KernelError, is_batch_run
+from kernel.env import KernelError, is_batch_run, json_safe
 from kernel.distributed import launcher_stop_request
 
 
@@ -31,7 +31,7 @@ class MetricsLog:
 
     def append(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # strict JSON: NaN as null
 
 
 def show_progress_bar() -> bool:

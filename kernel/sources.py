@@ -22,6 +22,7 @@ import codecs
 import collections
 import contextlib
 import csv
+import fnmatch
 import glob
 import gzip
 import io
@@ -320,10 +321,48 @@ def find_text_files(pattern: str) -> list[Path]:
     pattern = os.path.expanduser(pattern)
     if os.path.isfile(pattern):  # an existing path is taken literally, even with [ ] or * in its name
         return [Path(pattern)]
-    paths = unique_files(glob.glob(pattern, recursive=True))
+    paths = unique_files(recursive_matches(pattern) if "**" in pattern else glob.glob(pattern))
     if not paths:
         raise KernelError(f"data.text_glob={pattern!r} matches no file; {describe_folder(glob_root(pattern))}")
     return paths
+
+
+def recursive_matches(pattern: str) -> list[str]:
+    """The files a `**` pattern matches, as glob would find them (hidden names only where the pattern names
+    them), walking each real folder once: glob itself follows every symlinked folder again, so two symlink
+    loops make it expand without end."""
+    root = glob_root(pattern)
+    wanted = Path(pattern).parts[len(root.parts):]
+    found, seen = [], {os.path.realpath(root)}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders.sort()
+        kept = []
+        for name in subfolders:
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept
+        relative = Path(folder).relative_to(root).parts
+        found += [os.path.join(folder, name) for name in files if parts_match(wanted, (*relative, name))]
+    return found
+
+
+def parts_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """glob's rules for one path, part by part: `**` is any number of folders, a wildcard never matches a
+    name that starts with a dot unless the pattern's part does."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        for skipped in range(len(parts) + 1):
+            if parts_match(pattern[1:], parts[skipped:]):
+                return True
+            if skipped < len(parts) and parts[skipped].startswith("."):
+                return False  # ** does not enter hidden folders
+        return False
+    hidden_ok = pattern[0].startswith(".") or not glob.has_magic(pattern[0])
+    return (bool(parts) and (hidden_ok or not parts[0].startswith(".")) and fnmatch.fnmatchcase(parts[0], pattern[0])
+            and parts_match(pattern[1:], parts[1:]))
 
 
 # Folders under /kaggle/input that hold other things than the user's text: earlier outputs of notebooks
@@ -386,7 +425,7 @@ def kaggle_input_files() -> list[Path]:
         return []
     found = []
     for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in KAGGLE_NOT_TEXT):
-        found += glob.glob(str(top / "**" / "*"), recursive=True)
+        found += recursive_matches(str(top / "**" / "*"))
     return unique_files(found)
 
 

@@ -117,3 +117,12 @@ def test_every_key_is_documented_in_the_readme():
     readme = open("README.md", encoding="utf-8").read()
     missing = [key for key in all_keys() if f"`{key}`" not in readme]
     assert not missing, f"README's config reference lacks {missing}"
+
+
+def test_a_misspelled_synonym_is_pointed_at_the_key_it_means_and_nonsense_gets_the_list():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lernin_rate'; did you mean 'train.lr'\?"):
+        load_config(None, {"train.lernin_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"'train.num_train_epoch'; did you mean 'train.max_steps'\? \(it counts"):
+        load_config(None, {"train.num_train_epoch": 3})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.zzzzzz'; valid: data.cache_dir"):
+        load_config(None, {"train.zzzzzz": 3})

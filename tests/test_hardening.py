@@ -132,6 +132,21 @@ def test_a_symlink_loop_reads_each_file_once(tmp_path):
     assert [p.name for p in found] == ["a.txt", "b.txt"]
 
 
+def test_two_symlink_loops_under_a_double_star_read_each_folder_once(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    for folder in ("a", "a/b", "c"):
+        (corpus / folder).mkdir(parents=True)
+        (corpus / folder / "text.txt").write_text(folder)
+    os.symlink(corpus, corpus / "a" / "b" / "up")  # two loops: glob(recursive=True) expands them without end
+    os.symlink(corpus / "a", corpus / "c" / "back")
+    reads = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": reads.append(path) or real_scandir(path))
+    found = find_text_files(str(corpus / "**" / "*.txt"))
+    assert [p.relative_to(corpus).as_posix() for p in found] == ["a/b/text.txt", "a/text.txt", "c/text.txt"]
+    assert len(reads) == 4  # corpus, a, a/b, c: each real folder once
+
+
 def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
     path = tmp_path / "novel [1].txt"
     path.write_text("text")

@@ -186,6 +186,42 @@ def test_notebook_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_bad_input_in_the_notebook_is_one_block_not_a_traceback(tmp_path):
+    """The same error the command line prints as one `error:` line: in a notebook, the message and a hint."""
+    notebook = json.loads((ROOT / build_kernel.NOTEBOOK).read_text())
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:  # nbclient's CellExecutionError, carrying the cell's error output
+        build_kernel.execute_notebook(notebook, tmp_path, {"OVERRIDES": {"train.lernin_rate": 1}, "OUT_DIR": str(out)},
+                                      timeout=300)
+    shown = str(raised.value)
+    assert "ConfigError: " in shown and "train.lernin_rate" in shown and "%env KERNEL_TRACEBACK=1" in shown
+    assert "Traceback" not in shown and "File " not in shown and "kernel section" not in shown
+    assert not out.exists() or not any(out.iterdir())  # nothing was written
+
+
+def test_a_kernel_error_in_ipython_is_its_message_and_the_traceback_comes_on_request(tmp_path, monkeypatch, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config as ShellConfig
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    settings = ShellConfig()
+    settings.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=settings)
+    try:
+        code = "from kernel.config import load_config\ndef deep():\n    load_config(None, {'train.lernin_rate': 1})\ndeep()"
+        shell.run_cell(code)
+        short = capsys.readouterr().out
+        monkeypatch.setenv("KERNEL_TRACEBACK", "1")
+        shell.run_cell("deep()")
+        full = capsys.readouterr().out
+    finally:
+        InteractiveShell.clear_instance()
+    assert short.splitlines()[0].startswith("ConfigError: --set: unknown key 'train.lernin_rate'")
+    assert len(short.strip().splitlines()) == 2 and "Traceback" not in short
+    assert "Traceback (most recent call last)" in full and "in deep" in full and "ConfigError: --set: unknown key" in full
+
+
+@pytest.mark.slow
 def test_headless_cli_runs_and_reports_bad_input(tmp_path):
     sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
     done = subprocess.run([sys.executable, "-m", "kernel", "--config", "configs/llm_cpu.yaml", *sets,

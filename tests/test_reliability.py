@@ -17,6 +17,7 @@ import kernel.checkpoint as checkpoint_module
 import kernel.train as train_module
 from kernel.env import KernelError
 from kernel.main import run
+from kernel.progress import MetricsLog
 from kernel.model import GPT
 from kernel.checkpoint import checksum_path, list_checkpoints, load_checkpoint
 
@@ -105,6 +106,15 @@ def test_a_loss_that_stays_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert "ckpt_00000020.pt" in message and "lower train.lr" in message
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt_00000020.pt"]
     load_checkpoint(tmp_path / "checkpoints" / "ckpt_00000020.pt")
+
+    def not_json(constant):
+        raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    assert [json.loads(line, parse_constant=not_json) for line in (tmp_path / "metrics.jsonl").open()]
+    log = MetricsLog(tmp_path / "diverged.jsonl")
+    log.append({"step": 31, "train_loss": float("nan"), "val_loss": float("inf")})
+    assert json.loads((tmp_path / "diverged.jsonl").read_text(), parse_constant=not_json) == \
+        {"step": 31, "train_loss": None, "val_loss": None}  # strict JSON: what JSON has no number for is null
 
 
 def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
