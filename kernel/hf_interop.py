@@ -25,7 +25,7 @@ import torch
 
 from kernel.env import KernelError
 from kernel.config import Config, ConfigError, apply_layer, dotted_to_layer, get_key
-from kernel.tokenization import TOKENIZER_FILES
+from kernel.tokenization import TOKENIZER_FILES, hub_unreachable
 from kernel.model import GPT, GPTConfig
 
 
@@ -84,13 +84,18 @@ def find_model_folder(name: str) -> Path:
 
 
 def download_model(repo_id: str) -> Path:
-    """A Hub id's config, weights and tokenizer files, downloaded into the Hugging Face cache (a cached copy
-    is used offline)."""
-    try:
-        from huggingface_hub import snapshot_download  # imported late: only a Hub id needs it
+    """A Hub id's config, weights and tokenizer files: the Hugging Face cache's copy, else downloaded into it when
+    the Hub can be reached (asked first: offline, one clear error instead of a minute of retries)."""
+    from huggingface_hub import snapshot_download  # imported late: only a Hub id needs it
 
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                 "*.jinja"]))
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (its error types vary by version)
+            if reason := hub_unreachable():
+                raise OSError(f"it is not in the local cache, and {reason}") from None
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:  # offline, no such repository, gated: all end the same way
         raise ConfigError(
             f"model.init_from={repo_id!r} is not a folder here, and downloading it from the Hugging Face Hub failed "

@@ -36,7 +36,7 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
                                remove_output_debris)
 from kernel.optim import require_optimizer
-from kernel.progress import RunStopped, StopRequests
+from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned_before, shaped
 from kernel.sample import format_samples, sample_texts
@@ -200,6 +200,10 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                 now=time.perf_counter) -> dict | None:
     started = now() - max(0.0, time.time() - run_started_at())  # in a launched process: the launcher's start
     budget = time_budget(config)
+    if budget and started + budget - now() <= RESERVE_FLOOR_S:  # refused before any data is read
+        raise KernelError(f"train.time_budget={budget:g}s is spent before the run can start ({now() - started:.1f}s "
+                          f"have passed, and {RESERVE_FLOOR_S:g}s at least are kept to evaluate and save at the "
+                          "end): give a longer budget, e.g. train.time_budget=5m")
     environment = describe_environment()
     print_environment(environment)
     if processes.is_main:

@@ -69,10 +69,13 @@ class Progress:
             self.bar.close()
 
 
+RESERVE_FLOOR_S = 1.0  # the fixed part of what a budget keeps back to evaluate and save at the end
+
+
 class TrainingClock:
     """Time spent in train(), read from `now` (injectable). With a deadline (a `now()` value), training stops
     when what is left is just enough to finish: 1.5 x (the longest evaluation + the longest checkpoint so
-    far) + 1 s; the share of the training time used lets the schedule's decay end with the budget."""
+    far) + RESERVE_FLOOR_S; the share of the training time used lets the schedule's decay end with the budget."""
 
     def __init__(self, deadline: float | None, now=time.perf_counter, run_started: float | None = None):
         self.deadline, self.now = deadline, now
@@ -93,7 +96,7 @@ class TrainingClock:
         """(share of the time available for training used so far, whether it is all used)."""
         if self.deadline is None:
             return 0.0, False
-        training_ends = self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + 1)
+        training_ends = self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + RESERVE_FLOOR_S)
         now = self.now()
         return (now - self.loop_started) / max(1e-9, training_ends - self.loop_started), now >= training_ends
 

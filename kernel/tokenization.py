@@ -30,7 +30,9 @@ import array
 import json
 import os
 import re
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
@@ -365,6 +367,31 @@ def added_bos(hf_tokenizer) -> int | None:
     return bos
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (one quick connection), or None. Asked before a download, so
+    that offline (Kaggle with internet off) a Hub name fails at once instead of after a minute of retries."""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({err.strerror or err})"
+    return None
+
+
+def cached_or_downloaded(auto_class, name: str):
+    """`auto_class.from_pretrained(name)`: a folder, or a Hub id from the local cache, else downloaded when the
+    Hub can be reached."""
+    if Path(name).is_dir():
+        return auto_class.from_pretrained(name, trust_remote_code=False)
+    try:
+        return auto_class.from_pretrained(name, trust_remote_code=False, local_files_only=True)
+    except OSError:
+        if reason := hub_unreachable():
+            raise OSError(f"not in the local cache, and {reason}") from None
+        return auto_class.from_pretrained(name, trust_remote_code=False)
+
+
 class HFTokenizer(RegisteredTokenizer):
     mode = "hf"
 
@@ -418,7 +445,7 @@ class HFTokenizer(RegisteredTokenizer):
         try:
             if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
                 raise OSError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in the folder")
-            loaded = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+            loaded = cached_or_downloaded(AutoTokenizer, name)
             if len(loaded) < 3 or not loaded.encode("Hello world", add_special_tokens=False):
                 # transformers 5.0 returns an empty tokenizer for some folders instead of failing
                 raise ValueError(f"what it loaded has {len(loaded)} tokens and encodes nothing")

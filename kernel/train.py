@@ -36,7 +36,7 @@ from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, pr
                                rng_states, save_checkpoint)
 from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
 from kernel.memory import check_memory
-from kernel.progress import LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
+from kernel.progress import RESERVE_FLOOR_S, LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
 
 
 # --- Precision and compiling --------------------------------------------------------------------------
@@ -314,7 +314,7 @@ class Trainer:
         return KernelError(
             f"train.time_budget was used up before the first training step: setup (environment, data, model, the "
             f"first evaluation) took {clock.loop_started - clock.run_started:.1f}s of the "
-            f"{clock.deadline - clock.run_started:.1f}s budget, and {1.5 * sum(clock.longest.values()) + 1:.1f}s "
+            f"{clock.deadline - clock.run_started:.1f}s budget, and {1.5 * sum(clock.longest.values()) + RESERVE_FLOOR_S:.1f}s "
             "are kept to evaluate and save at the end. Raise train.time_budget, or lower train.eval_batches")
 
     # --- One optimizer step, retried with smaller micro-batches after running out of GPU memory -------------

@@ -112,6 +112,18 @@ def test_hf_mode_offline_with_an_unknown_name_explains_what_to_do():
     assert "attach a dataset" in done.stdout and "tokenizer.mode=bpe_simple" in done.stdout
 
 
+@pytest.mark.slow
+def test_a_hub_name_without_network_is_one_error_without_retries():
+    code = ("from kernel.tokenization import HFTokenizer\n"
+            "from kernel.env import KernelError\n"
+            "try:\n    HFTokenizer.load('gpt2')\n"
+            "except KernelError as err:\n    print(err)\n")
+    env = {**os.environ, "HF_ENDPOINT": "https://127.0.0.1:9", "HF_HOME": "/nonexistent-hf-home"}  # nothing listens
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "'gpt2' could not be loaded" in done.stdout and "127.0.0.1 cannot be reached" in done.stdout
+    assert "Retrying" not in done.stderr + done.stdout and "attach a dataset" in done.stdout
+
+
 def test_empty_training_text_and_missing_folders_are_errors(tmp_path):
     with pytest.raises(KernelError, match="empty"):
         CharTokenizer.train("")

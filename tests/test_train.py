@@ -248,6 +248,13 @@ def test_a_budget_spent_before_the_first_step_is_an_error_naming_the_setup_time(
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_budget_smaller_than_the_end_of_run_reserve_is_refused_before_any_data_is_read(tmp_path, tiny,
+                                                                                         monkeypatch):
+    with pytest.raises(KernelError, match=r"train.time_budget=0.5s is spent before the run can start"):
+        run(tiny(train__max_steps=100, train__time_budget=0.5), tmp_path, now=StepClock().install(monkeypatch.setattr))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no cache, no config.yaml, nothing
+
+
 @pytest.mark.parametrize("native, width, expected", [(True, 256, torch.bfloat16), (True, 128, torch.float32),
                                                      (False, 512, torch.float32)])
 def test_auto_dtype_on_cpu_is_a_fixed_rule_of_the_chip_and_the_model_width(monkeypatch, native, width, expected):
