@@ -1,5 +1,6 @@
 """Every bad input gets the project's own error, naming the culprit, and damages nothing already written."""
 
+import gzip
 import hashlib
 from pathlib import Path
 
@@ -64,7 +65,45 @@ def case_inputs(root: Path, finished: Path) -> dict:
                                ["ckpt_00000010.pt", "does not match its checksum"]),
         "model shape changed": ("llm_cpu.yaml", {**TINY, "model.n_layer": 3, "train.max_steps": 40}, "",
                                 ["model.n_layer: 2 -> 3", "train.resume=never"]),
+        "misspelled synonym": ("llm_cpu.yaml", {**TINY, "train.lernin_rate": 1e-3}, "",
+                               ["'train.lernin_rate'", "did you mean 'train.lr'"]),
+        "one-character corpus": ("llm_cpu.yaml", never, str(write(root / "one" / "c.txt", "a")),
+                                 ["1 character(s) in all, too short a corpus", "add text"]),
+        "truncated gzip": ("llm_cpu.yaml", never, str(write(root / "gz" / "c.txt.gz", truncated_gzip())),
+                           ["c.txt.gz: a truncated or corrupt compressed file"]),
+        "damaged parquet": ("llm_cpu.yaml", never, str(damaged_parquet(root / "pq" / "c.parquet")),
+                            ["c.parquet: a damaged Parquet file"]),
+        "a tokenizer folder": ("llm_cpu.yaml", never, str(tokenizer_folder(root / "mytok") / "*"),
+                               ["no usable text", "in the model or tokenizer folder", "tokenizer_config.json"]),
+        "budget below the reserve": ("llm_cpu.yaml", {**never, "train.time_budget": 0.5}, "",
+                                     ["train.time_budget=0.5s is spent before the run can start"]),
     }
+
+
+def truncated_gzip() -> bytes:
+    """A .gz cut off halfway, as by an interrupted download."""
+    whole = gzip.compress("".join(f"line {i}: {i * i}\n" for i in range(20000)).encode())
+    return whole[:len(whole) // 2]
+
+
+def damaged_parquet(path: Path) -> Path:
+    """A Parquet file whose compressed column data is overwritten: its footer still reads, its pages do not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": [f"record {i} " * 20 for i in range(2000)]}), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    data[8:len(data) // 2] = bytes(len(data) // 2 - 8)  # the first pages, past the magic bytes
+    path.write_bytes(bytes(data))
+    return path
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    """What the README tells a user to attach for tokenizer.mode=hf: a folder of tokenizer files."""
+    write(folder / "tokenizer.json", '{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}')
+    write(folder / "tokenizer_config.json", '{"model_max_length": 1024}')
+    return folder
 
 
 def test_at_least_fifteen_bad_inputs_each_get_a_clear_error_and_damage_nothing(tmp_path, finished_run):

@@ -142,3 +142,23 @@ def test_several_text_field_names_serve_files_that_differ(tmp_path, tiny):
     data = prepare_data(tiny(data__text_glob=str(tmp_path / "in" / "*"), data__text_field="review, meta.body",
                              data__val_fraction=0.3, model__block_size=16), tmp_path / "cache")
     assert documents_of(data) == ["a review, " * 10, "a body. " * 10]
+
+
+def test_the_text_field_is_chosen_for_each_record_so_records_that_differ_are_read_as_far_as_they_have_text(
+        tmp_path, tiny):
+    records = [json.dumps({"body": "a first record without text or content"})]
+    records += [json.dumps({"text": f"record number {i} has its text here."}) for i in range(700)]
+    records += [json.dumps({"id": 1, "content": "a content record", "title": "t"})]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    data = prepare_data(tiny(data__text_glob=str(path)), tmp_path / "cache")
+    documents = documents_of(data)
+    # the first record's only string field is its text; then 700 text records, then one with content
+    assert len(documents) == 702 and documents[1] == "record number 0 has its text here."
+    assert documents[-1] == "a content record"
+    nothing = write_jsonl(tmp_path / "none.jsonl", [json.dumps({"a": "x", "b": "y"})] * 3)
+    with pytest.raises(KernelError, match=r"none.jsonl: no field named 'text' or 'content'; its fields: a, b"):
+        prepare_data(tiny(data__text_glob=str(nothing)), tmp_path / "cache2")
+    header = write_jsonl(tmp_path / "header.jsonl", [json.dumps({"a": "x", "b": "y"})] +
+                         [json.dumps({"text": f"text {i} " * 40}) for i in range(9)])
+    counted = prepare_data(tiny(data__text_glob=str(header), model__block_size=8), tmp_path / "cache3")
+    assert counted.stats["skipped_records"] == {"no text field": 1} and len(documents_of(counted)) == 9
