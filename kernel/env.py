@@ -141,6 +141,33 @@ def kaggle_root() -> Path:
     return Path(os.environ.get("KERNEL_KAGGLE_ROOT", "/kaggle"))
 
 
+ATTACHED_SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/<framework>/<variation>/<version>/ and one more
+
+
+def attached_folders(name: str, wanted) -> list[Path]:
+    """Folders under Kaggle's /kaggle/input that `wanted(folder)` accepts and whose path holds `name` as whole
+    parts (any case): "qwen-3", "qwen-3/transformers/0.6b" or "/kaggle/input/qwen-3" find
+    /kaggle/input/models/qwen-lm/qwen-3/transformers/0.6b/1 (the 2026 layout) as well as
+    /kaggle/input/qwen-3/transformers/0.6b/1 (the older one)."""
+    root = kaggle_root() / "input"
+    given = Path(name.strip())
+    for prefix in (root, Path("/kaggle/input")):  # the path the README and Kaggle show, whatever the root here
+        if given.parts[:len(prefix.parts)] == prefix.parts:
+            given = Path(*given.parts[len(prefix.parts):])
+    parts = [part.lower() for part in given.parts if part not in (".", "")]
+    if not root.is_dir() or not parts or given.is_absolute():
+        return []
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        relative = [part.lower() for part in Path(folder).relative_to(root).parts]
+        depth_left = len(relative) < ATTACHED_SEARCH_DEPTH
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if depth_left else []
+        holds_name = any(relative[i:i + len(parts)] == parts for i in range(len(relative) - len(parts) + 1))
+        if holds_name and wanted(Path(folder)):
+            found.append(Path(folder))
+    return found
+
+
 def default_out_dir() -> str:
     """Outputs land where the platform keeps them: /kaggle/working on Kaggle, ./outputs elsewhere."""
     return str(kaggle_root() / "working" / "outputs") if is_kaggle() else "outputs"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from kernel.env import KernelError
+from kernel.env import KernelError, attached_folders, kaggle_root
 from kernel.config import Config, ConfigError, apply_layer, dotted_to_layer, get_key
-from kernel.tokenization import TOKENIZER_FILES, hub_unreachable
+from kernel.tokenization import TOKENIZER_FILES, holds_tokenizer, hub_unreachable
 from kernel.model import GPT, GPTConfig
 
 
@@ -37,7 +37,7 @@ from kernel.model import GPT, GPTConfig
 PRETRAINED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-MODEL_SEARCH_DEPTH = 6  # /kaggle/input/<model>/<framework>/<variation>/<version>/ and a level or two more
+MODEL_SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/<framework>/<variation>/<version>/ and one more
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # gpt2, Qwen/Qwen3-0.6B
 
 
@@ -57,30 +57,32 @@ def model_folders_under(root: Path) -> list[Path]:
 
 
 def find_model_folder(name: str) -> Path:
-    """The model folder model.init_from names: the folder itself, the one model folder under it (an attached
-    Kaggle Model: /kaggle/input/<model>/transformers/<variation>/<version>/), or, for a name that is no path
-    here, a Hugging Face Hub id (downloaded, which needs internet). Nothing else touches the network."""
+    """The model folder model.init_from names: the folder itself; the one model folder under it; on Kaggle, the
+    attached model whose path holds the name (a Kaggle Model: /kaggle/input/models/<owner>/<model>/<framework>/
+    <variation>/<version>/, or the older /kaggle/input/<model>/...); else, for a name that can be one, a Hugging
+    Face Hub id (downloaded, which needs internet). Nothing else touches the network."""
     path = Path(name).expanduser()
     where = f"model.init_from={name!r}"
     if (path / "config.json").is_file():
         if not is_model_folder(path):
             raise ConfigError(f"{where}: {path} holds config.json but no weights ({', '.join(WEIGHT_FILES)})")
         return path
-    if path.is_dir():
-        found = model_folders_under(path)
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            raise ConfigError(f"{where}: no transformers model under {path} (a folder with config.json and "
-                              f"{' or '.join(WEIGHT_FILES)})")
+    found = model_folders_under(path) if path.is_dir() else attached_folders(name, is_model_folder)
+    if len(found) == 1:
+        return found[0]
+    if found:
         listed = "\n  - ".join(str(f) for f in found)
-        raise ConfigError(f"{where}: {len(found)} models under {path}; set model.init_from to one of them:"
-                          f"\n  - {listed}")
+        raise ConfigError(f"{where}: {len(found)} models match; set model.init_from to one of them:\n  - {listed}")
+    if path.is_dir():
+        raise ConfigError(f"{where}: no transformers model under {path} (a folder with config.json and "
+                          f"{' or '.join(WEIGHT_FILES)})")
     if HUB_ID.fullmatch(name):
         return download_model(name)
-    raise ConfigError(f"{where}: no such folder. Give the folder of a transformers model (config.json, weights, "
-                      "tokenizer files); on Kaggle, attach it with Add Input > Models and give its folder under "
-                      "/kaggle/input")
+    attached = model_folders_under(kaggle_root() / "input") if (kaggle_root() / "input").is_dir() else []
+    listed = "; attached models: " + ", ".join(map(str, attached)) if attached else ""
+    raise ConfigError(f"{where}: no such folder{listed}. Give the folder of a transformers model (config.json, "
+                      "weights, tokenizer files), or on Kaggle attach it with Add Input > Models and give its name "
+                      "(e.g. qwen-3) or its folder under /kaggle/input/models")
 
 
 def download_model(repo_id: str) -> Path:
@@ -182,7 +184,7 @@ def llama_settings(hf, path: Path) -> dict[str, object]:
 
 def pretrained_tokenizer(folder: Path, config: Config, chosen: dict[str, str]) -> dict[str, object]:
     """The folder's own tokenizer; for a folder without one, the hf tokenizer the user names."""
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if holds_tokenizer(folder):
         return {"tokenizer.mode": "hf", "tokenizer.pretrained_name": str(folder)}
     if config.tokenizer.mode == "hf" and "tokenizer.pretrained_name" in chosen:
         return {}

@@ -40,7 +40,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as FastBackend
 
-from kernel.env import KernelError, write_atomic
+from kernel.env import KernelError, attached_folders, write_atomic
 
 END_OF_DOCUMENT = "<|endoftext|>"
 STATE_FILE = "kernel_tokenizer.json"
@@ -367,6 +367,23 @@ def added_bos(hf_tokenizer) -> int | None:
     return bos
 
 
+def holds_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def attached_tokenizer(name: str) -> str:
+    """A name that is no folder here, on Kaggle: the attached tokenizer (or model) folder whose path holds it
+    ("qwen-3", "mytok"); several are one error naming them. Otherwise the name as it is (a Hub id)."""
+    if Path(name).is_dir():
+        return name
+    found = attached_folders(name, holds_tokenizer)
+    if len(found) > 1:
+        listed = "\n  - ".join(map(str, found))
+        raise KernelError(f"tokenizer.pretrained_name={name!r}: {len(found)} attached folders match; set it to one "
+                          f"of them:\n  - {listed}")
+    return str(found[0]) if found else name
+
+
 def hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the Hugging Face Hub cannot be reached (one quick connection), or None. Asked before a download, so
     that offline (Kaggle with internet off) a Hub name fails at once instead of after a minute of retries."""
@@ -442,8 +459,9 @@ class HFTokenizer(RegisteredTokenizer):
         if not name:
             raise KernelError("tokenizer.mode=hf needs tokenizer.pretrained_name: a local tokenizer folder "
                               "(e.g. an attached Kaggle dataset) or a Hugging Face Hub id")
+        name = attached_tokenizer(name)
         try:
-            if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+            if Path(name).is_dir() and not holds_tokenizer(Path(name)):
                 raise OSError(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in the folder")
             loaded = cached_or_downloaded(AutoTokenizer, name)
             if len(loaded) < 3 or not loaded.encode("Hello world", add_special_tokens=False):

@@ -2,6 +2,7 @@
 model's shape and tokenizer; its weights load exactly, train further, resume and export unchanged."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from kernel.env import KernelError
 from kernel.sample import load_trained
 from kernel.main import run
 from kernel.hf_interop import load_hf_weights
-from kernel.tokenization import END_OF_DOCUMENT, BPETokenizer
+from kernel.tokenization import END_OF_DOCUMENT, BPETokenizer, HFTokenizer
 from kernel.model import build_model
 from kernel.memory import memory_needed
 from tests.conftest import TINY
@@ -172,7 +173,7 @@ def test_the_model_folder_is_found_below_the_given_one_and_never_guessed(tmp_pat
     assert resolve_config(None, {"model.init_from": str(root / "llama")}).model.n_kv_head == 2
     with pytest.raises(ConfigError) as err:
         resolve_config(None, {"model.init_from": str(root)})  # three models below it
-    assert "3 models under" in str(err.value) and str(root / "gpt2" / "transformers" / "1") in str(err.value)
+    assert "3 models match" in str(err.value) and str(root / "gpt2" / "transformers" / "1") in str(err.value)
     (tmp_path / "empty").mkdir()
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_text("{}")
@@ -187,6 +188,27 @@ def test_the_model_folder_is_found_below_the_given_one_and_never_guessed(tmp_pat
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(ConfigError, match=r"'Qwen/Qwen3-0.6B' is not a folder here.*Hub.*attach the model"):
         resolve_config(None, {"model.init_from": "Qwen/Qwen3-0.6B"})
+
+
+def test_an_attached_kaggle_model_is_found_by_its_name_in_either_layout(tmp_path, sources, monkeypatch):
+    root, _ = sources
+    kaggle = tmp_path / "kaggle"
+    new_layout = kaggle / "input" / "models" / "qwen-lm" / "qwen-3" / "transformers" / "0.6b" / "1"
+    old_layout = kaggle / "input" / "tiny-llama" / "transformers" / "default" / "2"
+    shutil.copytree(root / "qwen3" / "transformers" / "1", new_layout)
+    shutil.copytree(root / "llama" / "transformers" / "1", old_layout)
+    monkeypatch.setenv("KERNEL_KAGGLE_ROOT", str(kaggle))
+    for name in ("qwen-3", "Qwen-3", "/kaggle/input/qwen-3", "qwen-3/transformers/0.6b", str(kaggle / "input" / "qwen-3")):
+        config = resolve_config(None, {"model.init_from": name})
+        assert config.model.qk_norm and config.tokenizer.pretrained_name == str(new_layout), name
+    assert resolve_config(None, {"model.init_from": "tiny-llama"}).model.n_kv_head == 2
+    with pytest.raises(ConfigError) as err:
+        resolve_config(None, {"model.init_from": "transformers"})  # both models' paths hold it
+    assert "2 models match" in str(err.value) and str(new_layout) in str(err.value) and str(old_layout) in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        resolve_config(None, {"model.init_from": "/kaggle/input/qwen-4"})
+    assert "no such folder; attached models: " in str(err.value) and str(new_layout) in str(err.value)
+    assert HFTokenizer.load("qwen-3").name == str(new_layout)  # tokenizer.pretrained_name finds it the same way
 
 
 @pytest.mark.parametrize("hf_config, named", [
