@@ -19,6 +19,7 @@ its own, also starts a prompt-less `generate()`. The embedding's padding rows ar
 write: a folder holding other files is refused, and `--force` replaces only the export's own files there.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -85,7 +86,10 @@ def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Pa
     export's own files and keeps the others."""
     from safetensors.torch import save_file  # imported late: transformers is slow to import
 
-    location, folder = str(folder), Path(folder).expanduser().resolve()
+    # the snippet names the folder as the user did, but an absolute path only by its name: no local folder
+    # (a home directory) is published with the model
+    location = str(folder) if not Path(folder).expanduser().is_absolute() else Path(folder).name
+    folder = Path(folder).expanduser().resolve()
     check_export_target(folder, force)
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -208,7 +212,10 @@ class ModelCardFacts:
         return self.hf_config.architectures[0]
 
     def data_source(self) -> str:
-        return self.run.data.get("source") or self.config.data.text_glob or "the demo corpus (pydoc_data.topics)"
+        """What the card may publish: the run's data as section 5 names it (file names, Kaggle slugs), else the
+        glob's last part, never a local folder."""
+        glob_name = Path(self.config.data.text_glob).name
+        return self.run.data.get("source") or glob_name or "the demo corpus (pydoc_data.topics)"
 
 
 def write_model_card(facts: ModelCardFacts, path: Path) -> None:
@@ -230,8 +237,21 @@ def write_model_card(facts: ModelCardFacts, path: Path) -> None:
             "## Data", "", markdown_table(data_rows(facts)), "",
             "## Model", "", markdown_table(model_rows(facts)), "",
             "## Use", "", card_usage(facts), "",
-            "## Training config", "", "```yaml", config_to_yaml(facts.config).rstrip(), "```", ""]
+            "## Training config", "", "```yaml", config_to_yaml(publishable(facts.config)).rstrip(), "```", ""]
     ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body)).save(path)
+
+
+def publishable(config: Config) -> Config:
+    """The config with each local absolute path cut to its last two parts (`.../books/*.txt`): a model card is
+    published, a home directory's name should not be."""
+    def short(value):
+        if isinstance(value, str) and value and os.path.isabs(os.path.expanduser(value)):
+            return ".../" + "/".join(Path(os.path.expanduser(value)).parts[-2:])
+        return value
+
+    sections = {name: dataclasses.replace(part, **{f.name: short(getattr(part, f.name)) for f in dataclasses.fields(part)})
+                for name, part in vars(config).items()}
+    return dataclasses.replace(config, **sections)
 
 
 def card_summary(facts: ModelCardFacts) -> str:
@@ -288,7 +308,7 @@ def card_usage(facts: ModelCardFacts) -> str:
                 else "greedy decoding")
     return "\n".join([
         "```python", "from transformers import pipeline", "",
-        f"generator = pipeline(\"text-generation\", model={json.dumps(facts.location)})",
+        f"generator = pipeline(\"text-generation\", model={json.dumps(facts.location)})  # this folder, or its Hub id",
         "print(generator(\"The \")[0][\"generated_text\"])", "```", "",
         f"The generation config holds the run's sampling settings ({settings}) and `max_length` = {context}, the "
         "model's context, prompt included: transformers' model classes cannot slide a window "

@@ -444,6 +444,26 @@ def report_skipped(skipped: list[tuple[str, str]], limit: int = 5) -> str:
     return "; ".join(entries)
 
 
+def public_names(paths: list[Path], limit: int = 3) -> str:
+    """The data as a model card may name it: Kaggle datasets by their slug (owner/slug), other files by their
+    names; never a local folder (a home directory's path would be published with the model)."""
+    root = kaggle_root() / "input"
+    names = []
+    for path in paths:
+        parts = Path(os.path.abspath(path)).parts
+        inside = parts[len(root.parts):] if parts[:len(root.parts)] == root.parts else ()
+        if inside[:1] == ("datasets",) and len(inside) > 3:
+            name = f"{inside[1]}/{inside[2]}"
+        elif inside[:1] == ("competitions",) and len(inside) > 2:
+            name = f"competition {inside[1]}"
+        else:
+            name = f"Kaggle dataset {inside[0]}" if len(inside) > 1 else path.name
+        if name not in names:
+            names.append(name)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def list_sources(text_glob: str, text_field: str = "") -> tuple[str, list[Source], list[tuple[str, str]]]:
     """(a description, the documents' sources, the files skipped with why). With no glob: on Kaggle every
     supported file of the attached inputs when there are any, else the demo corpus."""
@@ -467,8 +487,7 @@ def list_sources(text_glob: str, text_field: str = "") -> tuple[str, list[Source
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         if searching:
             print(f"[data] data.text_glob is empty: using the attached inputs' files ({kinds})")
-        description = f"{len(sources)} file(s) ({kinds}) {'attached under' if searching else 'matching'} {where}"
-        return description, sources, skipped
+        return f"{len(sources)} file(s) ({kinds}): {public_names([s.path for s in sources])}", sources, skipped
     unusable = [(p, r) for p, r in skipped if not r.startswith("in ")]
     if searching and not unusable:
         print(f"[data] no text file under {where}: training on the demo corpus (attach a dataset, or set DATA_GLOB)")

@@ -13,6 +13,7 @@ from kernel.sources import list_sources
 from kernel.data import prepare_data
 from kernel.env import KernelError
 from kernel.main import main
+from tests.conftest import TINY
 
 END = "<|endoftext|>"
 LONG_CELL = "a very long review, " * 10_000  # 200 KB: over csv's default field size limit
@@ -162,3 +163,15 @@ def test_the_text_field_is_chosen_for_each_record_so_records_that_differ_are_rea
                          [json.dumps({"text": f"text {i} " * 40}) for i in range(9)])
     counted = prepare_data(tiny(data__text_glob=str(header), model__block_size=8), tmp_path / "cache3")
     assert counted.stats["skipped_records"] == {"no text field": 1} and len(documents_of(counted)) == 9
+
+
+def test_the_data_is_named_by_file_names_never_by_a_local_folder(tmp_path, tiny):
+    home = tmp_path / "home" / "someone" / "books"
+    write_jsonl(home / "wonderland.jsonl", [json.dumps({"text": "Alice " * 50})] * 30)
+    (home / "looking-glass.txt").write_text("Through the looking glass. " * 200, encoding="utf-8")
+    description, _, _ = list_sources(str(home / "*"))
+    assert description == "2 file(s) (1 jsonl, 1 text): looking-glass.txt, wonderland.jsonl"
+    summary = main("llm_cpu.yaml", {**TINY, "data.text_glob": str(home / "*")}, out_dir=str(tmp_path / "o"))
+    card = (tmp_path / "o" / "hf" / "README.md").read_text(encoding="utf-8")
+    assert str(tmp_path) not in summary["data"]["source"] and str(tmp_path) not in card
+    assert "looking-glass.txt, wonderland.jsonl" in card
