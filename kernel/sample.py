@@ -15,6 +15,7 @@ from it: `sample_from_run` is what the notebook's last cell calls.
 """
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -22,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from kernel.env import KernelError, resolve_device
-from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict, sample_problems
-from kernel.tokenization import Tokenizer, tokenizer_from_dict
+from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict, load_config, sample_problems
+from kernel.tokenization import HFTokenizer, Tokenizer, tokenizer_from_dict
 from kernel.model import GPT, KVCache, build_model
-from kernel.checkpoint import Checkpoint, given_checkpoint, load_checkpoint
+from kernel.hf_interop import apply_pretrained, is_model_folder, load_hf_weights
+from kernel.checkpoint import Checkpoint, checkpoints_in, given_checkpoint, load_checkpoint
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -144,6 +146,21 @@ def load_trained(path: str | Path, checkpoint: Checkpoint | None = None) -> tupl
     return config, tokenizer, model
 
 
+def load_transformers_folder(folder: Path) -> tuple[Config, Tokenizer, GPT]:
+    """A transformers model folder (a run's hf/, a downloaded or attached model) as section 8 reads it for
+    model.init_from: its shape, tokenizer and weights; its generation_config.json's sampling settings, if any."""
+    config = load_config(None, {"model.init_from": str(folder)}, "the sampled folder", pretrained=apply_pretrained)
+    tokenizer = HFTokenizer.load(config.tokenizer.pretrained_name)
+    model = build_model(config, tokenizer.vocab_size)
+    load_hf_weights(model, folder)
+    generation = folder / "generation_config.json"
+    saved = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else {}
+    sampling = {key: saved[key] for key in ("temperature", "top_k", "top_p") if key in saved}
+    if saved and not saved.get("do_sample", True):
+        sampling["temperature"] = 0.0  # greedy, as transformers would generate
+    return dataclasses.replace(config, sample=dataclasses.replace(config.sample, **sampling)), tokenizer, model
+
+
 def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device: str, name) -> str:
     """Samples from a checkpoint or a run folder. `changes`: sample.* values to use instead of the
     checkpoint's (None keeps its own), checked before anything is loaded; a bad one is named by `name`."""
@@ -151,9 +168,14 @@ def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device:
     if not DEVICE_PATTERN.fullmatch(device):
         raise KernelError(f"{name('device')} must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
     device = resolve_device(device)
-    path, checkpoint = given_checkpoint(path)
-    print(f"[sample] {path} (step {checkpoint.step:,})", file=sys.stderr)
-    config, tokenizer, model = load_trained(path, checkpoint)
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not checkpoints_in(folder) and is_model_folder(folder):
+        print(f"[sample] {folder} (a transformers model folder)", file=sys.stderr)
+        config, tokenizer, model = load_transformers_folder(folder)
+    else:
+        path, checkpoint = given_checkpoint(path)
+        print(f"[sample] {path} (step {checkpoint.step:,})", file=sys.stderr)
+        config, tokenizer, model = load_trained(path, checkpoint)
     settings = sampling_settings(config.sample, name, **changes)
     seed = config.train.seed if seed is None else seed  # the run's own samples.txt used train.seed too
     return format_samples(sample_texts(model.to(device), tokenizer, settings, device, seed))

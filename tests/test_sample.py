@@ -199,3 +199,17 @@ def test_help_lists_the_commands_and_a_mistyped_command_gets_the_closest(capsys)
     assert capsys.readouterr().err.startswith("error: unknown command 'sampel'; did you mean 'sample'?")
     assert cli(["--sett", "x"]) == 2
     assert capsys.readouterr().err.startswith("error: unrecognized arguments: --sett x")
+
+
+@pytest.mark.slow
+def test_sample_takes_a_transformers_folder_and_its_text_equals_the_checkpoints(trained_run, tmp_path, capsys):
+    """`python -m kernel sample outputs/hf`: the exported folder (or any transformers folder init_from takes)
+    samples the same text as the checkpoint it came from, with the generation config's settings."""
+    capsys.readouterr()
+    flags = ["--prompt", "The ", "--max-new-tokens", "40", "--seed", "3", "--top-k", "20"]
+    assert cli(["sample", str(trained_run), *flags]) == 0
+    from_checkpoint = capsys.readouterr().out
+    copy = shutil.copytree(trained_run / "hf", tmp_path / "downloaded")  # a folder on its own, no run beside it
+    assert cli(["sample", str(copy), *flags]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == from_checkpoint and "(a transformers model folder)" in printed.err
