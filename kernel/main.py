@@ -222,8 +222,9 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                        now=now, stop_requests=stops, run_started=started, on_eval=curves.update)
         if not processes.is_main:
             return None
-        print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
-              f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
+        if result.step or result.stopped_by != "max_steps":
+            print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
+                  f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
         summary = run_summary(result, prepared, device, processes, environment, out_dir)
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
         finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary)

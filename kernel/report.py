@@ -143,15 +143,18 @@ class LossCurves:
 def human_summary(summary: dict) -> str:
     """A few lines a person reads at the end of the notebook."""
     out = summary["out_dir"]
-    return "\n".join([
-        f"Model: {count_words(summary['params'])} parameters, trained {summary['steps']:,} steps on "
-        f"{summary['tokens']:,} tokens ({summary['device']}, {summary['dtype']}), stopped by {summary['stopped_by']}.",
+    evaluated_only = summary["steps"] == 0 and summary["stopped_by"] == "max_steps"
+    trained = ("evaluated as it is (train.max_steps=0), not trained" if evaluated_only else
+               f"trained {summary['steps']:,} steps on {summary['tokens']:,} tokens ({summary['device']}, "
+               f"{summary['dtype']}), stopped by {summary['stopped_by']}")
+    speed = ("" if evaluated_only else f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s "
+             "of training" + (f", {100 * summary['mfu']:.1f}% model FLOPs utilisation." if summary.get("mfu") else "."))
+    return "\n".join(line for line in [
+        f"Model: {count_words(summary['params'])} parameters, {trained}.",
         f"Validation: loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}, "
         f"{summary['val_bpb']:.3f} bits per byte" + ("" if math.isfinite(summary["val_loss"]) else " (diverged)") + ".",
-        f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s of training"
-        + (f", {100 * summary['mfu']:.1f}% model FLOPs utilisation." if summary.get("mfu") else "."),
-        f"Files in {out}: {', '.join(output_files(Path(out)))}.",
-    ])
+        speed, f"Files in {out}: {', '.join(output_files(Path(out)))}.",
+    ] if line)
 
 
 # What a run writes, as the summary names it (a step skipped after a stop or a warning leaves its file out).

@@ -164,3 +164,15 @@ def test_check_env_says_when_this_torch_lacks_the_configured_optimizer(monkeypat
     monkeypatch.delattr(torch.optim, "Muon")  # torch < 2.9
     check_env_command(check_env_parser().parse_args(["--config", "llm_cpu.yaml"]))
     assert "[env] train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch" in capsys.readouterr().out
+
+
+def test_an_evaluate_only_run_reports_itself_as_such():
+    summary = {"out_dir": "/nowhere", "steps": 0, "tokens": 0, "stopped_by": "max_steps", "params": 1_234_567,
+               "device": "cpu", "dtype": "float32", "val_loss": 2.5, "val_ppl": 12.18, "val_bpb": 3.6,
+               "tokens_per_s": 0.0, "wall_s": 17.0, "mfu": None}
+    text = human_summary(summary)
+    assert text.splitlines()[0] == "Model: 1.23M parameters, evaluated as it is (train.max_steps=0), not trained."
+    assert "tokens/s" not in text and "of training" not in text
+    trained = human_summary({**summary, "steps": 30, "tokens": 960, "tokens_per_s": 480.0, "wall_s": 2.0})
+    assert "trained 30 steps on 960 tokens (cpu, float32), stopped by max_steps" in trained
+    assert "Speed: 480 tokens/s over 2 s of training." in trained
