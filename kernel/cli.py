@@ -27,7 +27,7 @@ from kernel.config import SampleConfig, did_you_mean
 from kernel.distributed import processes_to_launch
 from kernel.checkpoint import given_checkpoint
 from kernel.optim import optimizer_blocker
-from kernel.progress import RunStopped
+from kernel.progress import RunStopped, StopRequests
 from kernel.sample import load_trained, sample_checkpoint
 from kernel.export import checkpoint_facts, export_hf
 from kernel.main import CPU_CONFIG, GPU_CONFIG, resolve_config, run_or_launch
@@ -154,17 +154,18 @@ def cli(argv: list[str] | None = None) -> int:
     commands = {"sample": (sample_parser, sample_command), "export": (export_parser, export_command),
                 "check-env": (check_env_parser, check_env_command)}
     try:
-        if argv and argv[0] in commands:
-            make_parser, command = commands[argv[0]]
-            command(make_parser().parse_args(argv[1:]))
-        elif argv and not argv[0].startswith("-"):
-            raise KernelError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(commands))} "
-                              "(`python -m kernel --help` lists the commands; with none, it trains)")
-        else:
-            args = build_parser().parse_args(argv)
-            out_dir = args.out or default_out_dir()
-            run_or_launch(resolve_config(args.config, args.overrides), out_dir,
-                          dict(config=args.config, overrides=args.overrides, data_glob="", out_dir=out_dir))
+        with StopRequests():  # a signal before the work is done stops it (exit 128 + N); after, it is ignored
+            if argv and argv[0] in commands:
+                make_parser, command = commands[argv[0]]
+                command(make_parser().parse_args(argv[1:]))
+            elif argv and not argv[0].startswith("-"):
+                raise KernelError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(commands))} "
+                                  "(`python -m kernel --help` lists the commands; with none, it trains)")
+            else:
+                args = build_parser().parse_args(argv)
+                out_dir = args.out or default_out_dir()
+                run_or_launch(resolve_config(args.config, args.overrides), out_dir,
+                              dict(config=args.config, overrides=args.overrides, data_glob="", out_dir=out_dir))
     except RunStopped as stop:  # a stop signal before training: the usual exit code of a signalled program
         print(f"stopped: {stop}", file=sys.stderr)
         return 128 + signal.Signals[stop.signal_name].value

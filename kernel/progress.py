@@ -151,6 +151,7 @@ class StopRequests:
         self.signal_name: str | None = None
         self.previous: dict = {}
         self.deferred = False
+        self.finished = False
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -160,9 +161,19 @@ class StopRequests:
 
     def request(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        if self.finished:
+            return
         if not self.deferred:
             raise RunStopped(self.signal_name)
         print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
+
+    def finish(self) -> None:
+        """The run's last output is written: a signal from now on changes nothing (the exit code stays 0), here
+        and in the StopRequests this one is nested in (the command line's)."""
+        self.finished = True
+        for handler in self.previous.values():
+            if isinstance(getattr(handler, "__self__", None), StopRequests):
+                handler.__self__.finished = True
 
     @contextlib.contextmanager
     def between_steps(self):

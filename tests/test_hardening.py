@@ -19,6 +19,7 @@ from kernel.config import ConfigError, load_config
 from kernel.sources import Source, find_text_files
 from kernel.env import FILE_MODE, KernelError
 from kernel.main import run
+from kernel.progress import RunStopped, StopRequests
 from kernel.sample import sample_from_run
 from kernel.env import write_json_atomic
 from tests.test_reliability import ROOT, metrics_without_timing, start_cli, wait_for_step
@@ -237,6 +238,30 @@ def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(t
     assert process.returncode == 0, output
     assert "Traceback" not in output and "[stop] samples.txt skipped after SIGTERM" in output
     assert json.loads((out / "summary.json").read_text())["steps"] == 10 and not (out / "samples.txt").exists()
+
+
+def test_a_signal_after_the_last_output_changes_nothing_but_one_before_stops(monkeypatch):
+    outer = StopRequests()
+    with outer:
+        with StopRequests() as inner:
+            with pytest.raises(RunStopped):  # the work is not done: a signal stops it
+                os.kill(os.getpid(), signal.SIGTERM)
+            inner.finish()
+            os.kill(os.getpid(), signal.SIGTERM)  # the last output is written: nothing happens
+        os.kill(os.getpid(), signal.SIGINT)  # back in the command line's requests, finished with the run
+    assert outer.finished and inner.signal_name == "SIGTERM"
+
+
+@pytest.mark.slow
+def test_a_run_signalled_right_after_its_last_line_exits_zero(tmp_path):
+    process = start_cli(tmp_path / "out", "--set", "train.max_steps=10")
+    for line in process.stdout:
+        if line.startswith("Files in "):  # the summary's last line: the run's work is done
+            process.send_signal(signal.SIGTERM)
+            break
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 10
 
 
 # --- Errors, not tracebacks -------------------------------------------------------------------------------
