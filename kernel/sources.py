@@ -166,17 +166,31 @@ def json_records(source: Source) -> Iterator:
 def csv_records(source: Source) -> Iterator[str | None]:
     """Each row's text cell, streamed (quoted cells may hold newlines, commas and tabs)."""
     csv.field_size_limit(2**31 - 1)  # the default (128 KB) would reject a long document
+    row_lines: list[str] = []  # the raw lines of the row being read
+    last_row: list[str] = []
     with open_text(source.path) as f:
-        reader = csv.reader(f, delimiter="\t" if source.format == "tsv" else ",")
+        reader = csv.reader(recorded(f, row_lines), delimiter="\t" if source.format == "tsv" else ",")
         try:
             header = next(reader, [])
+            row_lines.clear()
             column = header.index(text_field_for(source, {name: "" for name in header}, "columns"))
             for row in reader:
+                last_row = row_lines[:]
+                row_lines.clear()
                 if row:  # csv gives [] for a blank line
                     yield row[column] if column < len(row) else None
         except csv.Error as err:
             raise KernelError(f"{source.path}, line {reader.line_num}: not readable as {source.format.upper()} "
                               f"({err})") from None
+    if len(last_row) > 1 and "".join(last_row).count('"') % 2:  # an odd number of quotes: one never closed
+        print(f"[data] warning: {source.path}: a quote opened {len(last_row)} lines before the end is never closed, "
+              "so those lines were read as one cell; check the file's quoting")
+
+
+def recorded(lines: Iterator[str], into: list[str]) -> Iterator[str]:
+    for line in lines:
+        into.append(line)
+        yield line
 
 
 def parquet_records(source: Source) -> Iterator:

@@ -175,3 +175,18 @@ def test_the_data_is_named_by_file_names_never_by_a_local_folder(tmp_path, tiny)
     card = (tmp_path / "o" / "hf" / "README.md").read_text(encoding="utf-8")
     assert str(tmp_path) not in summary["data"]["source"] and str(tmp_path) not in card
     assert "looking-glass.txt, wonderland.jsonl" in card
+
+
+def test_an_unclosed_quote_in_a_csv_is_named_and_a_closed_multiline_cell_is_not(tmp_path, tiny, capsys):
+    rows = "".join(f'{i},"review {i}, with a comma and\na second line",{i % 5}\n' for i in range(40))
+    good = tmp_path / "good" / "reviews.csv"
+    good.parent.mkdir()
+    good.write_text("id,text,stars\n" + rows, encoding="utf-8")
+    _, sources, _ = list_sources(str(good))
+    assert len(list(sources[0].documents())) == 40 and "never closed" not in capsys.readouterr().out
+    bad = tmp_path / "bad" / "reviews.csv"
+    bad.parent.mkdir()
+    bad.write_text("id,text,stars\n" + rows + '41,"this quote is never closed, 1\n42,next row,2\n43,last row,3\n')
+    _, sources, _ = list_sources(str(bad))
+    assert len(list(sources[0].documents())) == 41
+    assert "reviews.csv: a quote opened 3 lines before the end is never closed" in capsys.readouterr().out
