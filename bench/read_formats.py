@@ -56,7 +56,7 @@ def write_inputs(folder: Path, megabytes: int) -> dict[str, Path]:
 def measure_one(path: str) -> None:
     """In a fresh process: one `measure` pass over the file; prints MB/s and peak RSS as JSON."""
     sys.path.insert(0, str(ROOT))
-    from kernel.sources import list_sources
+    from kernel.inputs import list_sources
     from kernel.data import measure
     _, sources, _ = list_sources(path)
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""## 10. Checkpoints
+"""## 11. Checkpoints
 
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights, the
 optimizer and grad-scaler states, the step, the batch sampler's position, every process's random-number

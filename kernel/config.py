@@ -11,7 +11,7 @@ all reported at once. The resolved config is saved as `config.yaml` in the outpu
 checkpoints, and loading that file again gives the same config.
 
 With `model.init_from` (a `transformers` model folder: GPT-2, Llama or Qwen3) the model's own
-`config.json` then decides the model's shape and its tokenizer (section 8): it overrides the defaults and
+`config.json` then decides the model's shape and its tokenizer (section 9): it overrides the defaults and
 the bundled presets, and a value you set yourself that differs from it is an error naming both.
 """
 
@@ -62,7 +62,7 @@ class ModelConfig:
     tie_embeddings: bool = True           # the output head shares the token embedding's matrix
     max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
-    size: str = ""                        # auto: the shape the time budget buys (section 15); "25M": that many parameters
+    size: str = ""                        # auto: the shape the time budget buys (section 16); "25M": that many parameters
     init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
@@ -394,7 +394,7 @@ def file_layers(name: str) -> list[tuple[str, dict]]:
 def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | None = None,
                 overrides_origin: str = "--set", pretrained: Callable[[Config, dict], None] | None = None) -> Config:
     """Defaults -> `extends` chain -> file -> overrides, then the cross-field checks. This reads no file but the
-    YAML and never the network: `pretrained` (main passes section 8's `apply_pretrained`) applies
+    YAML and never the network: `pretrained` (main passes section 9's `apply_pretrained`) applies
     model.init_from's shape and tokenizer, told which keys the user set and where ("section.key" -> origin)."""
     config = Config()
     layers = file_layers(source) if source else []

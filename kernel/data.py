@@ -1,6 +1,6 @@
-"""## 6. Tokens and batches
+"""## 7. Tokens and batches
 
-The documents of section 5 become token files on disk, and random training windows are served from them.
+The documents of sections 5 and 6 become token files on disk, and random training windows are served from them.
 Built for corpora from one small .txt to many gigabytes:
 
 * **Split**: the last `data.val_fraction` of the characters is validation, the rest training: the two never
@@ -45,7 +45,8 @@ import torch
 from kernel.env import CACHE_DIR, KernelError, is_kaggle, process_alive, write_atomic, write_error_advice
 from kernel.config import Config
 from kernel.tokenization import Tokenizer, document_separator, tokenizer_class, tokenizer_from_dict
-from kernel.sources import INVALID_BYTE_COUNTS, Source, list_sources
+from kernel.sources import INVALID_BYTE_COUNTS, Source
+from kernel.inputs import list_sources
 
 PIECE_CHARS = 1 << 20            # characters per encoding task
 KAGGLE_CACHE_FOLDER = "train-gpt-token-cache"  # under the temporary folder (/tmp) on Kaggle
@@ -83,14 +84,14 @@ def measure(sources: list[Source]) -> dict:
             found["invalid_bytes"][source.name] = count
             print(f"[data] {source.name}: {count} invalid UTF-8 byte sequence(s) replaced by U+FFFD")
         if source.format != "text" and not documents:
-            raise KernelError(f"{source.path}: no record has text ({dict(skipped) or 'no records'}); check "
+            raise KernelError(f"{source.name}: no record has text ({dict(skipped) or 'no records'}); check "
                               f"data.text_field (now {source.text_field or 'automatic'!r})")
         skipped_records.update(skipped)
         per_format = found["formats"].setdefault(source.format if source.path else "demo", {"files": 0, "documents": 0})
         per_format["files"] += source.path is not None
         per_format["documents"] += documents
         found["documents"] += documents
-        found["bytes"] += source.path.stat().st_size if source.path else len(source.text.encode("utf-8"))
+        found["bytes"] += source.size() if source.path else len(source.text.encode("utf-8"))
     found["skipped_records"] = dict(skipped_records)
     if skipped_records:
         print(f"[data] records skipped: {', '.join(f'{n:,} {why}' for why, n in skipped_records.items())}")

@@ -1,4 +1,4 @@
-"""## 17. Export to Hugging Face transformers
+"""## 18. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
@@ -212,7 +212,7 @@ class ModelCardFacts:
         return self.hf_config.architectures[0]
 
     def data_source(self) -> str:
-        """What the card may publish: the run's data as section 5 names it (file names, Kaggle slugs), else the
+        """What the card may publish: the run's data as section 6 names it (file names, Kaggle slugs), else the
         glob's last part, never a local folder."""
         glob_name = Path(self.config.data.text_glob).name
         return self.run.data.get("source") or glob_name or "the demo corpus (pydoc_data.topics)"

@@ -1,4 +1,4 @@
-"""## 19. Main
+"""## 20. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, plan the model's
 shape (with `model.size`), train (resuming when a checkpoint is there; with several GPUs, in one process per

@@ -1,4 +1,4 @@
-"""## 7. The model
+"""## 8. The model
 
 A decoder-only transformer in two presets that share one implementation:
 
@@ -12,7 +12,7 @@ Keeping each preset exactly its namesake means a trained model exports to `trans
 loaded to start from (`model.init_from`). Pretrained models differ from the presets in details the model
 also holds exactly: grouped-query attention (fewer key/value heads than query heads), a head width that is
 not width / heads, any MLP width, an output head of its own (not tied to the embedding), their norms'
-epsilon and a position count longer than the training windows. Section 8 maps each of these tensors to its
+epsilon and a position count longer than the training windows. Section 9 maps each of these tensors to its
 name in a `transformers` checkpoint.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel

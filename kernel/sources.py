@@ -1,41 +1,35 @@
 """## 5. Reading your text
 
-Which files are training text, and how each format becomes documents. Everything here is streamed (a
-`.json` file excepted: JSON has no streaming form), so memory stays flat however large the files are.
+How each file becomes documents. Everything here is streamed (a `.json` file excepted: JSON has no streaming
+form), so memory stays flat however large the files are.
 
-* **Formats**, by extension (any may end in `.gz`): plain text (`.txt`, `.md`, `.text`; a file the glob names
-  with another extension is read as text too) is one document per file; `.jsonl` (or `.ndjson`), `.json`,
-  `.csv`, `.tsv` and `.parquet` hold records, each one document: the field `data.text_field` names (a dotted
-  name reaches into nested JSON), or else `text`, `content` or the only text field. Records without text
-  are counted and skipped. Text is UTF-8 (UTF-16/32 by their BOM); a BOM is stripped, invalid bytes are
-  replaced (and counted per file), binary files are skipped.
-* **Finding the files**: `data.text_glob` (`**` recurses), in file-name order. Never read, even when the glob
-  matches them: a training run's output folder (an earlier version attached as an input: its samples and
-  logs), a notebook's kept outputs and a model's folder.
-* **Empty glob**: on Kaggle every readable file of the attached datasets and competitions (attached files
-  of which none is readable are an error listing them and why); elsewhere, or with nothing attached, the
-  **demo corpus**: the help topics that ship inside every Python (`pydoc_data.topics`, ~465 KB of English),
-  so the default run needs no download.
+* **Formats**, by extension (any may end in `.gz`, and any may be a member of a `.zip` or `.tar` archive):
+  plain text (`.txt`, `.md`, `.text`; a file the glob names with another extension is read as text too) is
+  one document per file; `.jsonl` (or `.ndjson`), `.json`, `.csv`, `.tsv` and `.parquet` hold records, each
+  one document.
+* **The text of a record**: the field `data.text_field` names (a dotted name reaches into nested JSON;
+  several names, comma-separated, the first a record has), or else `text`, `content` or its only text field,
+  chosen for each record. Records without text are counted and skipped.
+* **Text** is UTF-8 (UTF-16/32 by their BOM); a BOM is stripped, invalid bytes are replaced (and counted per
+  file), binary files are skipped. A truncated or damaged compressed file is one error naming it.
 """
 
 import codecs
 import collections
 import contextlib
 import csv
-import fnmatch
-import glob
 import gzip
 import io
 import json
-import os
+import tarfile
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from kernel.env import RUN_OUTPUT_NAMES, KernelError, is_kaggle, kaggle_root
+from kernel.env import KernelError
 
-DEMO_CORPUS = "demo corpus: Python's built-in help topics (pydoc_data.topics)"
 READ_BLOCK_CHARS = 8 << 20       # characters read from a file at a time
 
 
@@ -61,7 +55,14 @@ TEXT_EXTENSIONS = {".txt", ".md", ".text"}
 RECORD_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
                   ".parquet": "parquet"}
 AUTO_TEXT_FIELDS = ("text", "content")  # data.text_field empty: the first of these a file has
-SUPPORTED = "text (.txt .md .text), .jsonl, .json, .csv, .tsv, .parquet, each also as .gz"
+SUPPORTED = "text (.txt .md .text), .jsonl, .json, .csv, .tsv, .parquet, each also as .gz, and in .zip or .tar"
+
+
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")  # their members are read by their own extensions
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_EXTENSIONS)
 
 
 def file_format(path: Path) -> str | None:
@@ -77,10 +78,20 @@ def open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
-def open_text(path: Path) -> io.TextIOWrapper:
-    """The file as text: gzip undone, UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (as Windows tools
-    often write), the BOM stripped, invalid bytes replaced by U+FFFD (and counted), line ends kept as they are."""
-    raw = open_binary(path)
+def open_member(archive: Path, member: str):
+    """One file inside a .zip or .tar archive, streamed (gzip undone when the member's name ends in .gz)."""
+    if archive.name.lower().endswith(".zip"):
+        raw = zipfile.ZipFile(archive).open(member)
+    else:
+        raw = tarfile.open(archive, "r:*").extractfile(member)
+    return gzip.GzipFile(fileobj=raw) if member.lower().endswith(".gz") else io.BufferedReader(raw)
+
+
+def open_text(path: Path, member: str = "") -> io.TextIOWrapper:
+    """The file (or an archive's member) as text: gzip undone, UTF-8 unless a byte-order mark says UTF-16 or
+    UTF-32 (as Windows tools often write), the BOM stripped, invalid bytes replaced by U+FFFD (and counted),
+    line ends kept as they are."""
+    raw = open_member(path, member) if member else open_binary(path)
     head = raw.peek(4)[:4]
     encoding = next((name for bom, name in UNICODE_BOMS if head.startswith(bom)), "utf-8-sig")
     return io.TextIOWrapper(raw, encoding=encoding, errors="kernel_count_invalid", newline="")
@@ -94,17 +105,26 @@ class Source:
     text: str | None = None
     format: str = "text"
     text_field: str = ""  # data.text_field: which field of a record holds its text ("" = automatic)
+    member: str = ""      # a file inside the archive at `path`
+    member_size: int = 0
 
     def signature(self) -> list:
         if self.path is None:
             return [self.name, len(self.text)]
         stat = self.path.stat()
-        return [str(self.path), stat.st_size, stat.st_mtime_ns]
+        return [str(self.path), stat.st_size, stat.st_mtime_ns] + ([self.member] if self.member else [])
+
+    def size(self) -> int:
+        """Bytes as stored (an archive's member: uncompressed)."""
+        return self.member_size if self.member else self.path.stat().st_size
+
+    def open_text(self) -> io.TextIOWrapper:
+        return open_text(self.path, self.member)
 
     def looks_binary(self) -> bool:
         if self.path is None or self.format != "text":
             return False
-        with open_binary(self.path) as f:
+        with (open_member(self.path, self.member) if self.member else open_binary(self.path)) as f:
             head = f.read(8192)
         return b"\x00" in head and not any(head.startswith(bom) for bom, _ in UNICODE_BOMS)  # UTF-16/32 hold NULs
 
@@ -113,7 +133,7 @@ class Source:
         if self.path is None:
             yield self.text
             return
-        with self.reading(), open_text(self.path) as f:
+        with self.reading(), self.open_text() as f:
             while block := f.read(READ_BLOCK_CHARS):
                 yield block
 
@@ -122,7 +142,7 @@ class Source:
         """A truncated or corrupt .gz file is one line naming it, not a decompressor's traceback."""
         try:
             yield
-        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        except (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile, tarfile.TarError) as err:
             raise KernelError(f"{self.path}: a truncated or corrupt compressed file ({err}); download it again, "
                               "or leave it out of data.text_glob") from None
 
@@ -143,7 +163,7 @@ INVALID_JSON = object()  # a JSON Lines line that does not parse
 
 
 def jsonl_records(source: Source) -> Iterator:
-    with open_text(source.path) as f:
+    with source.open_text() as f:
         for line in f:
             if line.strip():
                 try:
@@ -154,11 +174,11 @@ def jsonl_records(source: Source) -> Iterator:
 
 def json_records(source: Source) -> Iterator:
     """A .json file: a list of records, or one record (read whole: JSON has no streaming form)."""
-    with open_text(source.path) as f:
+    with source.open_text() as f:
         try:
             data = json.load(f)
         except ValueError as err:
-            raise KernelError(f"{source.path} is not valid JSON ({err}); a file of one JSON record per line "
+            raise KernelError(f"{source.name} is not valid JSON ({err}); a file of one JSON record per line "
                               "should be named .jsonl") from None
     yield from data if isinstance(data, list) else [data]
 
@@ -168,7 +188,7 @@ def csv_records(source: Source) -> Iterator[str | None]:
     csv.field_size_limit(2**31 - 1)  # the default (128 KB) would reject a long document
     row_lines: list[str] = []  # the raw lines of the row being read
     last_row: list[str] = []
-    with open_text(source.path) as f:
+    with source.open_text() as f:
         reader = csv.reader(recorded(f, row_lines), delimiter="\t" if source.format == "tsv" else ",")
         try:
             header = next(reader, [])
@@ -180,10 +200,10 @@ def csv_records(source: Source) -> Iterator[str | None]:
                 if row:  # csv gives [] for a blank line
                     yield row[column] if column < len(row) else None
         except csv.Error as err:
-            raise KernelError(f"{source.path}, line {reader.line_num}: not readable as {source.format.upper()} "
+            raise KernelError(f"{source.name}, line {reader.line_num}: not readable as {source.format.upper()} "
                               f"({err})") from None
     if len(last_row) > 1 and "".join(last_row).count('"') % 2:  # an odd number of quotes: one never closed
-        print(f"[data] warning: {source.path}: a quote opened {len(last_row)} lines before the end is never closed, "
+        print(f"[data] warning: {source.name}: a quote opened {len(last_row)} lines before the end is never closed, "
               "so those lines were read as one cell; check the file's quoting")
 
 
@@ -200,12 +220,12 @@ def parquet_records(source: Source) -> Iterator:
         import pyarrow.parquet as pq
         from pyarrow import types
     except ImportError:
-        raise KernelError(f"{source.path} is a Parquet file, which needs the pyarrow package: "
+        raise KernelError(f"{source.name} is a Parquet file, which needs the pyarrow package: "
                           "pip install pyarrow (Kaggle's image has it)") from None
     try:
-        table = pq.ParquetFile(source.path)
+        table = pq.ParquetFile(io.BytesIO(open_member(source.path, source.member).read()) if source.member else source.path)
     except Exception as err:  # pyarrow's own error types (ArrowInvalid, ...) for a file that is not Parquet
-        raise KernelError(f"{source.path} is not a readable Parquet file: {err}") from None
+        raise KernelError(f"{source.name} is not a readable Parquet file: {err}") from None
     columns = {f.name: "" if types.is_string(f.type) or types.is_large_string(f.type) else None
                for f in table.schema_arrow}
     field = text_field_for(source, columns, "columns")
@@ -215,7 +235,7 @@ def parquet_records(source: Source) -> Iterator:
         try:
             batch = next(batches, None)
         except Exception as err:  # noqa: BLE001 - pyarrow's errors for damaged pages (corrupt compression, ...)
-            raise KernelError(f"{source.path}: a damaged Parquet file ({type(err).__name__}: {err}); download it "
+            raise KernelError(f"{source.name}: a damaged Parquet file ({type(err).__name__}: {err}); download it "
                               "again, or leave it out of data.text_glob") from None
         if batch is None:
             return
@@ -238,10 +258,10 @@ def text_field_for(source: Source, record: dict, kind: str = "fields") -> str:
     if source.text_field:
         names = [name.strip() for name in source.text_field.split(",") if name.strip()]
         if source.format in TABULAR:
-            raise KernelError(f"{source.path} has no column {' or '.join(map(repr, names))} (data.text_field); "
+            raise KernelError(f"{source.name} has no column {' or '.join(map(repr, names))} (data.text_field); "
                               f"{listing}")
         return names[0]  # JSON: a record without the field is counted, not an error
-    raise KernelError(f"{source.path}: no field named {' or '.join(map(repr, AUTO_TEXT_FIELDS))}; {listing}; set "
+    raise KernelError(f"{source.name}: no field named {' or '.join(map(repr, AUTO_TEXT_FIELDS))}; {listing}; set "
                       "data.text_field to the one holding the text (a dotted name reaches into nested JSON, "
                       "e.g. meta.body; several names, comma-separated, serve files that differ)")
 
@@ -286,224 +306,3 @@ def record_texts(source: Source, skipped: collections.Counter) -> Iterator[str]:
             skipped["no text field" if value is None else "empty text" if value == "" else "text field not text"] += 1
     if not texts and fieldless is not None:
         text_field_for(source, fieldless)  # raises, naming the fields the records have
-
-
-# --- Finding the files ---------------------------------------------------------------------------------
-
-def demo_sources() -> list[Source]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise KernelError("this Python has no pydoc_data module, which holds the demo corpus; set "
-                          "data.text_glob to your own text files (e.g. data.text_glob='data/**/*.txt')") from None
-    return [Source(f"pydoc_data.topics[{name!r}]", text=topics[name]) for name in sorted(topics)]
-
-
-def describe_folder(root: Path, limit: int = 20) -> str:
-    """A short listing of what is under `root`, for 'no file matched' errors."""
-    if not root.exists():
-        return f"{root} does not exist"
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            entries.append(str(Path(dirpath, name)))
-            if len(entries) >= limit:
-                return f"under {root}: " + ", ".join(entries) + ", ..."
-    return f"under {root}: " + (", ".join(entries) if entries else "no files at all")
-
-
-def glob_root(pattern: str) -> Path:
-    """The folder part of a glob before its first wildcard."""
-    parts = Path(pattern).parts
-    fixed = parts[: next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))]
-    return Path(*fixed) if fixed else Path(".")
-
-
-def unique_files(paths) -> list[Path]:
-    """Existing files in name order, each real file once: a symlink loop under '**' (or a link beside its
-    target) would otherwise read the same text many times, and copies would leak into validation."""
-    seen, unique = set(), []
-    for path in sorted(Path(p) for p in paths):
-        if path.is_file() and (real := os.path.realpath(path)) not in seen:
-            seen.add(real)
-            unique.append(path)
-    return unique
-
-
-def find_text_files(pattern: str) -> list[Path]:
-    pattern = os.path.expanduser(pattern)
-    if os.path.isfile(pattern):  # an existing path is taken literally, even with [ ] or * in its name
-        return [Path(pattern)]
-    paths = unique_files(recursive_matches(pattern) if "**" in pattern else glob.glob(pattern))
-    if not paths:
-        raise KernelError(f"data.text_glob={pattern!r} matches no file; {describe_folder(glob_root(pattern))}")
-    return paths
-
-
-def recursive_matches(pattern: str) -> list[str]:
-    """The files a `**` pattern matches, as glob would find them (hidden names only where the pattern names
-    them), walking each real folder once: glob itself follows every symlinked folder again, so two symlink
-    loops make it expand without end."""
-    root = glob_root(pattern)
-    wanted = Path(pattern).parts[len(root.parts):]
-    found, seen = [], {os.path.realpath(root)}
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders.sort()
-        kept = []
-        for name in subfolders:
-            real = os.path.realpath(os.path.join(folder, name))
-            if real not in seen:
-                seen.add(real)
-                kept.append(name)
-        subfolders[:] = kept
-        relative = Path(folder).relative_to(root).parts
-        found += [os.path.join(folder, name) for name in files if parts_match(wanted, (*relative, name))]
-    return found
-
-
-def parts_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    """glob's rules for one path, part by part: `**` is any number of folders, a wildcard never matches a
-    name that starts with a dot unless the pattern's part does."""
-    if not pattern:
-        return not parts
-    if pattern[0] == "**":
-        for skipped in range(len(parts) + 1):
-            if parts_match(pattern[1:], parts[skipped:]):
-                return True
-            if skipped < len(parts) and parts[skipped].startswith("."):
-                return False  # ** does not enter hidden folders
-        return False
-    hidden_ok = pattern[0].startswith(".") or not glob.has_magic(pattern[0])
-    return (bool(parts) and (hidden_ok or not parts[0].startswith(".")) and fnmatch.fnmatchcase(parts[0], pattern[0])
-            and parts_match(pattern[1:], parts[1:]))
-
-
-# Folders under /kaggle/input that hold other things than the user's text: earlier outputs of notebooks
-# (checkpoints, samples) and model weights.
-KAGGLE_NOT_TEXT = {"notebooks", "models", "kernels"}
-
-
-# A folder holding two of these is a training run's output folder (this program's: an earlier version attached
-# as an input, or the run's own): its samples, logs and scripts are never training text. Neither are the outputs
-# Kaggle keeps of a notebook, nor a model's or a tokenizer's folder (a folder holding any of MODEL_FILES: its
-# vocabulary, merges and model card would otherwise be read as text, or its JSON stop the run).
-NOTEBOOK_OUTPUT_NAMES = {"__notebook__.ipynb", "__results__.html", "__output__.json"}
-MODEL_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
-               "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"}
-
-
-def folder_not_text(folder: Path) -> str | None:
-    """Why nothing under `folder` is training text, or None."""
-    try:
-        names = set(os.listdir(folder))
-    except OSError:
-        return None
-    if len(names & RUN_OUTPUT_NAMES) >= 2:
-        return f"in a training run's output folder {folder}"
-    if names & NOTEBOOK_OUTPUT_NAMES:
-        return f"in a notebook's kept output folder {folder}"
-    if found := sorted(names & MODEL_FILES):
-        return f"in the model or tokenizer folder {folder} (it holds {', '.join(found)})"
-    return None
-
-
-def file_verdict(path: Path, given: bool, text_field: str, folders: dict, root: Path) -> Source | str:
-    """A source for the file, or why it is skipped. `given`: the user's glob named it, so a file of unknown
-    extension is read as text (code, extension-less files); in a search of attached inputs it is skipped.
-    The folders looked at are those from the search's `root` down (a config.json above the data, in the
-    project the glob is run from, says nothing about it)."""
-    root = Path(os.path.abspath(root))
-    root = root.parent if root.is_file() else root
-    for folder in reversed(Path(os.path.abspath(path)).parents):  # outermost first: name the whole folder left out
-        if folder != root and root not in folder.parents:
-            continue
-        if folder not in folders:
-            folders[folder] = folder_not_text(folder)
-        if folders[folder]:
-            return folders[folder]
-    kind = file_format(path) or ("text" if given and path.suffix.lower() != ".gz" else None)
-    if kind is None:
-        return f"unsupported extension (read: {SUPPORTED})"
-    if path.stat().st_size == 0:
-        return "empty"
-    source = Source(str(path), path=path, format=kind, text_field=text_field)
-    return "binary (NUL bytes), not text" if source.looks_binary() else source
-
-
-def kaggle_input_files() -> list[Path]:
-    """Every file of the datasets and competitions attached to a Kaggle notebook, in both layouts:
-    /kaggle/input/datasets/<owner>/<slug>/... (2026) and /kaggle/input/<slug>/... (older)."""
-    root = kaggle_root() / "input"
-    if not root.is_dir():
-        return []
-    found = []
-    for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in KAGGLE_NOT_TEXT):
-        found += recursive_matches(str(top / "**" / "*"))
-    return unique_files(found)
-
-
-def report_skipped(skipped: list[tuple[str, str]], limit: int = 5) -> str:
-    """The skipped files by reason: 'empty: a.txt, b.txt; 57 files in the output folder X'."""
-    by_reason: dict[str, list[str]] = {}
-    for path, reason in skipped:
-        by_reason.setdefault(reason, []).append(path)
-    entries = []
-    for reason, paths in by_reason.items():
-        if reason.startswith("in "):  # a whole folder left out: its files need no listing
-            entries.append(f"{len(paths)} file(s) {reason}")
-        else:
-            more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
-            entries.append(f"{reason}: {', '.join(paths[:limit])}{more}")
-    return "; ".join(entries)
-
-
-def public_names(paths: list[Path], limit: int = 3) -> str:
-    """The data as a model card may name it: Kaggle datasets by their slug (owner/slug), other files by their
-    names; never a local folder (a home directory's path would be published with the model)."""
-    root = kaggle_root() / "input"
-    names = []
-    for path in paths:
-        parts = Path(os.path.abspath(path)).parts
-        inside = parts[len(root.parts):] if parts[:len(root.parts)] == root.parts else ()
-        if inside[:1] == ("datasets",) and len(inside) > 3:
-            name = f"{inside[1]}/{inside[2]}"
-        elif inside[:1] == ("competitions",) and len(inside) > 2:
-            name = f"competition {inside[1]}"
-        else:
-            name = f"Kaggle dataset {inside[0]}" if len(inside) > 1 else path.name
-        if name not in names:
-            names.append(name)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def list_sources(text_glob: str, text_field: str = "") -> tuple[str, list[Source], list[tuple[str, str]]]:
-    """(a description, the documents' sources, the files skipped with why). With no glob: on Kaggle every
-    supported file of the attached inputs when there are any, else the demo corpus."""
-    searching = not text_glob
-    if searching and not is_kaggle():
-        return DEMO_CORPUS, demo_sources(), []
-    paths = kaggle_input_files() if searching else find_text_files(text_glob)
-    root = kaggle_root() / "input" if searching else glob_root(os.path.expanduser(text_glob))
-    sources, skipped, folders = [], [], {}
-    for path in paths:
-        verdict = file_verdict(path, not searching, text_field, folders, root)
-        if isinstance(verdict, Source):
-            sources.append(verdict)
-        else:
-            skipped.append((str(path), verdict))
-    where = f"{kaggle_root() / 'input'}" if searching else repr(text_glob)
-    if skipped:
-        print(f"[data] skipped {len(skipped)} file(s) under {where}: {report_skipped(skipped)}")
-    if sources:
-        counts = collections.Counter(s.format for s in sources)
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-        if searching:
-            print(f"[data] data.text_glob is empty: using the attached inputs' files ({kinds})")
-        return f"{len(sources)} file(s) ({kinds}): {public_names([s.path for s in sources])}", sources, skipped
-    unusable = [(p, r) for p, r in skipped if not r.startswith("in ")]
-    if searching and not unusable:
-        print(f"[data] no text file under {where}: training on the demo corpus (attach a dataset, or set DATA_GLOB)")
-        return DEMO_CORPUS, demo_sources(), skipped
-    raise KernelError(f"no usable text under {where}: {report_skipped(skipped)}")

@@ -1,11 +1,11 @@
-"""## 14. Training
+"""## 15. Training
 
 The loop: mixed precision chosen by the hardware, gradient accumulation, the optimizer and learning-rate
-schedule of section 11, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
-(section 10).
+schedule of section 12, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
+(section 11).
 
 A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
-each process's share (section 9) and that share into micro-batches whose gradients accumulate, which gives
+each process's share (section 10) and that share into micro-batches whose gradients accumulate, which gives
 the same gradient as one big batch. A step whose loss or gradients are not finite updates nothing (the run
 stops after `train.nan_patience` such losses in a row); with one GPU, a step that runs out of memory is
 retried with smaller micro-batches, the batch unchanged. `train()` at the end reads top to bottom: a

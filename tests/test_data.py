@@ -4,7 +4,8 @@ import torch
 
 import kernel.data as data_module
 from kernel.data import BatchSampler, iterate_pieces, prepare_data
-from kernel.sources import Source, demo_sources, find_text_files
+from kernel.sources import Source
+from kernel.inputs import demo_sources, find_text_files
 from kernel.env import KernelError
 from kernel.tokenization import END_OF_DOCUMENT
 

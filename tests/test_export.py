@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kernel.config import Config, SampleConfig
-from kernel.sources import demo_sources
+from kernel.inputs import demo_sources
 from kernel.env import KernelError
 from kernel.export import RunFacts, export_hf
 from kernel.model import GPT, GPTConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernel.sources import list_sources
+from kernel.inputs import list_sources
 from kernel.data import prepare_data
 from kernel.env import KernelError
 from kernel.main import main
@@ -190,3 +190,46 @@ def test_an_unclosed_quote_in_a_csv_is_named_and_a_closed_multiline_cell_is_not(
     _, sources, _ = list_sources(str(bad))
     assert len(list(sources[0].documents())) == 41
     assert "reviews.csv: a quote opened 3 lines before the end is never closed" in capsys.readouterr().out
+
+
+def test_zip_and_tar_members_are_read_by_their_own_extensions(tmp_path, tiny):
+    import tarfile
+    import zipfile
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "README.md").write_text("# About this dataset\nSee corpus.zip.", encoding="utf-8")
+    with zipfile.ZipFile(folder / "corpus.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("texts/a.txt", "the first text file inside the zip")
+        archive.writestr("texts/b.jsonl", json.dumps({"text": "a record"}) + "\n" + json.dumps({"text": "another"}))
+        archive.writestr("texts/c.csv.gz", gzip.compress(b"id,text\n1,a compressed csv row\n"))
+        archive.writestr("__MACOSX/texts/._a.txt", "resource fork, not text")
+        archive.writestr("texts/image.png", b"\x89PNG\x00\x00")
+    member = tmp_path / "d.txt"
+    member.write_text("inside a tarball", encoding="utf-8")
+    with tarfile.open(folder / "more.tar.gz", "w:gz") as archive:
+        archive.add(member, arcname="nested/d.txt")
+    (folder / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    description, sources, skipped = list_sources(str(folder / "*"))
+    assert [s.name.removeprefix(f"{folder}/") for s in sources] == [
+        "README.md", "corpus.zip:texts/a.txt", "corpus.zip:texts/b.jsonl", "corpus.zip:texts/c.csv.gz",
+        "more.tar.gz:nested/d.txt"]
+    assert description.endswith("README.md, corpus.zip, more.tar.gz")
+    assert skipped == [(str(folder / "broken.zip"), skipped[0][1])] and "a damaged archive" in skipped[0][1]
+    data = prepare_data(tiny(data__text_glob=str(folder / "*"), model__block_size=8), tmp_path / "cache")
+    assert documents_of(data) == ["# About this dataset\nSee corpus.zip.", "the first text file inside the zip",
+                                  "a record", "another", "a compressed csv row", "inside a tarball"]
+    assert data.stats["formats"]["jsonl"] == {"files": 1, "documents": 2}
+
+
+def test_a_readme_beside_unreadable_data_files_is_not_trained_on(tmp_path, tiny):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "README.md").write_text("# Sensor readings\nThe data is in readings.h5.", encoding="utf-8")
+    (folder / "readings.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    with pytest.raises(KernelError, match=r"the only readable text under .* is README.md, a dataset's documentation; "
+                                          r"its data files cannot be read: .*readings.h5"):
+        list_sources(str(folder / "*"))
+    (folder / "notes.txt").write_text("A real text file beside it.", encoding="utf-8")
+    _, sources, _ = list_sources(str(folder / "*"))
+    assert [s.path.name for s in sources] == ["README.md", "notes.txt"]  # with real text, the README goes along

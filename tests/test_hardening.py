@@ -16,7 +16,8 @@ import kernel.checkpoint as checkpoint_module
 import kernel.data as data_module
 from kernel.checkpoint import list_checkpoints
 from kernel.config import ConfigError, load_config
-from kernel.sources import Source, find_text_files
+from kernel.sources import Source
+from kernel.inputs import find_text_files
 from kernel.env import FILE_MODE, KernelError
 from kernel.main import run
 from kernel.progress import RunStopped, StopRequests

@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 from kernel.checkpoint import checksum_path, list_checkpoints, load_checkpoint
 from kernel.config import ConfigError
 from kernel.main import resolve_config
-from kernel.sources import demo_sources
+from kernel.inputs import demo_sources
 from kernel.env import KernelError
 from kernel.sample import load_trained
 from kernel.main import run

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import build_kernel
-from kernel.sources import list_sources
+from kernel.inputs import list_sources
 from kernel.env import KernelError
 import kernel.main as main_module
 from kernel.main import main
