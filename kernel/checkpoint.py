@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernel.env import (CACHE_DIR, CHECKPOINTS_DIR, TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root, process_alive, write_atomic,
-                        write_error_advice)
+from kernel.env import (CACHE_DIR, CHECKPOINTS_DIR, TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root, process_alive,
+                        write_atomic, write_error_advice)
 from kernel.tokenization import tokenizer_class
 from kernel.config import Config, config_from_dict, config_to_dict
 from kernel.distributed import Processes

@@ -377,8 +377,9 @@ def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | No
         split_at = int(found["chars"] * (1 - config.data.val_fraction))
         if split_at == 0 or split_at == found["chars"]:
             raise KernelError(f"{source_description}: {found['chars']:,} character(s) in all, too short a corpus to "
-                              f"hold both training and validation text (data.val_fraction={config.data.val_fraction:g}); "
-                              "add text: a few thousand characters at the very least")
+                              "hold both training and validation text "
+                              f"(data.val_fraction={config.data.val_fraction:g}); add text: a few thousand characters "
+                              "at the very least")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         started = time.perf_counter()

@@ -249,7 +249,8 @@ def publishable(config: Config) -> Config:
             return ".../" + "/".join(Path(os.path.expanduser(value)).parts[-2:])
         return value
 
-    sections = {name: dataclasses.replace(part, **{f.name: short(getattr(part, f.name)) for f in dataclasses.fields(part)})
+    sections = {name: dataclasses.replace(part, **{f.name: short(getattr(part, f.name))
+                                                   for f in dataclasses.fields(part)})
                 for name, part in vars(config).items()}
     return dataclasses.replace(config, **sections)
 

@@ -225,7 +225,7 @@ def parquet_records(source: Source) -> Iterator:
     try:
         table = pq.ParquetFile(io.BytesIO(open_member(source.path, source.member).read()) if source.member else source.path)
     except Exception as err:  # pyarrow's own error types (ArrowInvalid, ...) for a file that is not Parquet
-        raise KernelError(f"{source.name} is not a readable Parquet file: {err}") from None
+        raise KernelError(f"{source.name} is not a readable Parquet file: {' '.join(str(err).split())}") from None
     columns = {f.name: "" if types.is_string(f.type) or types.is_large_string(f.type) else None
                for f in table.schema_arrow}
     field = text_field_for(source, columns, "columns")
@@ -235,7 +235,8 @@ def parquet_records(source: Source) -> Iterator:
         try:
             batch = next(batches, None)
         except Exception as err:  # noqa: BLE001 - pyarrow's errors for damaged pages (corrupt compression, ...)
-            raise KernelError(f"{source.name}: a damaged Parquet file ({type(err).__name__}: {err}); download it "
+            reason = " ".join(str(err).split())  # pyarrow's messages span lines
+            raise KernelError(f"{source.name}: a damaged Parquet file ({type(err).__name__}: {reason}); download it "
                               "again, or leave it out of data.text_glob") from None
         if batch is None:
             return

@@ -2,6 +2,8 @@
 
 import gzip
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from kernel.env import KernelError
 from kernel.main import main
 from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -118,3 +122,20 @@ def test_at_least_fifteen_bad_inputs_each_get_a_clear_error_and_damage_nothing(t
         after = snapshot(finished_run)
         damaged = [path for path, digest in before.items() if after.get(path) != digest]
         assert not damaged, f"{name} changed {damaged}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["misspelled synonym", "truncated gzip", "damaged parquet", "a tokenizer folder",
+                                  "one-character corpus"])
+def test_the_real_command_line_says_each_in_one_line_with_exit_code_2(tmp_path, finished_run, name):
+    config, overrides, data_glob, expected = case_inputs(tmp_path / "inputs", finished_run)[name]
+    settings = {**overrides, **({"data.text_glob": data_glob} if data_glob else {})}
+    arguments = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    before = snapshot(finished_run)
+    done = subprocess.run([sys.executable, "-m", "kernel", "--config", config, *arguments, "--out", str(finished_run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), done.stderr
+    assert all(words in errors[0] for words in expected) and "Traceback" not in done.stdout + done.stderr
+    unchanged = lambda files: {path: digest for path, digest in files.items() if path != ".lock"}  # its PID
+    assert unchanged(snapshot(finished_run)) == unchanged(before)
