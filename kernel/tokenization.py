@@ -478,6 +478,8 @@ class HFTokenizer(RegisteredTokenizer):
                 "to train a tokenizer on your own text") from None
 
     def encode(self, text: str) -> list[int]:
+        if getattr(self.hf, "is_fast", False):  # the backend itself: no warning that a document exceeds the context
+            return self.hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
         return self.hf.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
