@@ -17,25 +17,29 @@ import argparse
 import signal
 import sys
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from kernel.env import (KernelError, default_out_dir, describe_environment, dtype_name, print_environment,
+from kernel.env import (DTYPES, KernelError, default_out_dir, describe_environment, dtype_name, print_environment,
                         resolve_device, resolve_dtype)
-from kernel.config import SampleConfig, did_you_mean
+from kernel.config import SampleConfig, did_you_mean, load_config
 from kernel.distributed import processes_to_launch
 from kernel.checkpoint import given_checkpoint
 from kernel.optim import optimizer_blocker
 from kernel.progress import RunStopped, StopRequests
 from kernel.sample import load_trained, sample_checkpoint
 from kernel.export import checkpoint_facts, export_hf
-from kernel.main import CPU_CONFIG, GPU_CONFIG, resolve_config, run_or_launch
+from kernel.hf_interop import apply_pretrained
+from kernel.memory import NAMED_DEVICES, fit_to_memory, plan_memory
+from kernel.main import CPU_CONFIG, GPU_CONFIG, pick_config, resolve_config, run_or_launch
 
 COMMAND_HELP = {
     "sample": "text from a run folder or a checkpoint, e.g. python -m kernel sample outputs --prompt 'The '",
     "export": "a checkpoint as a transformers model folder with a model card: python -m kernel export outputs my-model",
     "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
+    "plan": "what fits in memory, per process, on this machine or a named device: python -m kernel plan --device t4x2",
 }
 SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name != "prompts"]
 
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog="python -m kernel", formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="python -m kernel [--config CONFIG] [--set SECTION.KEY=VALUE ...] [--out OUT]\n"
-              "       python -m kernel {sample,export,check-env} ...",
+              "       python -m kernel {sample,export,check-env,plan} ...",
         description="Train a small GPT on your own text (with no command), or use a trained one.",
         epilog=f"commands:\n{commands}\n\n`python -m kernel COMMAND --help` lists a command's options.")
     parser.add_argument("--config", default="auto", help="a YAML file or bundled preset name "
@@ -147,12 +151,52 @@ def check_env_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plan_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="python -m kernel plan", description=f"Show {COMMAND_HELP['plan']}.")
+    parser.add_argument("--config", default="auto", help="the config a run would use (as for training)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="e.g. --set model.init_from=FOLDER (a folder holding only config.json will do)")
+    parser.add_argument("--device", default="auto", help=f"{', '.join(NAMED_DEVICES)}, or auto: this machine "
+                        "(default)")
+    return parser
+
+
+def plan_command(args: argparse.Namespace) -> None:
+    named = NAMED_DEVICES.get(args.device.lower())
+    if named is None and args.device != "auto":
+        raise KernelError(f"--device {args.device!r}: give one of {', '.join(NAMED_DEVICES)}, or auto (this machine)")
+    source = GPU_CONFIG if named is not None and args.config == "auto" else pick_config(args.config)
+    config = load_config(source, args.overrides, pretrained=partial(apply_pretrained, weights=False))
+    vocab_size, vocab_note = planned_vocab_size(config)
+    print(f"[memory] {config.model.n_layer} layers x {config.model.n_embd} wide, context {config.model.block_size}, "
+          f"global batch {config.train.batch_size * config.train.grad_accum_steps} sequences, {vocab_note}")
+    if named is None:
+        device = resolve_device(config.train.device)
+        dtype = resolve_dtype(config.train.dtype, device, config.model.n_embd)[0]
+        fit_to_memory(config, vocab_size, device, dtype, processes_to_launch(config.train.devices, config.train.device))
+        return
+    dtype = named.dtype if config.train.dtype == "auto" else DTYPES[config.train.dtype]
+    plan = plan_memory(config, vocab_size, dtype, named.processes, named.memory, named.type, named.description)
+    print(plan.report())
+
+
+def planned_vocab_size(config) -> tuple[int, str]:
+    """The embedding's rows a run would have, without reading the data: a pretrained model's own; else the
+    tokenizer's size where the config says it (bpe_simple), else a typical one, said so."""
+    if config.model.init_from:
+        return config.model.vocab_multiple, f"vocabulary {config.model.vocab_multiple:,} (the model's)"
+    if config.tokenizer.mode == "bpe_simple":
+        return config.tokenizer.vocab_size, f"vocabulary {config.tokenizer.vocab_size:,} (tokenizer.vocab_size)"
+    guess = 256 if config.tokenizer.mode == "char" else 50_257
+    return guess, f"vocabulary ~{guess:,} (an estimate: the tokenizer is built from the data)"
+
+
 def cli(argv: list[str] | None = None) -> int:
     """`python -m kernel ...`: exit code 0 on success (a run stopped by a signal after it trained included),
     2 with a one-line explanation on bad input, 128 + the signal's number when stopped before training."""
     argv = sys.argv[1:] if argv is None else argv
     commands = {"sample": (sample_parser, sample_command), "export": (export_parser, export_command),
-                "check-env": (check_env_parser, check_env_command)}
+                "check-env": (check_env_parser, check_env_command), "plan": (plan_parser, plan_command)}
     try:
         with StopRequests():  # a signal before the work is done stops it (exit 128 + N); after, it is ignored
             if argv and argv[0] in commands:

@@ -56,15 +56,16 @@ def model_folders_under(root: Path) -> list[Path]:
     return found
 
 
-def find_model_folder(name: str) -> Path:
+def find_model_folder(name: str, weights: bool = True) -> Path:
     """The model folder model.init_from names: the folder itself; the one model folder under it; on Kaggle, the
     attached model whose path holds the name (a Kaggle Model: /kaggle/input/models/<owner>/<model>/<framework>/
     <variation>/<version>/, or the older /kaggle/input/<model>/...); else, for a name that can be one, a Hugging
-    Face Hub id (downloaded, which needs internet). Nothing else touches the network."""
+    Face Hub id (downloaded, which needs internet). Nothing else touches the network. `weights=False`: a folder
+    holding only config.json will do (a memory plan needs nothing more)."""
     path = Path(name).expanduser()
     where = f"model.init_from={name!r}"
     if (path / "config.json").is_file():
-        if not is_model_folder(path):
+        if weights and not is_model_folder(path):
             raise ConfigError(f"{where}: {path} holds config.json but no weights ({', '.join(WEIGHT_FILES)})")
         return path
     found = model_folders_under(path) if path.is_dir() else attached_folders(name, is_model_folder)
@@ -192,11 +193,14 @@ def pretrained_tokenizer(folder: Path, config: Config, chosen: dict[str, str]) -
                       "model's tokenizer as well and set tokenizer.mode=hf and tokenizer.pretrained_name to its folder")
 
 
-def apply_pretrained(config: Config, chosen: dict[str, str]) -> None:
+def apply_pretrained(config: Config, chosen: dict[str, str], weights: bool = True) -> None:
     """model.init_from: the folder's shape and tokenizer replace what the defaults and presets said. A value the
-    user chose that differs is an error naming both; a preset's context longer than the model's is shortened."""
-    folder = find_model_folder(config.model.init_from)
-    settings = {**pretrained_settings(folder), **pretrained_tokenizer(folder, config, chosen)}
+    user chose that differs is an error naming both; a preset's context longer than the model's is shortened.
+    `weights=False`: the shape alone, from a folder that may hold only config.json (for a memory plan)."""
+    folder = find_model_folder(config.model.init_from, weights)
+    shape = pretrained_settings(folder)  # first: an architecture the model code cannot hold is the error to see
+    tokenizer = pretrained_tokenizer(folder, config, chosen) if weights or holds_tokenizer(folder) else {}
+    settings = {**shape, **tokenizer}
     origin = f"model.init_from={config.model.init_from!r} ({folder / 'config.json'})"
     theirs = Config()
     apply_layer(theirs, dotted_to_layer(settings, origin), origin)

@@ -8,6 +8,7 @@ settings from the command line (see the README).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -36,6 +37,7 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
                                remove_output_debris)
 from kernel.optim import require_optimizer
+from kernel.memory import fit_to_memory
 from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned_before, shaped
@@ -175,10 +177,20 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
         config, plan = planned_config(config, data, processes, device, train_seconds, now)
     dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd, checkpoint and checkpoint.dtype)
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    config = memory_planned(config, data.tokenizer.vocab_size, device, dtype, processes)
     if processes.is_main:
         write_atomic(out_dir / CONFIG_FILE, config_to_yaml(config))
         data.tokenizer.save(out_dir / TOKENIZER_DIR)
     return PreparedRun(data, dtype, checkpoint, resume_path, config, plan)
+
+
+def memory_planned(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype,
+                   processes: Processes) -> Config:
+    """The micro-batch and gradient checkpointing that fit (section 13), rank 0's choice for every process (their
+    GPUs' free memory may differ a little, and all must take the same pieces)."""
+    fitted = fit_to_memory(config, vocab_size, device, dtype, processes.world_size) if processes.is_main else None
+    t, m = from_main(processes, (fitted.train, fitted.model) if fitted else None)
+    return dataclasses.replace(config, train=t, model=m)
 
 
 def planned_config(config: Config, data: TokenData, processes: Processes, device: torch.device,

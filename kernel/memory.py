@@ -1,10 +1,19 @@
-"""## 13. Will it fit? Memory, estimated before anything is built
+"""## 13. Will it fit? A memory plan before anything is built
 
-A run that cannot fit should fail in seconds with advice, not an hour into training. The estimate counts
-the weights, their gradients and the optimizer's state, the activations a micro-batch keeps for the
-backward pass and the logits, and compares the total with what the device has free.
+A run that cannot fit should fail in seconds with advice, not an hour into training. The plan counts what one
+process holds: the weights (and their half-precision copies under autocast), their gradients, the optimizer's
+state, DistributedDataParallel's gradient buckets (with several processes), the activations its micro-batch
+keeps for the backward pass, the logits, and on a GPU the CUDA context and workspace. Then it chooses the
+micro-batch and gradient checkpointing that fit with headroom, keeping the configured global batch
+(`train.batch_size x train.grad_accum_steps`): the same training, in smaller pieces. What cannot fit even one
+sequence at a time is refused before any weights are read, naming the ways out.
+
+The plan can be asked for a device this machine does not have: `python -m kernel plan --device t4x2` (Kaggle's
+two T4s), with a model folder that holds only its `config.json`.
 """
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +21,7 @@ import torch
 from kernel.env import KernelError
 from kernel.config import Config
 from kernel.model import build_model
+from kernel.distributed import split_global_batch
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -27,41 +37,155 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training: bool) -> dict[str, int]:
-    """A rough estimate of a run's peak memory, in bytes, by what holds it. The fp32 weights (and their
-    half-precision copies under autocast); to train, also their gradients, the optimizer's two moments and
-    the activations a micro-batch keeps for the backward pass (per layer and token about 12 x width + 4 x the
-    MLP's width; with gradient checkpointing one layer's, plus every layer's input); in any case the logits
-    of a micro-batch (with their fp32 copy, and to train their log-softmax and gradient)."""
+def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training: bool, micro_batch: int = 0,
+                  processes: int = 1, device_type: str = "cpu") -> dict[str, int]:
+    """One process's peak memory, in bytes, by what holds it, for a micro-batch of `micro_batch` sequences (0:
+    train.batch_size). The fp32 weights (and their half-precision copies under autocast); to train, also their
+    gradients, the optimizer's state (AdamW: two moments; Muon: one for the blocks' matrices), with several
+    processes DDP's gradient buckets (a copy of the gradients), and the activations a micro-batch keeps for the
+    backward pass (ACTIVATIONS_PER_TOKEN per layer; with gradient checkpointing one layer's, plus every layer's
+    input); in any case the logits of a micro-batch (with their fp32 copy, and to
+    train their log-softmax and gradient); on a GPU the CUDA context and the libraries' workspace."""
     with torch.device("meta"):  # the exact shape, without allocating it
         model = build_model(config, vocab_size)
     c, params, width = model.config, model.num_params(), torch.finfo(dtype).bits // 8  # bytes per activation
-    tokens = config.train.batch_size * config.model.block_size
-    layer = tokens * width * (12 * c.n_embd + 4 * c.mlp_hidden)
+    tokens = (micro_batch or config.train.batch_size) * config.model.block_size
+    layer = tokens * width * ACTIVATIONS_PER_TOKEN[c.arch](c.n_embd, c.mlp_hidden)
     needed = {"weights": params * (4 + (width if width < 4 else 0))}
     if training:
         kept = layer + tokens * width * c.n_embd * c.n_layer if c.gradient_checkpointing else layer * c.n_layer
-        needed.update({"gradients and optimizer state": 12 * params, "activations": kept,
-                       "logits": tokens * c.vocab_size * (width + 12)})
+        needed.update({"gradients": 4 * params, "optimizer state": optimizer_bytes(model, config.train.optimizer)})
+        if processes > 1:
+            needed["DDP buckets"] = 4 * params
+        needed.update({"activations": kept, "logits": tokens * c.vocab_size * (width + 12)})
     else:
         needed.update({"activations": layer, "logits": tokens * c.vocab_size * (width + 4)})
+    if device_type == "cuda":
+        needed["CUDA context and workspace"] = CUDA_CONTEXT_BYTES
     return needed
 
 
-def check_memory(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype, sharing: int = 1) -> None:
-    """Fail before the model is built, with advice, when the estimate exceeds what the device has free (not an
-    hour into training). `sharing`: processes that share this memory (several CPU processes share the RAM)."""
-    training = config.train.max_steps != 0  # 0: only evaluate the model as it is
-    needed = memory_needed(config, vocab_size, dtype, training)
-    total, free = sum(needed.values()) * sharing, free_memory(device)
-    parts = ", ".join(f"{what} {memory_size(count)}" for what, count in needed.items())
-    doing = "training" if training else "evaluating"
-    shared = f", x {sharing} processes" if sharing > 1 else ""
-    print(f"[memory] {doing} needs about {memory_size(total)} ({parts}{shared}); "
-          f"{memory_size(free) if free is not None else 'unknown'} free on {device}")
-    if free is not None and total > free:
-        raise KernelError(f"the model does not fit: {doing} needs about {memory_size(total)} ({parts}), and {device} "
-                          f"has {memory_size(free)} free. {memory_advice(config, device, dtype)}")
+# Values one layer keeps per token for the backward pass, by architecture (width, MLP width): measured with
+# torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py checks them). SwiGLU keeps its gate and up
+# projections and their product; GPT-2's GELU MLP less.
+ACTIVATIONS_PER_TOKEN = {"llama": lambda width, mlp: 12 * width + 4 * mlp, "gpt2": lambda width, mlp: 8 * width + 2 * mlp}
+CUDA_CONTEXT_BYTES = 450 * 2**20  # the CUDA context, cuBLAS and cuDNN workspaces: outside torch's allocator
+
+
+def optimizer_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """AdamW keeps two fp32 moments per parameter; Muon one momentum for the blocks' matrices (AdamW the rest)."""
+    hidden = sum(p.numel() for block in model.transformer.h for p in block.parameters() if p.dim() == 2)
+    total = sum(p.numel() for p in model.parameters())
+    return 8 * total if optimizer != "muon" else 4 * hidden + 8 * (total - hidden)
+
+
+# --- The plan: what fits, in which pieces ---------------------------------------------------------------
+
+HEADROOM = 0.9  # of a device's memory a plan fills: the allocator's fragmentation and the unforeseen take the rest
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device a plan can be made for by name, on a machine without it."""
+    description: str
+    processes: int          # one per GPU
+    memory: int             # bytes per GPU
+    dtype: torch.dtype      # what `train.dtype: auto` trains in there
+    type: str = "cuda"
+
+
+NAMED_DEVICES = {
+    "t4": DeviceSpec("one T4 (15 GB, fp16)", 1, 15 * 2**30, torch.float16),
+    "t4x2": DeviceSpec("Kaggle's T4 x2 (15 GB each, fp16)", 2, 15 * 2**30, torch.float16),
+    "p100": DeviceSpec("a P100 (16 GB, fp32)", 1, 16 * 2**30, torch.float32),
+    "l4": DeviceSpec("an L4 (22 GB, bf16)", 1, 22 * 2**30, torch.bfloat16),
+    "a100": DeviceSpec("an A100 (40 GB, bf16)", 1, 39 * 2**30, torch.bfloat16),
+    "h100": DeviceSpec("an H100 (80 GB, bf16)", 1, 79 * 2**30, torch.bfloat16),
+}
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    processes: int
+    capacity: int | None        # bytes one process may use; None: unknown
+    micro_batch: int            # sequences per forward and backward pass, per process
+    accumulation: int           # micro-batches per optimizer step, per process
+    gradient_checkpointing: bool
+    needed: dict[str, int] = field(default_factory=dict)  # one process's peak, by what holds it
+    changed: bool = False       # the configured micro-batch or checkpointing would not fit
+
+    @property
+    def total(self) -> int:
+        return sum(self.needed.values())
+
+    def report(self) -> str:
+        parts = ", ".join(f"{what} {memory_size(count)}" for what, count in self.needed.items())
+        free = f"{memory_size(self.capacity)} per process" if self.capacity is not None else "unknown"
+        line = (f"[memory] {self.device}, {self.processes} process(es): each needs about {memory_size(self.total)} "
+                f"({parts}); {free}")
+        pieces = (f"micro-batch {self.micro_batch} x {self.accumulation} accumulation per process"
+                  + (", gradient checkpointing" if self.gradient_checkpointing else ""))
+        return line + (f"\n[memory] to fit: {pieces} (the same global batch)" if self.changed else f"; {pieces}")
+
+    def apply(self, config: Config) -> Config:
+        """The config training with this plan's pieces: the same global batch, this micro-batch."""
+        if not self.changed:
+            return config
+        global_batch = self.micro_batch * self.accumulation * self.processes
+        train = dataclasses.replace(config.train, batch_size=self.micro_batch,
+                                    grad_accum_steps=global_batch // self.micro_batch)
+        model = dataclasses.replace(config.model, gradient_checkpointing=self.gradient_checkpointing)
+        return dataclasses.replace(config, train=train, model=model)
+
+
+def plan_memory(config: Config, vocab_size: int, dtype: torch.dtype, processes: int, capacity: int | None,
+                device_type: str, device: str) -> MemoryPlan:
+    """The largest micro-batch (of at least 4 sequences, or the configured one if smaller) that fits without
+    gradient checkpointing; else the largest that fits with it; else a smaller one without; else an error.
+    `capacity`: the bytes one process may use (None: unknown, the configured pieces are kept)."""
+    micro, _ = split_global_batch(config.train.batch_size, config.train.grad_accum_steps, processes)
+    share = config.train.batch_size * config.train.grad_accum_steps // processes
+    training, configured = config.train.max_steps != 0, config.model.gradient_checkpointing
+    sizes = [size for size in range(micro, 0, -1) if share % size == 0]
+    small = min(4, micro)
+    order = ([(size, configured) for size in sizes if size >= small] + [(size, True) for size in sizes] +
+             [(size, configured) for size in sizes if size < small])
+    for size, checkpointing in order:
+        shaped = dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=checkpointing))
+        needed = memory_needed(shaped, vocab_size, dtype, training, size, processes, device_type)
+        if capacity is None or sum(needed.values()) <= HEADROOM * capacity:
+            return MemoryPlan(device, processes, capacity, size, share // size, checkpointing, needed,
+                              changed=(size, checkpointing) != (micro, configured))
+    smallest = memory_needed(shaped, vocab_size, dtype, training, 1, processes, device_type)
+    raise KernelError(does_not_fit(config, device, capacity, smallest, training))
+
+
+def does_not_fit(config: Config, device: str, capacity: int, smallest: dict[str, int], training: bool) -> str:
+    parts = ", ".join(f"{what} {memory_size(count)}" for what, count in smallest.items())
+    ways = []
+    if training and config.model.init_from and hasattr(config.train, "lora_rank"):
+        ways.append("train.lora_rank=16 (LoRA: the pretrained weights stay frozen in half precision; only small "
+                    "adapters get gradients and optimizer state)")
+    ways.append(f"a shorter model.block_size (now {config.model.block_size}): activations and logits shrink with it")
+    ways.append("a smaller model" + (" to start from (model.init_from)" if config.model.init_from else
+                                     " (model.n_layer, model.n_embd)"))
+    if training:
+        ways.append("train.max_steps=0 only evaluates the model, which needs no gradients or optimizer state")
+    return (f"the model does not fit {device}: even one sequence per micro-batch, with gradient checkpointing, "
+            f"needs about {memory_size(sum(smallest.values()))} per process ({parts}), of "
+            f"{memory_size(capacity)} ({HEADROOM:.0%} of it is used). Ways out: " + "; ".join(ways))
+
+
+def fit_to_memory(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype,
+                  processes: int = 1) -> Config:
+    """The plan for this machine (processes on a CPU share its RAM; each GPU is one process's), printed; the
+    config with the pieces that fit."""
+    free = free_memory(device)
+    capacity = free // processes if free is not None and device.type == "cpu" else free
+    plan = plan_memory(config, vocab_size, dtype, processes, capacity, device.type, str(device))
+    print(plan.report())
+    return plan.apply(config)
 
 
 def memory_size(count: float) -> str:

@@ -35,7 +35,6 @@ from kernel.distributed import Processes, gather_objects, max_across, split_glob
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
                                rng_states, save_checkpoint)
 from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
-from kernel.memory import check_memory
 from kernel.progress import RESERVE_FLOOR_S, LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
 
 
@@ -228,8 +227,6 @@ class Trainer:
         self.processes, self.clock = processes, clock
         self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
         self.ckpt_dir, self.metrics = out_dir / CHECKPOINTS_DIR, MetricsLog(out_dir / METRICS_FILE)
-        check_memory(config, data.tokenizer.vocab_size, device, dtype,
-                     sharing=processes.world_size if device.type == "cpu" else 1)  # one machine's RAM
         self.model = build_model(config, data.tokenizer.vocab_size).to(device)
         self.optimizer = make_optimizer(self.model, self.t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))

@@ -1,12 +1,14 @@
 """model.init_from: a transformers model folder (made here by transformers itself, never downloaded) decides the
 model's shape and tokenizer; its weights load exactly, train further, resume and export unchanged."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
@@ -21,7 +23,7 @@ from kernel.main import run
 from kernel.hf_interop import load_hf_weights
 from kernel.tokenization import END_OF_DOCUMENT, BPETokenizer, HFTokenizer
 from kernel.model import build_model
-from kernel.memory import memory_needed
+from kernel.memory import HEADROOM, memory_needed
 from tests.conftest import TINY
 
 TEXT = "".join(s.text for s in demo_sources()[:5])
@@ -261,18 +263,23 @@ def test_a_tokenizer_larger_than_the_embedding_and_foreign_tensors_are_errors(tm
 
 
 @pytest.mark.slow
-def test_a_model_too_big_for_the_memory_fails_before_training_with_advice(tmp_path, sources, monkeypatch, tokenizer):
+def test_a_model_too_big_for_the_memory_trains_in_smaller_pieces_or_is_refused_before_training(tmp_path, sources,
+                                                                                             monkeypatch, tokenizer):
     root, _ = sources
-    config = resolve_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=10))
-    evaluating = sum(memory_needed(config, tokenizer.vocab_size, torch.float32, training=False).values())
-    training = sum(memory_needed(config, tokenizer.vocab_size, torch.float32, training=True).values())
-    assert training > 2 * evaluating
-    monkeypatch.setattr("kernel.memory.free_memory", lambda device: (evaluating + training) // 2)
+    config = resolve_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=4, train__batch_size=8,
+                                                              train__grad_accum_steps=2))
+    need = lambda micro, ckpt: sum(memory_needed(dataclasses.replace(config, model=dataclasses.replace(
+        config.model, gradient_checkpointing=ckpt)), tokenizer.vocab_size, torch.float32, True, micro).values())
+    monkeypatch.setattr("kernel.memory.free_memory", lambda device: int(need(4, False) / HEADROOM) + 1)
+    summary = run(config, tmp_path / "pieces")  # 8 sequences at a time do not fit, 4 do: 4 x 4, the same 16
+    saved = yaml.safe_load((tmp_path / "pieces" / "config.yaml").read_text())["train"]
+    assert summary["steps"] == 4 and (saved["batch_size"], saved["grad_accum_steps"]) == (4, 4)
+    monkeypatch.setattr("kernel.memory.free_memory", lambda device: need(1, True) // 2)
     with pytest.raises(KernelError) as err:
         run(config, tmp_path / "train")
     message = str(err.value)
-    assert message.startswith("the model does not fit: training needs about") and "free" in message
-    assert "train.batch_size (now 8" in message and "model.gradient_checkpointing=true" in message
+    assert message.startswith("the model does not fit cpu: even one sequence per micro-batch") and "per process" in message
+    assert "model.block_size (now 32)" in message and "train.max_steps=0 only evaluates" in message
     assert not list_checkpoints(tmp_path / "train" / "checkpoints")  # failed before any step
     zero_shot = resolve_config("configs/llm_cpu.yaml", settings(root, "qwen3", train__max_steps=0))
     assert run(zero_shot, tmp_path / "evaluate")["steps"] == 0  # evaluating the model as it is fits
