@@ -151,24 +151,33 @@ class CheckpointError(KernelError):
 
 
 def load_checkpoint(path: str | Path, require_checksum: bool = True) -> Checkpoint:
-    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs).
-    require_checksum=False also loads one without a checksum file (a user's copy of a single file); a
-    checksum file that is there must still match."""
+    """A checkpoint whose bytes match its checksum, loaded with weights_only=True (no code runs) and memory-mapped
+    (its tensors are paged in as they are used, never held twice: a large model's checkpoint fits Kaggle's RAM).
+    require_checksum=False also loads one without a checksum file (a user's copy of a single file); a checksum
+    file that is there must still match."""
     path = Path(path)
     if not path.is_file():
         raise KernelError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()
     sidecar = checksum_path(path)
     if not sidecar.is_file():
         if require_checksum:
             raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}: its writing was interrupted")
-    elif hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
+    elif file_sha256(path) != sidecar.read_text().strip():
         raise CheckpointError(f"checkpoint {path} does not match its checksum: it is truncated or corrupted")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
     return Checkpoint.from_payload(payload, path)
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- Choosing a checkpoint ------------------------------------------------------------------------------

@@ -257,3 +257,20 @@ def test_out_of_memory_at_micro_batch_one_gives_up_with_advice(tmp_path, tiny, m
     monkeypatch.setattr(GPT, "forward", oom_above(0))
     with pytest.raises(KernelError, match="even with a micro-batch of 1 .* model.gradient_checkpointing"):
         run(tiny(train__batch_size=4), tmp_path)
+
+
+def test_a_checkpoint_is_memory_mapped_not_read_whole_into_memory(tmp_path, tiny, monkeypatch):
+    run(tiny(train__max_steps=10), tmp_path)
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read whole: {self}") if self == newest
+                        else original(self))
+    loaded = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(kwargs.get("mmap")) or real_load(*args,
+                                                                                                           **kwargs))
+    checkpoint = load_checkpoint(newest)
+    assert checkpoint.step == 10 and loaded == [True]
+    newest.write_bytes(original(newest)[:-10])  # truncated: the checksum says so
+    with pytest.raises(KernelError, match="does not match its checksum"):
+        load_checkpoint(newest)
