@@ -254,11 +254,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --- Peak throughput, for model FLOPs utilisation (MFU) ---------------------------------------------
 
 # Dense tensor-core peaks per GPU from the vendors' data sheets (FLOP/s); float32 means plain fp32 (no TF32).
+# A name matches when each of its words is in the device's name: the first match wins, so a variant (the
+# H100 PCIe card runs at 756 TFLOP/s, the SXM module, "NVIDIA H100 80GB HBM3", at 989) comes before its model.
 PEAK_FLOPS = {
     "T4": {"float16": 65e12, "float32": 8.1e12},
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
     "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
 }
 _MEASURED_CPU_PEAK: dict = {}
@@ -286,8 +291,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    words = name.lower().replace("-", " ").split()  # "NVIDIA A100-SXM4-80GB", "NVIDIA H100 PCIe", "Tesla T4"
     for model, peaks in PEAK_FLOPS.items():
-        if model in name.split() or f" {model}" in name:
+        if all(word in words for word in model.lower().split()):
             return peaks.get(dtype_name(dtype))
     return None
 

@@ -302,3 +302,19 @@ def test_advice_on_a_t4_names_fp16_with_the_scaler_not_bf16(monkeypatch, tiny, t
     assert "train.dtype=bfloat16 halves" in memory_advice(config, ampere, torch.float32)
     assert precision_advice(CPU, torch.float32) == ""
     assert "train.dtype=float32" in precision_advice(CPU, torch.bfloat16)
+
+
+# --- bench/gpu.py, the Python half of bench/gpu_check.sh, on the CPU ------------------------------------------
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_llama_settings_and_attention_report_on_a_cpu():
+    import json
+    lines = fresh_python("import runpy, sys\nsys.argv = ['gpu.py', '--smoke', '--arch', 'llama', '--settings', "
+                         "'bf16,fp32+muon,fp16,bf16+compile']\nrunpy.run_path('bench/gpu.py', run_name='__main__')")
+    results = [json.loads(line) for line in lines.splitlines()]
+    assert [r["setting"] for r in results] == ["bf16", "fp32+muon"]  # fp16 and compiling: GPU settings
+    assert all(r["arch"] == "llama" and r["tokens_per_s"] > 0 and r["memory_estimate_gib"] > 0 for r in results)
+    assert 0 < results[1]["muon_share_of_step"] < 1 and results[1]["newton_schulz"] in ("float32", "bfloat16")
+    report = json.loads(fresh_python("import runpy, sys\nsys.argv = ['gpu.py', '--smoke', '--sdpa']\n"
+                                     "runpy.run_path('bench/gpu.py', run_name='__main__')").splitlines()[-1])["sdpa"]
+    assert report["backends"]["MATH"] == "runs" and any("scaled_dot_product" in op for op in report["ops_that_ran"])
