@@ -157,6 +157,8 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
                 train_seconds: float | None = None, now=time.perf_counter) -> PreparedRun:
     """Everything before training: the checkpoint to resume from, the data, the model's size (`train_seconds`:
     what the budget leaves for training, for model.size=auto), the number format."""
+    if config.train.dtype != "auto":  # a format this device cannot use (bf16 on a T4) fails before the data is read
+        resolve_dtype(config.train.dtype, device, config.model.n_embd)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the matmuls autocast leaves in fp32
     seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process

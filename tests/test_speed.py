@@ -276,6 +276,14 @@ def test_explicit_bf16_on_a_t4_is_refused_naming_fp16_and_the_scaler(monkeypatch
     assert resolve_dtype("float16", device)[0] == torch.float16
 
 
+def test_a_run_asking_for_bf16_on_a_t4_stops_before_reading_data(monkeypatch, tiny, tmp_path):
+    from kernel.distributed import Processes
+    from kernel.main import prepare_run
+    with pytest.raises(KernelError, match="no bf16 hardware"):
+        prepare_run(tiny(train__dtype="bfloat16"), tmp_path, Processes(), a_gpu(monkeypatch, (7, 5)))
+    assert not any(tmp_path.iterdir())  # no token cache, no config.yaml
+
+
 def test_explicit_bf16_on_a_pascal_gpu_points_to_float32(monkeypatch):
     with pytest.raises(KernelError, match=r"Use train.dtype=float32"):
         resolve_dtype("bfloat16", a_gpu(monkeypatch, (6, 0), "Tesla P100-PCIE-16GB"))
