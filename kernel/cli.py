@@ -27,7 +27,7 @@ from kernel.env import (DTYPES, KernelError, default_out_dir, describe_environme
 from kernel.config import SampleConfig, did_you_mean, load_config
 from kernel.distributed import processes_to_launch
 from kernel.checkpoint import given_checkpoint
-from kernel.optim import optimizer_blocker
+from kernel.optim import optimizer_line
 from kernel.progress import RunStopped, StopRequests
 from kernel.sample import load_trained, sample_checkpoint
 from kernel.export import checkpoint_facts, export_hf
@@ -81,10 +81,10 @@ def check_env_command(args: argparse.Namespace) -> None:
         # the rule a run with this config follows (a resumed run keeps its checkpoint's precision)
         dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd)
         print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+        print(f"[env] {optimizer_line(config.train, device)}")
     count = processes_to_launch(config.train.devices, requested)
     print(f"[env] train.devices={config.train.devices} trains with {count} "
           f"process{'es (torchrun, one per GPU)' if count > 1 else ''}")
-    print(f"[env] {optimizer_blocker(config.train) or f'train.optimizer={config.train.optimizer}: available'}")
     print(f"[env] outputs would go to {default_out_dir()}")
 
 

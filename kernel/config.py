@@ -40,6 +40,7 @@ class ConfigError(KernelError):
 # Fields that take "auto" or a whole number: field metadata {"auto_count": (least, what the number counts)}.
 PROCESSES = {"auto_count": (1, "a number of processes")}
 STEPS = {"auto_count": (0, "a number of steps")}
+AUTO_OR_BOOL = {"auto_or_bool": True}  # true, false, or auto (the program decides)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class TrainConfig:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     devices: int | str = field(default="auto", metadata=PROCESSES)  # auto (every GPU) | N processes
     dtype: str = "auto"                   # auto | float32 | bfloat16 | float16 (auto: by hardware)
-    compile: bool = False                 # torch.compile the model (turned off where it cannot work)
+    compile: bool | str = field(default=False, metadata=AUTO_OR_BOOL)  # torch.compile the model; auto: when it pays
     batch_size: int = 12                  # sequences per micro-batch
     grad_accum_steps: int = 1             # micro-batches per optimizer step
     max_steps: int | str = field(default=2000, metadata=STEPS)  # optimizer steps; auto: the time budget decides
@@ -247,10 +248,18 @@ def parse_auto_or_count(value, least: int, what: str) -> int | str:
     raise ValueError(f"expected auto or {what} >= {least}, got {value!r}")
 
 
+def parse_auto_or_bool(value) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"expected true, false or auto, got {value!r}")
+
+
 def coerce_value(key: str, spec: dataclasses.Field, hint, value):
     """The value converted to the field's type, or a ValueError saying what was expected."""
     if spec.metadata.get("duration"):
         return parse_duration(value)
+    if spec.metadata.get("auto_or_bool"):
+        return parse_auto_or_bool(value)
     if "auto_count" in spec.metadata:
         return parse_auto_or_count(value, *spec.metadata["auto_count"])
     if hint is bool:

@@ -205,6 +205,11 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major, minor
+
+
 def resolve_dtype(requested: str, device: torch.device, model_width: int = 0,
                   resumed: str | None = None) -> tuple[torch.dtype, str]:
     """The autocast dtype for this device (and, on a CPU, this model width), with the reason in words. The one
@@ -212,20 +217,25 @@ def resolve_dtype(requested: str, device: torch.device, model_width: int = 0,
     which `auto` keeps.
 
     bf16 needs compute capability >= 8.0 to be real: torch.cuda.is_bf16_supported() also says True on a T4
-    through slow emulation, so we decide by capability. Below 8.0 (T4, V100) fp16 uses the tensor cores and
-    needs a gradient scaler. On a CPU a fixed rule, not a timing: a timing taken at the start of a run
-    measured bf16 at 0.8x to 8x fp32 on the same model depending on the machine's load, so the same command
-    trained in different precisions.
+    through slow emulation, so we decide by capability, and an explicit bfloat16 below 8.0 is refused. Below
+    8.0 (T4, V100) fp16 uses the tensor cores and needs a gradient scaler. On a CPU a fixed rule, not a
+    timing: a timing taken at the start of a run measured bf16 at 0.8x to 8x fp32 on the same model
+    depending on the machine's load, so the same command trained in different precisions.
     """
     if requested != "auto":
         dtype = DTYPES[requested]
         if dtype == torch.float16 and device.type != "cuda":
             raise KernelError("train.dtype=float16 needs a CUDA GPU; on CPU use float32 or bfloat16")
+        if dtype == torch.bfloat16 and device.type == "cuda" and cuda_capability(device)[0] < 8:
+            raise KernelError(emulated_bf16_error(device))
         return dtype, f"train.dtype={requested} was requested"
     if resumed is not None:
+        if resumed == "bfloat16" and device.type == "cuda" and cuda_capability(device)[0] < 8:
+            return torch.bfloat16, ("as when the checkpoint was written; warning: this GPU has no bf16 hardware, "
+                                    "so bfloat16 is emulated and slow")
         return DTYPES[resumed], "as when the checkpoint was written"
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = cuda_capability(device)
         if major >= 8:
             return torch.bfloat16, f"compute capability {major}.{minor} >= 8.0 has native bf16"
         if major >= 7:
@@ -241,6 +251,38 @@ def resolve_dtype(requested: str, device: torch.device, model_width: int = 0,
     return torch.float32, f"{device.type}: fp32"
 
 
+def emulated_bf16_error(device: torch.device) -> str:
+    major, minor = cuda_capability(device)
+    instead = ("train.dtype=float16 (with the grad scaler a run adds to it: what train.dtype=auto picks here)"
+               if major >= 7 else "train.dtype=float32 (what train.dtype=auto picks here)")
+    return (f"train.dtype=bfloat16 on {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): "
+            f"this GPU has no bf16 hardware (that needs 8.0, e.g. A100, L4, H100), so torch would emulate it, "
+            f"slower than float32. Use {instead}")
+
+
+def precision_advice(device: torch.device, dtype: torch.dtype) -> str:
+    """What to change the number format to when a loss turns NaN or infinite in `dtype` on this device: fp32
+    always works; bf16 (fp32's range) only where the GPU has it; on a T4 or V100 fp16 keeps its grad scaler."""
+    if dtype == torch.float32:
+        return ""
+    if device.type == "cuda" and dtype == torch.float16 and cuda_capability(device)[0] >= 8:
+        return "use train.dtype=bfloat16 or float32 instead of float16"
+    if device.type == "cuda" and dtype == torch.float16:
+        return ("use train.dtype=float32 instead of float16 (this GPU has no bf16 hardware: keep float16 with its "
+                "grad scaler for speed)")
+    return f"use train.dtype=float32 instead of {dtype_name(dtype)}"
+
+
+def half_precision_setting(device: torch.device) -> str | None:
+    """The half-precision setting that is fast on this GPU (memory advice), or None where there is none."""
+    if device.type != "cuda":
+        return None
+    major = cuda_capability(device)[0]
+    if major >= 8:
+        return "train.dtype=bfloat16"
+    return "train.dtype=float16 (with a grad scaler, as train.dtype=auto does)" if major >= 7 else None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -248,11 +290,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --- Peak throughput, for model FLOPs utilisation (MFU) ---------------------------------------------
 
 # Dense tensor-core peaks per GPU from the vendors' data sheets (FLOP/s); float32 means plain fp32 (no TF32).
+# A name matches when each of its words is in the device's name: the first match wins, so a variant (the
+# H100 PCIe card runs at 756 TFLOP/s, the SXM module, "NVIDIA H100 80GB HBM3", at 989) comes before its model.
 PEAK_FLOPS = {
     "T4": {"float16": 65e12, "float32": 8.1e12},
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
     "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
 }
 _MEASURED_CPU_PEAK: dict = {}
@@ -280,8 +327,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    words = name.lower().replace("-", " ").split()  # "NVIDIA A100-SXM4-80GB", "NVIDIA H100 PCIe", "Tesla T4"
     for model, peaks in PEAK_FLOPS.items():
-        if model in name.split() or f" {model}" in name:
+        if all(word in words for word in model.lower().split()):
             return peaks.get(dtype_name(dtype))
     return None
 

@@ -36,7 +36,7 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
                                remove_output_debris)
-from kernel.optim import require_optimizer
+from kernel.optim import optimizer_line
 from kernel.memory import fit_to_memory
 from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
@@ -159,7 +159,8 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
                 train_seconds: float | None = None, now=time.perf_counter) -> PreparedRun:
     """Everything before training: the checkpoint to resume from, the data, the model's size (`train_seconds`:
     what the budget leaves for training, for model.size=auto), the number format."""
-    require_optimizer(config.train)
+    if config.train.dtype != "auto":  # a format this device cannot use (bf16 on a T4) fails before the data is read
+        resolve_dtype(config.train.dtype, device, config.model.n_embd)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the matmuls autocast leaves in fp32
     seed_everything(config.train.seed + processes.rank)  # the RNG drives dropout: a different mask per process
@@ -177,10 +178,11 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
         config, plan = planned_config(config, data, processes, device, train_seconds, now)
     dtype, why = resolve_dtype(config.train.dtype, device, config.model.n_embd, checkpoint and checkpoint.dtype)
     print(f"[env] device {device} | dtype {dtype_name(dtype)} ({why})")
+    if config.train.optimizer == "muon":
+        print(f"[env] {optimizer_line(config.train, device)}")
     config = memory_planned(config, data.tokenizer.vocab_size, device, dtype, processes)
-    if processes.is_main:
+    if processes.is_main:  # (tokenizer/ is written after training: saving it imports transformers, seconds)
         write_atomic(out_dir / CONFIG_FILE, config_to_yaml(config))
-        data.tokenizer.save(out_dir / TOKENIZER_DIR)
     return PreparedRun(data, dtype, checkpoint, resume_path, config, plan)
 
 
@@ -264,14 +266,17 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
 
 def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: TrainResult, device: torch.device,
                    stops: StopRequests, curves: LossCurves, summary: dict) -> None:
-    """The curves, the transformers export and the samples. Each is a convenience made from the checkpoint
-    already saved: a failure or a stop signal skips it with a line, never the run's results."""
+    """The tokenizer's folder, the curves, the transformers export and the samples. Each is a convenience made
+    from the checkpoint already saved (which holds the tokenizer too): a failure or a stop signal skips it with
+    a line, never the run's results."""
     def write_samples() -> None:
         samples = sample_texts(result.model, tokenizer, config.sample, device, config.train.seed)
         write_atomic(out_dir / SAMPLES_FILE, format_samples(samples))
         print(format_samples(samples))
 
-    outputs = [(CURVES_FILE, "", lambda: curves.finish(result.history)),  # shown in a notebook
+    outputs = [(f"{TOKENIZER_DIR}/", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",  # for AutoTokenizer
+                lambda: tokenizer.save(out_dir / TOKENIZER_DIR)),
+               (CURVES_FILE, "", lambda: curves.finish(result.history)),  # shown in a notebook
                ("the hf/ export", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",
                 # the run's own folder: its earlier export is replaced, a file a user put there is kept
                 lambda: export_hf(result.model, tokenizer, config, out_dir / EXPORT_DIR, run_facts(summary), force=True)),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from kernel.env import KernelError
+from kernel.env import KernelError, half_precision_setting
 from kernel.config import Config
-from kernel.model import build_model
+from kernel.model import model_shape
 from kernel.distributed import split_global_batch
 
 
@@ -46,8 +46,7 @@ def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training:
     backward pass (ACTIVATIONS_PER_TOKEN per layer; with gradient checkpointing one layer's, plus every layer's
     input); in any case the logits of a micro-batch (with their fp32 copy, and to
     train their log-softmax and gradient); on a GPU the CUDA context and the libraries' workspace."""
-    with torch.device("meta"):  # the exact shape, without allocating it
-        model = build_model(config, vocab_size)
+    model = model_shape(config, vocab_size)  # the exact shape, without allocating it
     c, params, width = model.config, model.num_params(), torch.finfo(dtype).bits // 8  # bytes per activation
     tokens = (micro_batch or config.train.batch_size) * config.model.block_size
     layer = tokens * width * ACTIVATIONS_PER_TOKEN[c.arch](c.n_embd, c.mlp_hidden)
@@ -198,8 +197,9 @@ def memory_advice(config: Config, device: torch.device, dtype: torch.dtype) -> s
               f"model.block_size (now {m.block_size}): both shrink the activations and the logits"]
     if not m.gradient_checkpointing:
         advice.append("set model.gradient_checkpointing=true (it keeps one layer's activations, not all)")
-    if device.type == "cuda" and dtype == torch.float32:
-        advice.append("train.dtype=bfloat16 (or float16 on a T4) halves the activations")
+    half = half_precision_setting(device)
+    if half and dtype == torch.float32:
+        advice.append(f"{half} halves the activations")
     advice.append("start from a smaller model (model.init_from)" if m.init_from else
                   "use a smaller model (model.n_layer, model.n_embd)")
     return "Either " + "; or ".join(advice)

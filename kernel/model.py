@@ -33,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from kernel.config import Config, ModelConfig
 
 
+# --- Its parts ----------------------------------------------------------------------------------------
+
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     """The embedding's row count: the vocabulary rounded up, since matrix shapes that are multiples of 64
     run faster on tensor cores. The extra rows are never targets; sampling and export mask them."""
@@ -194,6 +196,8 @@ class Block(nn.Module):
         return x
 
 
+# --- The model ----------------------------------------------------------------------------------------
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -264,5 +268,23 @@ class GPT(nn.Module):
         return logits, loss
 
 
+# --- Building it --------------------------------------------------------------------------------------
+
 def build_model(config: Config, vocab_size: int) -> GPT:
     return GPT(GPTConfig.from_settings(config.model, vocab_size))
+
+
+class ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Skips the weights' random normal fill: a model on the meta device is only its shapes, and meta's
+    normal_ imports torch._dynamo (about 2 s, paid inside every run's time budget)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "normal_":
+            return args[0] if args else kwargs["tensor"]  # init.normal_(tensor=...) or Tensor.normal_
+        return func(*args, **(kwargs or {}))
+
+
+def model_shape(config: Config, vocab_size: int) -> GPT:
+    """The model on the meta device, allocating nothing: its parameter counts and FLOPs, never its values."""
+    with torch.device("meta"), ShapesOnly():
+        return build_model(config, vocab_size)

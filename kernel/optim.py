@@ -3,14 +3,17 @@
 The schedule: a linear warm-up to `train.lr`, then a cosine or a warmup-stable-decay (wsd) curve down to
 `train.min_lr`, ending at `train.max_steps` or, with a time budget, when the budget does, whichever comes
 first. The optimizer: AdamW with weight decay on matrices only, or (`train.optimizer: muon`) Muon for the
-blocks' hidden matrices and AdamW for the rest, presented to the loop as one optimizer.
+blocks' hidden matrices and AdamW for the rest, presented to the loop as one optimizer. Muon's Newton-Schulz
+iteration runs in the number format that is fast on the device: fp32 on most CPUs, bf16 on recent GPUs,
+fp16 on a T4.
 """
 
+import inspect
 import math
 
 import torch
 
-from kernel.env import KernelError
+from kernel.env import cpu_has_native_bf16, dtype_name
 from kernel.config import TrainConfig
 from kernel.model import GPT
 
@@ -59,7 +62,132 @@ def wsd_phase(step: int, train: TrainConfig, time_progress: float) -> str:
     return "budget_decay" if by_time else "decay"
 
 
-# --- Optimizers ---------------------------------------------------------------------------------------
+# --- Muon's Newton-Schulz iteration, in the device's fast number format --------------------------------
+
+# torch.optim.Muon's quintic iteration (Keller Jordan's coefficients, 5 steps): its checkpoints resume here.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+def newton_schulz(matrix: torch.Tensor, dtype: torch.dtype, steps: int = NS_STEPS,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = NS_EPS) -> torch.Tensor:
+    """Muon's orthogonalisation of a 2-D update: `steps` quintic Newton-Schulz iterations in `dtype`, the same
+    operations as torch.optim.Muon (which always uses bf16). The matrix is divided by its norm in fp32 first
+    (so its spectral norm is at most 1 and every product stays within fp16's range, and a tiny momentum does
+    not underflow in fp16), then cast; the iteration keeps singular values near 1."""
+    a, b, c = coefficients
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
+    x = matrix.to(exact)
+    x = (x / x.norm().clamp(min=eps)).to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # the Gram matrix of the shorter side is the cheaper one
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, polynomial, x, beta=a)
+    return x.T if tall else x
+
+
+def newton_schulz_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The number format Newton-Schulz runs fastest in on this device, with the reason. Its products are
+    plain matmuls, so it follows the hardware's matrix units: bf16 from compute capability 8.0, fp16 on 7.x
+    (a T4 has fp16 tensor cores and no bf16: emulated bf16 is slower than fp32), fp32 on older GPUs. On a CPU
+    bf16 where it has native bf16 instructions (1.5-2x fp32's speed on an AVX512-BF16 EPYC, from width 128
+    up), else fp32 (bf16 matmuls are converted there: about 2x slower than fp32). BENCHMARKS.md."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"compute capability {major}.{minor} has bf16 tensor cores"
+        if major == 7:
+            return torch.float16, f"compute capability {major}.{minor} has fp16 tensor cores, no bf16"
+        return torch.float32, f"compute capability {major}.{minor}: no tensor cores"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16, "cpu with native bf16 matrix instructions"
+    if device.type == "cpu":
+        return torch.float32, "cpu without native bf16: bf16 would be converted, slower than fp32"
+    return torch.float32, f"{device.type}: fp32"
+
+
+def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning-rate adjustment: `match_rms_adamw` (Moonshot) scales the orthogonal update
+    to AdamW's typical size, so Muon and AdamW share train.lr; `original` is Keller Jordan's."""
+    rows, columns = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / columns))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, columns))
+    return lr
+
+
+# --- Optimizers without torch._dynamo ------------------------------------------------------------------
+
+def underneath(method):
+    """The function under torch's optimizer decorators (`_disable_dynamo`, `_use_grad_for_differentiable`):
+    their first call imports torch._dynamo, about 2 s of every run's time budget on 2 cores, though nothing
+    here is compiled. They only hide the optimizer from the compiler (and set no_grad, which `step` below
+    does itself)."""
+    return inspect.unwrap(method)
+
+
+class WithoutDynamo:
+    """Mixin before a torch optimizer class: the same methods, called without their dynamo wrappers."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        underneath(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        underneath(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return underneath(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        underneath(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+
+class AdamW(WithoutDynamo, torch.optim.AdamW):
+    """torch.optim.AdamW (fused where it can be), without importing torch._dynamo."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return underneath(torch.optim.AdamW.step)(self, closure)
+
+
+class Muon(WithoutDynamo, torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz orthogonalisation, decoupled weight decay,
+    the adjusted learning rate) with the iteration in `ns_dtype` instead of always bf16. Its state dict is
+    torch.optim.Muon's (the same group keys, one `momentum_buffer` per matrix), so checkpoints written with
+    either resume with the other; the dtype is the device's, not saved."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_dtype: torch.dtype,
+                 adjust_lr_fn: str = "match_rms_adamw"):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": True,
+                    "ns_coefficients": NS_COEFFICIENTS, "eps": NS_EPS, "ns_steps": NS_STEPS,
+                    "adjust_lr_fn": adjust_lr_fn}
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        if any(p.dim() != 2 for group in self.param_groups for p in group["params"]):
+            raise ValueError("Muon takes 2-D matrices only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], group["lr"]
+            for param in (p for p in group["params"] if p.grad is not None):
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = newton_schulz(update, self.ns_dtype, group["ns_steps"], group["ns_coefficients"], group["eps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-muon_lr(lr, group["adjust_lr_fn"], param.shape))
+
+
+# --- The run's optimizer -------------------------------------------------------------------------------
 
 def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
     """train.optimizer: `adamw`, or `muon`: Muon (momentum orthogonalised by Newton-Schulz) for the blocks'
@@ -72,31 +200,25 @@ def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
     adamw = adamw_optimizer([p for p in params if id(p) not in hidden], train, device)
     if not hidden:
         return adamw
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=train.lr, weight_decay=train.weight_decay,
-                            momentum=train.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    ns_dtype, _ = newton_schulz_dtype(device)
+    muon = Muon([p for p in params if id(p) in hidden], lr=train.lr, weight_decay=train.weight_decay,
+                momentum=train.muon_momentum, ns_dtype=ns_dtype)
     return MuonWithAdamW(muon, adamw)
 
 
-def optimizer_blocker(train: TrainConfig) -> str | None:
-    """Why this torch cannot run the chosen optimizer (torch.optim.Muon came in torch 2.9), or None."""
-    if train.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        return (f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
-                f"upgrade torch, or set train.optimizer=adamw")
-    return None
+def optimizer_line(train: TrainConfig, device: torch.device) -> str:
+    """What the run's optimizer is on this device, in one line (the log, check-env)."""
+    if train.optimizer != "muon":
+        return f"train.optimizer={train.optimizer}"
+    dtype, why = newton_schulz_dtype(device)
+    return f"train.optimizer=muon: Newton-Schulz in {dtype_name(dtype)} ({why})"
 
 
-def require_optimizer(train: TrainConfig) -> None:
-    """Fail before any data is read, not when the loop starts."""
-    reason = optimizer_blocker(train)
-    if reason:
-        raise KernelError(reason)
-
-
-def adamw_optimizer(params: list, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw_optimizer(params: list, train: TrainConfig, device: torch.device) -> AdamW:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")  # one kernel for the whole update instead of one per tensor
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
+    return AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
 
 
 class MuonWithAdamW:

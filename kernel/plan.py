@@ -33,7 +33,7 @@ import torch
 
 from kernel.env import KernelError, resolve_dtype
 from kernel.config import Config
-from kernel.model import build_model
+from kernel.model import build_model, model_shape
 from kernel.optim import make_optimizer
 from kernel.train import train_step
 
@@ -136,8 +136,7 @@ def ladder(config: Config, vocab_size: int) -> list[Candidate]:
 
 def layer_model(config: Config, n_layer: int, n_embd: int, vocab_size: int) -> tuple[int, int, float]:
     """(parameters, of which embedding tables, training FLOPs per token) of one shape."""
-    with torch.device("meta"):
-        model = build_model(shaped(config, n_layer, n_embd), vocab_size)
+    model = model_shape(shaped(config, n_layer, n_embd), vocab_size)
     tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     return model.num_params(), tables, model.flops_per_token()
 

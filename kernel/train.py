@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
-                        write_atomic)
+                        precision_advice, write_atomic)
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights
-from kernel.distributed import Processes, gather_objects, max_across, split_global_batch, sum_across
+from kernel.distributed import Processes, from_main, gather_objects, max_across, split_global_batch, sum_across
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
                                rng_states, save_checkpoint)
 from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
@@ -59,7 +59,66 @@ def compile_blocker(device: torch.device) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class CompileCost:
+    """What torch.compile costs once (seconds, the first steps and the first evaluation) and saves after
+    (the share of each step's time), on one device type."""
+    seconds: float
+    step_saving: float
+
+
+# CPU: measured on 2 cores (NOTES.md: llama at the CPU preset's scale, 23% faster steps, 18 s to compile).
+# CUDA: not measured yet (bench/gpu_check.sh prints both for the llama presets); an estimate from llama's
+# elementwise work (RMSNorm, RoPE, SwiGLU: 1.2-1.5x) and inductor's usual compile time for a small model.
+COMPILE_COSTS = {"cpu": CompileCost(seconds=18.0, step_saving=0.23),
+                 "cuda": CompileCost(seconds=60.0, step_saving=0.2)}
+ASSUMED_MFU = 0.3  # to estimate a step's time from its FLOPs before any step ran (only compile=auto uses it)
+COMPILE_MARGIN = 2.0  # the saving must repay the cost twice: recompiles (evaluation, a smaller micro-batch) cost too
+
+
+def compile_decision(device_type: str, budget_seconds: float | None, max_steps: float,
+                     step_seconds: float | None, costs: dict = COMPILE_COSTS) -> tuple[bool, str]:
+    """train.compile=auto: compile when the training time it shortens is worth more than compiling costs, by
+    COMPILE_MARGIN. The expected training time is the time budget left, or max_steps x the estimated step
+    time when that ends sooner; with neither known, off. A budget-bound run gains when saving x time > cost
+    (it loses the compile time, then takes faster steps), as does a step-bound one."""
+    cost = costs.get(device_type)
+    if cost is None:
+        return False, f"no measured compile cost on {device_type}"
+    expected = [budget_seconds] if budget_seconds else []
+    if math.isfinite(max_steps) and step_seconds:
+        expected.append(max_steps * step_seconds)
+    if not expected:
+        return False, "the training time is unknown (no time budget and no step-time estimate)"
+    seconds = min(expected)
+    saved = cost.step_saving * seconds
+    verdict = (f"about {duration_words(seconds)} of training: faster steps would save ~{saved:.0f}s, compiling "
+               f"costs ~{cost.seconds:.0f}s on {device_type}")
+    return saved > COMPILE_MARGIN * cost.seconds, verdict
+
+
+def duration_words(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f}s"
+
+
+def compile_choice(setting: bool | str, device: torch.device, budget_seconds: float | None, max_steps: float,
+                   step_seconds: float | None) -> tuple[bool, str]:
+    """(compile?, why) for train.compile = true, false or auto; where torch.compile cannot work, off."""
+    if setting is False:
+        return False, "train.compile=false"
+    blocker = compile_blocker(device)
+    if blocker:
+        return False, f"train.compile={str(setting).lower()}, but {blocker}"
+    if setting is True:
+        return True, "train.compile=true"
+    wanted, why = compile_decision(device.type, budget_seconds, max_steps, step_seconds)
+    return wanted, f"train.compile=auto: {why}"
+
+
 def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model) when asked and possible (bench/gpu.py; a run decides with compile_choice)."""
     if not enabled:
         return model
     reason = compile_blocker(device)
@@ -167,13 +226,14 @@ def out_of_memory_error(config: Config, micro: int, distributed: bool) -> Kernel
         "train.dtype=float16/bfloat16 also halves activation memory")
 
 
-def nonfinite_error(t: TrainConfig, step: int, ckpt_dir: Path) -> KernelError:
+def nonfinite_error(t: TrainConfig, step: int, ckpt_dir: Path, device: torch.device, dtype: torch.dtype) -> KernelError:
     saved = list_checkpoints(ckpt_dir)
+    precision = precision_advice(device, dtype)
     return KernelError(
         f"the training loss was NaN or infinite for {t.nan_patience} consecutive steps (up to step {step:,}); "
         f"the run stopped without saving them. The last good checkpoint is "
         f"{saved[-1] if saved else '(none: no checkpoint was written yet)'}. Try a lower train.lr (now {t.lr:g}), "
-        "keep train.grad_clip on, or use train.dtype=bfloat16 or float32 instead of float16")
+        f"{'keep train.grad_clip on, or ' + precision if precision else 'or keep train.grad_clip on'}")
 
 
 def is_due(step: int, interval: int, max_steps: float) -> bool:
@@ -280,7 +340,9 @@ class Trainer:
 
     def prepare(self, state: LoopState) -> None:
         """Compile and wrap the model (after its weights are loaded), start the progress display."""
-        self.evaluator = self.runner = maybe_compile(self.model, self.t.compile, self.device)
+        compiled, why = from_main(self.processes, self.compile_choice(state))  # one choice: the same graphs
+        print(f"[train] compile: {'on' if compiled else 'off'} ({why})")
+        self.evaluator = self.runner = torch.compile(self.model) if compiled else self.model
         if self.processes.distributed:  # averages the gradients across processes in a step's last backward
             self.runner = torch.nn.parallel.DistributedDataParallel(
                 self.evaluator, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -288,6 +350,14 @@ class Trainer:
         self.window.started = self.clock.now()
         self.progress = Progress(step_limit(self.t), state.step, shown=self.processes.is_main)
         self.clock.start_loop()
+
+    def compile_choice(self, state: LoopState) -> tuple[bool, str]:
+        """train.compile's decision for the training this run has left: its budget, or its steps at a step time
+        estimated from the model's FLOPs at ASSUMED_MFU of the device's peak."""
+        budget = self.clock.deadline - self.clock.now() if self.clock.deadline is not None else None
+        step_seconds = (self.flops_per_token * self.tokens_per_step / (self.peak * ASSUMED_MFU)
+                        if self.peak else None)
+        return compile_choice(self.t.compile, self.device, budget, step_limit(self.t) - state.step, step_seconds)
 
     # --- Stop? (the time budget, a signal: every process takes the same decision) ---------------------------
 
@@ -332,7 +402,7 @@ class Trainer:
                 state.plan = self.smaller_plan_after_oom(state)
         state.nonfinite_run = 0 if loss_finite else state.nonfinite_run + 1
         if state.nonfinite_run >= self.t.nan_patience:
-            raise nonfinite_error(self.t, state.step + 1, self.ckpt_dir)
+            raise nonfinite_error(self.t, state.step + 1, self.ckpt_dir, self.device, self.dtype)
         state.step, state.tokens = state.step + 1, state.tokens + self.tokens_per_step
         state.train_seconds += self.clock.now() - begun
         return loss

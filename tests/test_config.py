@@ -31,7 +31,8 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("model.n_layer=four", "expected an integer"),
     ("model.n_layer=2.5", "expected an integer"),
-    ("train.compile=1", "expected true or false"),
+    ("train.compile=1", "expected true, false or auto"),
+    ("train.compile=sometimes", "expected true, false or auto"),
     ("train.lr=fast", "expected a number"),
     ("data.text_glob=[1, 2]", "expected a string"),
 ])

@@ -164,6 +164,11 @@ def test_mfu_uses_the_peak_table_for_known_gpus(monkeypatch):
     assert peak_flops(torch.device("cuda"), torch.float16) == 65e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == 989e12
+    for name, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA L4", 121e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert peak_flops(torch.device("cuda"), torch.bfloat16) == peak, name
+    assert peak_flops(torch.device("cuda"), torch.float32) == 19.5e12  # the A100's plain fp32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
     assert peak_flops(torch.device("cuda"), torch.bfloat16) is None
     assert peak_flops(torch.device("cpu"), torch.float32) > 1e9  # measured

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from kernel.env import dtype_name, resolve_dtype
+from kernel.optim import newton_schulz_dtype
 from kernel.main import run
 from kernel.report import LossCurves, human_summary, plot_losses
 
@@ -49,7 +50,8 @@ def test_check_env_on_cpu_reports_versions_device_and_dtype():
     assert f"torch {torch.__version__}" in done.stdout and "transformers " in done.stdout
     assert "GPUs: none" in done.stdout
     assert "train.devices=auto trains with 1 process\n" in done.stdout
-    assert "train.optimizer=muon: available\n" in done.stdout  # the CPU preset's optimizer, in this torch
+    ns_dtype, why = newton_schulz_dtype(torch.device("cpu"))  # the CPU preset's Muon, in this CPU's fast format
+    assert f"train.optimizer=muon: Newton-Schulz in {dtype_name(ns_dtype)} ({why})\n" in done.stdout
     # the precision a run with that config would train in: on a CPU it depends on the model's width
     for width, line in ((128, done.stdout), (512, check_env("--set", "model.n_embd=512"))):
         dtype, why = resolve_dtype("auto", torch.device("cpu"), width)
@@ -158,12 +160,12 @@ def test_a_redraw_that_fails_never_stops_the_training(tmp_path, capsys):
     assert capsys.readouterr().out.count("[warn] could not redraw loss.png") == 1
 
 
-def test_check_env_says_when_this_torch_lacks_the_configured_optimizer(monkeypatch, capsys):
-    import torch
+def test_check_env_says_which_format_muons_iteration_takes(monkeypatch, capsys):
+    import kernel.optim as optim_module
     from kernel.cli import check_env_command, check_env_parser
-    monkeypatch.delattr(torch.optim, "Muon")  # torch < 2.9
+    monkeypatch.setattr(optim_module, "cpu_has_native_bf16", lambda: False)
     check_env_command(check_env_parser().parse_args(["--config", "llm_cpu.yaml"]))
-    assert "[env] train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch" in capsys.readouterr().out
+    assert "[env] train.optimizer=muon: Newton-Schulz in float32 (cpu without native bf16" in capsys.readouterr().out
 
 
 def test_an_evaluate_only_run_reports_itself_as_such():
