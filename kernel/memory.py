@@ -1,4 +1,4 @@
-"""## 13. Will it fit? Memory, estimated before anything is built
+"""## 14. Will it fit? Memory, estimated before anything is built
 
 A run that cannot fit should fail in seconds with advice, not an hour into training. The estimate counts
 the weights, their gradients and the optimizer's state, the activations a micro-batch keeps for the
