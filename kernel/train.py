@@ -274,7 +274,8 @@ class Trainer:
                               stable_step=checkpoint.stable_step)
             self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
-        elif self.config.model.init_from and not self.lora:  # a new run starts from the pretrained weights; a resumed one has its own
+        elif self.config.model.init_from and not self.lora:  # a new run starts from the pretrained weights (LoRA's
+            # were loaded when its model was built); a resumed one has its own
             folder = find_model_folder(self.config.model.init_from)
             print(f"[train] starting from {folder}: {load_hf_weights(self.model, folder)} tensors loaded")
         if self.processes.distributed:

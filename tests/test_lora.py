@@ -23,6 +23,7 @@ from kernel.hf_interop import load_hf_weights
 from kernel.lora import LORA_MARK, LoRALinear, add_adapters, check_same_base, merged_state_dict, peft_state_dict
 from kernel.main import resolve_config, run
 from kernel.model import build_model
+from kernel.sample import load_trained
 from tests.test_init_from import TEXT, logits, make_source, settings, sources, tokenizer  # noqa: F401 (fixtures)
 from tests.test_reliability import metrics_without_timing, state_tensors, wait_for_step
 
@@ -140,6 +141,8 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model_and_a_peft_folder(
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 12]])
     ours = logits(model, ids)
     assert not torch.allclose(ours, logits(models[kind], ids), atol=1e-3)  # the adapters changed something
+    _, _, reloaded = load_trained(list_checkpoints(tmp_path / "checkpoints")[-1])  # as sample/export load it
+    torch.testing.assert_close(logits(reloaded.eval(), ids), ours, rtol=0, atol=0)
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     assert type(merged) is type(models[kind])
     torch.testing.assert_close(logits(merged, ids), ours, rtol=0, atol=1e-4)
