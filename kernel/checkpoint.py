@@ -1,6 +1,7 @@
-"""## 11. Checkpoints
+"""## 12. Checkpoints
 
-A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights, the
+A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights (with
+LoRA only the adapters and a fingerprint of the pretrained weights they belong to, section 10), the
 optimizer and grad-scaler states, the step, the batch sampler's position, every process's random-number
 state, the metrics so far, the config and the tokenizer. One dataclass, `Checkpoint`, names those fields:
 the training loop fills one in, `save_checkpoint` writes it and `load_checkpoint` reads the same fields
@@ -53,6 +54,7 @@ class Checkpoint:
     process_rngs: list        # every process's RNG states (dropout), in rank order
     lr_phase: str             # wsd: "stable" (saved as the decay began), "decay", "budget_decay" (see below); else ""
     stable_step: int | None   # the step of the run's newest "stable" checkpoint, kept on disk by pruning
+    lora: dict                # LoRA: the adapters' settings and base_fingerprint (model holds only the adapters); else {}
     config: dict
     tokenizer: dict
     model: dict
@@ -74,10 +76,11 @@ class Checkpoint:
 
 def upgrade_payload(payload: dict) -> dict:
     """Older checkpoints: before several processes they held one RNG state ("rng") and no process count;
-    before exact metrics on resume, no loss window; before stable-phase checkpoints, no phase."""
+    before exact metrics on resume, no loss window; before stable-phase checkpoints, no phase; before LoRA, no
+    adapters (the model holds every weight)."""
     if "process_rngs" not in payload and "rng" in payload:
         payload = {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
-    return {"loss_window": {"sum": 0.0, "steps": 0}, "lr_phase": "", "stable_step": None, **payload}
+    return {"loss_window": {"sum": 0.0, "steps": 0}, "lr_phase": "", "stable_step": None, "lora": {}, **payload}
 
 
 # --- Writing -------------------------------------------------------------------------------------------

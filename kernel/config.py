@@ -63,7 +63,7 @@ class ModelConfig:
     tie_embeddings: bool = True           # the output head shares the token embedding's matrix
     max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
-    size: str = ""                        # auto: the shape the time budget buys (section 16); "25M": that many parameters
+    size: str = ""                        # auto: the shape the time budget buys (section 17); "25M": that many parameters
     init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
@@ -113,6 +113,10 @@ class TrainConfig:
     nan_patience: int = 20                # stop after this many consecutive steps with a NaN/inf loss
     time_budget: float | None = field(default=None, metadata={"duration": True})  # wall-clock limit
     resume: str = "auto"                  # auto (latest checkpoint in the output folder) | never | a path
+    lora_rank: int = 0                    # LoRA (model.init_from): adapters' rank; 0 trains every weight
+    lora_alpha: float = 16.0              # LoRA: the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0             # LoRA: dropout on the adapters' input
+    lora_targets: str = "attn"            # LoRA: attn (q, k, v, o) | attn_mlp (and gate, up, down) | a list: q,v
 
 
 @dataclass
@@ -449,6 +453,7 @@ def validate(config: Config) -> None:
             f"'model.size' must be empty (the shape as given), auto, or a parameter count such as 25M, got {m.size!r}")
     require(t.grad_clip >= 0, f"'train.grad_clip' must be >= 0 (0 disables), got {t.grad_clip}")
     problems += sample_problems(s)
+    problems += lora_problems(config)
     mode_class = TOKENIZERS.get(config.tokenizer.mode)  # an unknown mode is reported with CHOICES below
     problems += mode_class.config_problems(config.tokenizer) if mode_class else []
     require(DEVICE_PATTERN.fullmatch(t.device) is not None,
@@ -460,6 +465,41 @@ def validate(config: Config) -> None:
                                   f"{did_you_mean(str(value), options) if len(options) > 1 else ''}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+LORA_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # transformers' q_proj ... down_proj
+LORA_TARGET_SETS = {"attn": ("q", "k", "v", "o"), "attn_mlp": LORA_PROJECTIONS}
+
+
+def lora_projections(targets: str) -> tuple[str, ...]:
+    """train.lora_targets as projection names (q, k, v, o, gate, up, down; "q_proj" is read as "q")."""
+    if targets.strip() in LORA_TARGET_SETS:
+        return LORA_TARGET_SETS[targets.strip()]
+    named = [t.strip().removesuffix("_proj") for t in targets.split(",") if t.strip()]
+    return tuple(p for p in LORA_PROJECTIONS if p in named) + tuple(n for n in named if n not in LORA_PROJECTIONS)
+
+
+def lora_problems(config: Config) -> list[str]:
+    """train.lora_*: adapters need a pretrained Llama or Qwen3 model to adapt."""
+    m, t = config.model, config.train
+    if t.lora_rank < 0:
+        return [f"'train.lora_rank' must be >= 0 (0: no LoRA, every weight trains), got {t.lora_rank}"]
+    if t.lora_rank == 0:
+        return []
+    problems = [] if m.init_from else ["'train.lora_rank' needs model.init_from: LoRA adapts a pretrained model"]
+    if m.arch != "llama":  # GPT-2's fused Conv1D c_attn has no q_proj/k_proj/v_proj for PEFT's names
+        problems.append("'train.lora_rank': LoRA supports Llama and Qwen3 models, not GPT-2 (its fused c_attn has no "
+                        "separate q/k/v projections to adapt and export); fine-tune GPT-2 fully (train.lora_rank=0)")
+    if not t.lora_alpha > 0:
+        problems.append(f"'train.lora_alpha' must be > 0, got {t.lora_alpha}")
+    if not 0 <= t.lora_dropout < 1:
+        problems.append(f"'train.lora_dropout' must be in [0, 1), got {t.lora_dropout}")
+    projections = lora_projections(t.lora_targets)
+    unknown = [p for p in projections if p not in LORA_PROJECTIONS]
+    if unknown or not projections:
+        problems.append(f"'train.lora_targets' must be attn, attn_mlp or a comma list of {', '.join(LORA_PROJECTIONS)}"
+                        f", got {t.lora_targets!r}")
+    return problems
 
 
 def model_problems(m: ModelConfig) -> list[str]:

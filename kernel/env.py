@@ -120,6 +120,7 @@ def count_words(count: float) -> str:
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 SAMPLES_FILE, CURVES_FILE, PROGRAM_FILE = "samples.txt", "loss.png", "train_gpt_program.py"
 CHECKPOINTS_DIR, TOKENIZER_DIR, EXPORT_DIR, CACHE_DIR = "checkpoints", "tokenizer", "hf", "cache"
+ADAPTER_DIR = "hf-adapter"  # with LoRA: the adapters in PEFT's format, beside the merged model in hf/
 RUN_OUTPUT_NAMES = frozenset({SUMMARY_FILE, METRICS_FILE, SAMPLES_FILE, CURVES_FILE, CHECKPOINTS_DIR, CONFIG_FILE,
                               PROGRAM_FILE})
 

@@ -1,4 +1,4 @@
-"""## 18. Export to Hugging Face transformers
+"""## 19. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
@@ -6,6 +6,8 @@ files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretraine
 namesake's architecture, so only names and layout change: `gpt2` loads as `GPT2LMHeadModel` (its `Conv1D`
 stores linear weights transposed; a model trained without biases gets zero biases, which compute the same),
 `llama` as `LlamaForCausalLM` (the fused q/k/v matrix is split), `llama` with QK-norm as `Qwen3ForCausalLM`.
+A LoRA run's adapters are merged into the weights (section 10), so `hf/` is a plain transformers model; its
+adapters alone go to `hf-adapter/` in PEFT's format.
 
 What transformers needs to generate well is set here: the generation config holds the run's sampling
 settings (`sample.temperature`, `top_k`, `top_p`) and `max_length` = the context (transformers' classes
@@ -33,6 +35,7 @@ from kernel.tokenization import Tokenizer
 from kernel.model import GPT
 from kernel.checkpoint import Checkpoint
 from kernel.hf_interop import hf_config, hf_state_dict
+from kernel.lora import lora_modules, merged_state_dict
 
 # --- The folder ----------------------------------------------------------------------------------------
 
@@ -98,7 +101,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Pa
         special = save_hf_tokenizer(tokenizer, staging, model.config.max_positions)
         architecture = hf_config(model, special)
         architecture.save_pretrained(staging)
-        save_file(hf_state_dict(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        merged = merged_state_dict(model) if lora_modules(model) else None  # LoRA: W + (alpha / r) B A
+        save_file(hf_state_dict(model, merged), str(staging / "model.safetensors"), metadata={"format": "pt"})
         padding_rows = range(tokenizer.vocab_size, model.config.vocab_size)
         generation_config(config.sample, model.config.max_positions, special, padding_rows).save_pretrained(staging)
         card = ModelCardFacts(model, tokenizer, config, run or RunFacts(), architecture, location)

@@ -11,7 +11,7 @@ only its own config (the tokenizers `transformers` loads are section 3's `hf` mo
   presets'; a value you set that differs is an error naming both.
 * **One table of tensor names**: where each of our tensors lives in a `transformers` checkpoint, read one way
   to load pretrained weights (`load_hf_weights`) and the other way to export (`hf_state_dict`).
-* **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 18.
+* **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 19.
 """
 
 import functools
@@ -246,9 +246,10 @@ def hf_layout(c: GPTConfig) -> list[tuple[str, tuple[str, ...], str]]:
     return table + head
 
 
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under transformers' names and layout (a tied head is stored once, as the embedding)."""
-    c, ours = model.config, model.state_dict()
+def hf_state_dict(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Our weights (or `state`, the same names: e.g. LoRA's merged weights) under transformers' names and layout
+    (a tied head is stored once, as the embedding)."""
+    c, ours = model.config, model.state_dict() if state is None else state
     exported = {}
     for name, theirs, layout in hf_layout(c):
         tensor = ours.get(name)

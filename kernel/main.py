@@ -1,4 +1,4 @@
-"""## 20. Main
+"""## 21. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, plan the model's
 shape (with `model.size`), train (resuming when a checkpoint is there; with several GPUs, in one process per
@@ -23,14 +23,15 @@ except ImportError:
 
 import torch
 
-from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, EXPORT_DIR, KAGGLE_TIME_BUDGET_S, SAMPLES_FILE,
-                        SUMMARY_FILE, TOKENIZER_DIR, KernelError, default_out_dir, describe_environment, dtype_name,
+from kernel.env import (ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, EXPORT_DIR, KAGGLE_TIME_BUDGET_S,
+                        SAMPLES_FILE, SUMMARY_FILE, TOKENIZER_DIR, KernelError, default_out_dir, describe_environment, dtype_name,
                         is_kaggle, json_safe, print_environment, resolve_dtype, seed_everything, write_atomic,
                         write_json_atomic)
 from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import TokenData, cache_location, prepare_data, print_data_report
 from kernel.hf_interop import apply_pretrained
+from kernel.lora import count_parameters, write_peft_adapter
 from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
@@ -238,7 +239,8 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
             return None
         if result.step or result.stopped_by != "max_steps":
             print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
-                  f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
+                  f"{result.wall_s:.1f}s, params {result.model.num_params():,} "
+                  f"({count_parameters(result.model)[0]:,} trained)")
         summary = run_summary(result, prepared, device, processes, environment, out_dir)
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
         finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary)
@@ -256,7 +258,8 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
         "val_bpb": result.last_eval["val_bpb"], "train_loss": result.train_loss,
         "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "flops_per_token": result.model.flops_per_token(),
         "steps": result.step, "tokens": result.tokens,
-        "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
+        "wall_s": result.wall_s, "params": result.model.num_params(),
+        "params_trainable": count_parameters(result.model)[0], "device": str(device),
         "processes": processes.world_size,
         "dtype": dtype_name(prepared.dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
         "best_checkpoint": result.best, "plan": prepared.plan,
@@ -281,6 +284,9 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
                 # the run's own folder: its earlier export is replaced, a file a user put there is kept
                 lambda: export_hf(result.model, tokenizer, config, out_dir / EXPORT_DIR, run_facts(summary), force=True)),
                (SAMPLES_FILE, f"python -m kernel sample {out_dir / CHECKPOINTS_DIR}", write_samples)]
+    if config.train.lora_rank:  # the adapters alone, for PEFT, beside the merged model
+        outputs.insert(2, (f"the {ADAPTER_DIR}/ adapters", "",
+                           lambda: write_peft_adapter(result.model, config, out_dir / ADAPTER_DIR)))
     for name, retry, make in outputs:
         if stops.signal_name:
             print(f"[stop] {name} skipped after {stops.signal_name}")

@@ -1,4 +1,4 @@
-"""## 13. Will it fit? A memory plan before anything is built
+"""## 14. Will it fit? A memory plan before anything is built
 
 A run that cannot fit should fail in seconds with advice, not an hour into training. The plan counts what one
 process holds: the weights (and their half-precision copies under autocast), their gradients, the optimizer's
@@ -20,7 +20,8 @@ import torch
 
 from kernel.env import KernelError, half_precision_setting
 from kernel.config import Config
-from kernel.model import model_shape
+from kernel.model import build_model, model_shape
+from kernel.lora import add_adapters, count_parameters
 from kernel.distributed import split_global_batch
 
 
@@ -50,18 +51,31 @@ def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training:
     c, params, width = model.config, model.num_params(), torch.finfo(dtype).bits // 8  # bytes per activation
     tokens = (micro_batch or config.train.batch_size) * config.model.block_size
     layer = tokens * width * ACTIVATIONS_PER_TOKEN[c.arch](c.n_embd, c.mlp_hidden)
-    needed = {"weights": params * (4 + (width if width < 4 else 0))}
+    trainable = adapter_parameters(config, vocab_size) if config.train.lora_rank else params
+    if config.train.lora_rank:  # the frozen base in the training dtype on a GPU (no fp32 copy), fp32 adapters
+        needed = {"weights": params * (width if device_type == "cuda" else 4) + 4 * trainable}
+    else:
+        needed = {"weights": params * (4 + (width if width < 4 else 0))}
     if training:
         kept = layer + tokens * width * c.n_embd * c.n_layer if c.gradient_checkpointing else layer * c.n_layer
-        needed.update({"gradients": 4 * params, "optimizer state": optimizer_bytes(model, config.train.optimizer)})
+        state = 8 * trainable if config.train.lora_rank else optimizer_bytes(model, config.train.optimizer)
+        needed.update({"gradients": 4 * trainable, "optimizer state": state})
         if processes > 1:
-            needed["DDP buckets"] = 4 * params
+            needed["DDP buckets"] = 4 * trainable
         needed.update({"activations": kept, "logits": tokens * c.vocab_size * (width + 12)})
     else:
         needed.update({"activations": layer, "logits": tokens * c.vocab_size * (width + 4)})
     if device_type == "cuda":
         needed["CUDA context and workspace"] = CUDA_CONTEXT_BYTES
     return needed
+
+
+def adapter_parameters(config: Config, vocab_size: int) -> int:
+    """The LoRA adapters' parameters (train.lora_*), counted on a model on the meta device."""
+    with torch.device("meta"):
+        model = build_model(config, vocab_size)
+        add_adapters(model, config.train)
+    return count_parameters(model)[0]
 
 
 # Values one layer keeps per token for the backward pass, by architecture (width, MLP width): measured with
@@ -163,7 +177,7 @@ def plan_memory(config: Config, vocab_size: int, dtype: torch.dtype, processes: 
 def does_not_fit(config: Config, device: str, capacity: int, smallest: dict[str, int], training: bool) -> str:
     parts = ", ".join(f"{what} {memory_size(count)}" for what, count in smallest.items())
     ways = []
-    if training and config.model.init_from and hasattr(config.train, "lora_rank"):
+    if training and config.model.init_from and config.model.arch == "llama" and not config.train.lora_rank:
         ways.append("train.lora_rank=16 (LoRA: the pretrained weights stay frozen in half precision; only small "
                     "adapters get gradients and optimizer state)")
     ways.append(f"a shorter model.block_size (now {config.model.block_size}): activations and logits shrink with it")

@@ -229,8 +229,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """Trainable parameters, a tied embedding counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """The model's parameters, a tied embedding counted once; LoRA's adapters (section 10) are not counted:
+        merged into the weights at export, they add none."""
+        return sum(p.numel() for name, p in self.named_parameters() if ".lora_" not in name)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per weight

@@ -1,4 +1,4 @@
-"""## 12. Learning rate and optimizers
+"""## 13. Learning rate and optimizers
 
 The schedule: a linear warm-up to `train.lr`, then a cosine or a warmup-stable-decay (wsd) curve down to
 `train.min_lr`, ending at `train.max_steps` or, with a time budget, when the budget does, whichever comes
@@ -16,6 +16,7 @@ import torch
 from kernel.env import cpu_has_native_bf16, dtype_name
 from kernel.config import TrainConfig
 from kernel.model import GPT
+from kernel.lora import LORA_MARK
 
 
 # --- Learning rate -------------------------------------------------------------------------------------
@@ -193,16 +194,19 @@ def make_optimizer(model: GPT, train: TrainConfig, device: torch.device):
     """train.optimizer: `adamw`, or `muon`: Muon (momentum orthogonalised by Newton-Schulz) for the blocks'
     hidden matrices and AdamW for the rest (embeddings, head, norm gains, biases), as modded-nanogpt and
     nanochat split them. Weight decay only on matrices. Muon's step is scaled to AdamW's update size
-    (`match_rms_adamw`), so both follow train.lr on one schedule."""
+    (`match_rms_adamw`), so both follow train.lr on one schedule. Only weights that train get a state: with
+    LoRA that is the adapters, which AdamW updates (as in PEFT and litgpt: orthogonalising a rank-r factor
+    on its own is not what Muon was made for), so `muon` with LoRA is AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    hidden = ({id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2}
-              if train.optimizer == "muon" else set())
+    hidden = ({id(p) for block in model.transformer.h for name, p in block.named_parameters()
+               if p.dim() == 2 and LORA_MARK not in name} if train.optimizer == "muon" else set())
+    matrices = [p for p in params if id(p) in hidden]
     adamw = adamw_optimizer([p for p in params if id(p) not in hidden], train, device)
-    if not hidden:
+    if not matrices:
         return adamw
     ns_dtype, _ = newton_schulz_dtype(device)
-    muon = Muon([p for p in params if id(p) in hidden], lr=train.lr, weight_decay=train.weight_decay,
-                momentum=train.muon_momentum, ns_dtype=ns_dtype)
+    muon = Muon(matrices, lr=train.lr, weight_decay=train.weight_decay, momentum=train.muon_momentum,
+                ns_dtype=ns_dtype)
     return MuonWithAdamW(muon, adamw)
 
 

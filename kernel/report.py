@@ -1,4 +1,4 @@
-"""## 19. Report
+"""## 20. Report
 
 What people look at after a run: `loss.png` and a short summary in words. The figure shows train and
 validation loss against tokens seen (optimizer steps on the top axis, the learning rate on a second axis)
@@ -19,7 +19,7 @@ from pathlib import Path
 if typing.TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: at start it cost 1.4 s of every budget
     from matplotlib.figure import Figure
 
-from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, EXPORT_DIR, METRICS_FILE, SAMPLES_FILE,
+from kernel.env import (ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, EXPORT_DIR, METRICS_FILE, SAMPLES_FILE,
                         SUMMARY_FILE, TOKENIZER_DIR, count_words, write_atomic)
 from kernel.config import Config
 
@@ -167,6 +167,7 @@ def human_summary(summary: dict) -> str:
 OUTPUT_FILES = ((CURVES_FILE, CURVES_FILE), (SAMPLES_FILE, SAMPLES_FILE), (SUMMARY_FILE, SUMMARY_FILE),
                 (METRICS_FILE, METRICS_FILE), (CONFIG_FILE, CONFIG_FILE),
                 (EXPORT_DIR, f"{EXPORT_DIR}/ (the model for transformers, with its model card README.md)"),
+                (ADAPTER_DIR, f"{ADAPTER_DIR}/ (the LoRA adapters in PEFT's format)"),
                 (TOKENIZER_DIR, f"{TOKENIZER_DIR}/"), (CHECKPOINTS_DIR, f"{CHECKPOINTS_DIR}/"))
 
 

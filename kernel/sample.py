@@ -1,4 +1,4 @@
-"""## 17. Sampling
+"""## 18. Sampling
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
@@ -27,6 +27,7 @@ from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict
 from kernel.tokenization import HFTokenizer, Tokenizer, tokenizer_from_dict
 from kernel.model import GPT, KVCache, build_model
 from kernel.hf_interop import apply_pretrained, is_model_folder, load_hf_weights
+from kernel.lora import load_lora_run
 from kernel.checkpoint import Checkpoint, checkpoints_in, given_checkpoint, load_checkpoint
 
 
@@ -141,6 +142,9 @@ def load_trained(path: str | Path, checkpoint: Checkpoint | None = None) -> tupl
     checkpoint = checkpoint or load_checkpoint(path)
     config = config_from_dict(checkpoint.config, f"{path} (saved config)")
     tokenizer = tokenizer_from_dict(checkpoint.tokenizer)
+    if checkpoint.lora:  # only the adapters: the pretrained weights come again from model.init_from
+        model = load_lora_run(config, tokenizer.vocab_size, checkpoint.lora, checkpoint.model, str(path))
+        return config, tokenizer, model
     model = build_model(config, tokenizer.vocab_size)
     model.load_state_dict(checkpoint.model)
     return config, tokenizer, model

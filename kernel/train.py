@@ -1,11 +1,11 @@
-"""## 15. Training
+"""## 16. Training
 
 The loop: mixed precision chosen by the hardware, gradient accumulation, the optimizer and learning-rate
-schedule of section 12, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
-(section 11).
+schedule of section 13, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
+(section 12).
 
 A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
-each process's share (section 10) and that share into micro-batches whose gradients accumulate, which gives
+each process's share (section 11) and that share into micro-batches whose gradients accumulate, which gives
 the same gradient as one big batch. A step whose loss or gradients are not finite updates nothing (the run
 stops after `train.nan_patience` such losses in a row); with one GPU, a step that runs out of memory is
 retried with smaller micro-batches, the batch unchanged. `train()` at the end reads top to bottom: a
@@ -31,6 +31,7 @@ from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights
+from kernel.lora import adapter_state, build_lora_model, check_same_base, hold_base_in, load_adapters
 from kernel.distributed import Processes, from_main, gather_objects, max_across, split_global_batch, sum_across
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
                                rng_states, save_checkpoint)
@@ -287,7 +288,7 @@ class Trainer:
         self.processes, self.clock = processes, clock
         self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
         self.ckpt_dir, self.metrics = out_dir / CHECKPOINTS_DIR, MetricsLog(out_dir / METRICS_FILE)
-        self.model = build_model(config, data.tokenizer.vocab_size).to(device)
+        self.model, self.lora = self.build(config, data.tokenizer.vocab_size, device, dtype)
         self.optimizer = make_optimizer(self.model, self.t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
         # The same stream on every process: each step draws the global batch and a process takes its share.
@@ -300,12 +301,26 @@ class Trainer:
         self.evaluator = self.runner = self.model
         self.progress: Progress | None = None
 
+    @staticmethod
+    def build(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
+        """The model, and with LoRA what checkpoints record of its adapters and pretrained weights (which LoRA
+        loads every time, resumed or not: checkpoints hold only the adapters)."""
+        if not config.train.lora_rank:
+            return build_model(config, vocab_size).to(device), {}
+        model, lora = build_lora_model(config, vocab_size)
+        hold_base_in(model, dtype, device)
+        return model.to(device), lora
+
     # --- Restore: a new run, or the state a checkpoint saved --------------------------------------------
 
     def restore(self, checkpoint: Checkpoint | None, source: Path | None) -> LoopState:
         state = LoopState(plan=BatchPlan.configured(self.t, self.processes.world_size))
         if checkpoint is not None:
-            self.model.load_state_dict(checkpoint.model)
+            check_same_base(checkpoint.lora, self.lora, str(source))
+            if self.lora:
+                load_adapters(self.model, checkpoint.model, str(source))
+            else:
+                self.model.load_state_dict(checkpoint.model)
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.scaler.load_state_dict(checkpoint.scaler)
             self.sampler.load_state_dict(checkpoint.sampler)
@@ -316,7 +331,8 @@ class Trainer:
                               stable_step=checkpoint.stable_step)
             self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
-        elif self.config.model.init_from:  # a new run starts from the pretrained weights; a resumed one has its own
+        elif self.config.model.init_from and not self.lora:  # a new run starts from the pretrained weights (LoRA's
+            # were loaded when its model was built); a resumed one has its own
             folder = find_model_folder(self.config.model.init_from)
             print(f"[train] starting from {folder}: {load_hf_weights(self.model, folder)} tensors loaded")
         if self.processes.distributed:
@@ -472,9 +488,10 @@ class Trainer:
             best=state.best, metrics=state.history, dtype=dtype_name(self.dtype),
             micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
             loss_window=self.window.state(), world_size=self.processes.world_size, process_rngs=process_rngs,
-            lr_phase=phase or state.phase, stable_step=state.stable_step,
+            lr_phase=phase or state.phase, stable_step=state.stable_step, lora=self.lora,
             config=config_to_dict(self.config),
-            tokenizer=self.data.tokenizer.to_dict(), model=self.model.state_dict(),
+            tokenizer=self.data.tokenizer.to_dict(),
+            model=adapter_state(self.model) if self.lora else self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict())
         with self.clock.timing("save"):
             save_checkpoint(checkpoint, checkpoint_path(self.ckpt_dir, state.step))

@@ -94,12 +94,13 @@ def test_a_plan_keeps_the_global_batch_and_takes_the_largest_pieces_that_fit():
 
 def test_t4x2_plans_for_qwen3_shaped_folders_that_hold_only_their_config(tmp_path):
     """Asked on a machine without the GPUs, from config.json alone: Qwen3-0.6B fine-tunes fully on Kaggle's two
-    T4s in small pieces; a full fine-tune of Qwen3-1.7B is refused with the ways out, before any weights exist."""
-    def plan(size: str) -> subprocess.CompletedProcess:
-        folder = config_only_qwen3(tmp_path / size, size)
+    T4s in small pieces; a full fine-tune of Qwen3-1.7B is refused with the ways out, before any weights exist,
+    and with LoRA it fits."""
+    def plan(size: str, *extra: str) -> subprocess.CompletedProcess:
+        folder = tmp_path / size if (tmp_path / size).is_dir() else config_only_qwen3(tmp_path / size, size)
         return subprocess.run([sys.executable, "-m", "kernel", "plan", "--device", "t4x2", "--set",
                                f"model.init_from={folder}", "--set", "train.batch_size=8", "--set",
-                               "train.grad_accum_steps=4", "--set", "model.block_size=256"],
+                               "train.grad_accum_steps=4", "--set", "model.block_size=256", *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
     small = plan("0.6b")
     assert small.returncode == 0, small.stderr
@@ -107,7 +108,11 @@ def test_t4x2_plans_for_qwen3_shaped_folders_that_hold_only_their_config(tmp_pat
     assert "DDP buckets" in small.stdout and "to fit: micro-batch 1 x 16 accumulation per process" in small.stdout
     large = plan("1.7b")
     assert large.returncode == 2 and large.stderr.startswith("error: the model does not fit Kaggle's T4 x2")
-    assert "per process" in large.stderr and "model.block_size" in large.stderr and not list((tmp_path / "1.7b").glob(
-        "*.safetensors"))
+    assert "per process" in large.stderr and "train.lora_rank=16 (LoRA" in large.stderr
+    assert not list((tmp_path / "1.7b").glob("*.safetensors"))
+    adapted = plan("1.7b", "--set", "train.lora_rank=16")
+    assert adapted.returncode == 0, adapted.stderr
+    figures = adapted.stdout.splitlines()[-2] if "to fit" in adapted.stdout else adapted.stdout.splitlines()[-1]
+    assert "each needs about" in figures and "DDP buckets" in figures
     assert json.loads((tmp_path / "1.7b" / "config.json").read_text())["hidden_size"] == 2048
     assert NAMED_DEVICES["t4x2"].processes == 2
