@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernel.env as env_module
 import kernel.optim as optim_module
 from kernel.config import ConfigError, load_config
 from kernel.env import KernelError, precision_advice, resolve_dtype
@@ -146,16 +145,21 @@ def test_muon_is_torchs_update_with_the_iteration_in_the_chosen_format(tiny, mon
     copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
     ours = Muon(weights, lr=0.01, weight_decay=0.1, momentum=0.95, ns_dtype=torch.float32)
     theirs = torch.optim.Muon(copies, lr=0.01, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
-    for step in range(4):
+    step_both(ours, theirs, weights, copies, steps=4)
+    ours.load_state_dict(theirs.state_dict())  # a checkpoint written with torch.optim.Muon resumes here
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+
+
+def step_both(ours, theirs, weights: list, copies: list, steps: int) -> None:
+    """The same gradients into both optimizers, `steps` times; their weights must stay equal bit for bit."""
+    for step in range(steps):
         for w, c in zip(weights, copies):
             w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(step))
             c.grad = w.grad.clone()
         ours.step()
         theirs.step()
     assert all(torch.equal(w, c) for w, c in zip(weights, copies))
-    ours.load_state_dict(theirs.state_dict())  # a checkpoint written with torch.optim.Muon resumes here
-    theirs.load_state_dict(ours.state_dict())
-    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
 
 
 def test_adamw_steps_exactly_as_torchs():
@@ -164,15 +168,7 @@ def test_adamw_steps_exactly_as_torchs():
     copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
     ours = AdamW(weights, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
     theirs = torch.optim.AdamW(copies, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
-    for step in range(3):
-        for w, c in zip(weights, copies):
-            w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(step))
-            c.grad = w.grad.clone()
-        ours.step()
-        theirs.step()
-        ours.zero_grad()
-        theirs.zero_grad()
-    assert all(torch.equal(w, c) for w, c in zip(weights, copies))
+    step_both(ours, theirs, weights, copies, steps=3)
     assert str(ours.state_dict()) == str(theirs.state_dict())
 
 
