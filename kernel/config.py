@@ -40,6 +40,7 @@ class ConfigError(KernelError):
 # Fields that take "auto" or a whole number: field metadata {"auto_count": (least, what the number counts)}.
 PROCESSES = {"auto_count": (1, "a number of processes")}
 STEPS = {"auto_count": (0, "a number of steps")}
+STEPS_OR_DURATION = {"steps_or_duration": True}  # a whole number of steps, or a duration such as "20m"
 
 
 @dataclass
@@ -107,7 +108,7 @@ class TrainConfig:
     eval_interval: int = 250              # steps between evaluations
     eval_batches: int = 20                # batches per split in one evaluation
     log_interval: int = 10                # steps between metrics lines
-    checkpoint_interval: int = 250        # steps between checkpoints; 0: only the final one
+    checkpoint_interval: int | str = field(default=250, metadata=STEPS_OR_DURATION)  # steps between checkpoints, or a duration ("20m"); 0: only the final one
     keep_checkpoints: int = 2             # newest checkpoints kept on disk (plus the best by val loss)
     nan_patience: int = 20                # stop after this many consecutive steps with a NaN/inf loss
     time_budget: float | None = field(default=None, metadata={"duration": True})  # wall-clock limit
@@ -230,6 +231,30 @@ def parse_duration(value) -> float | None:
     return seconds
 
 
+def parse_steps_or_duration(value) -> int | str:
+    """A whole number of steps (>= 0), kept as a number, or a duration ("90s", "20m", "1h"), kept as written so
+    config.yaml still reads as a duration; `interval_seconds` turns it into seconds."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"expected a number of steps >= 0 or a duration such as '20m', got {value!r}")
+        return value
+    if isinstance(value, str):
+        try:
+            parse_duration(value)
+        except ValueError:
+            raise ValueError(f"expected a number of steps or a duration such as '90s', '20m', '1h', got {value!r}"
+                             ) from None
+        return value.strip()
+    raise ValueError(f"expected a number of steps or a duration such as '20m', got {value!r}")
+
+
+def interval_seconds(value: int | str) -> float | None:
+    """The seconds of an interval given as a duration; None when it counts steps."""
+    return None if isinstance(value, int) else parse_duration(value)
+
+
 def parse_auto_or_count(value, least: int, what: str) -> int | str:
     """'auto' or a whole number >= least (given as 2 or "2")."""
     if value == "auto":
@@ -245,6 +270,8 @@ def coerce_value(key: str, spec: dataclasses.Field, hint, value):
     """The value converted to the field's type, or a ValueError saying what was expected."""
     if spec.metadata.get("duration"):
         return parse_duration(value)
+    if spec.metadata.get("steps_or_duration"):
+        return parse_steps_or_duration(value)
     if "auto_count" in spec.metadata:
         return parse_auto_or_count(value, *spec.metadata["auto_count"])
     if hint is bool:
@@ -419,7 +446,7 @@ def validate(config: Config) -> None:
                 "train.batch_size", "train.grad_accum_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints", "train.nan_patience"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
-    for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval"):
+    for key in ("data.workers", "train.warmup_steps"):
         require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")
     problems += model_problems(m)
     require(0.0 < config.data.val_fraction <= 0.5,

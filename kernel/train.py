@@ -22,18 +22,19 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
+from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
                         write_atomic)
-from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
+from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml, interval_seconds
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights
 from kernel.distributed import Processes, gather_objects, max_across, split_global_batch, sum_across
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
-                               rng_states, save_checkpoint)
+                               rng_states, save_checkpoint, saved_metrics)
 from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
 from kernel.memory import check_memory
 from kernel.progress import LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
@@ -200,6 +201,13 @@ class LoopState:
     stable_step: int | None = None                    # the newest stable-phase checkpoint's step (kept on disk)
 
 
+class BeforeStep(NamedTuple):
+    """What the processes agreed on before a step."""
+    stop: str | None        # why to stop now (None: go on)
+    time_used: float        # the share of the training time used: drives the schedule
+    checkpoint_due: bool    # a checkpoint_interval given as a duration has passed: save after this step
+
+
 @dataclass
 class TrainResult:
     model: GPT
@@ -240,6 +248,10 @@ class Trainer:
         self.peak = peak * processes.world_size if peak else None  # every process's device works on the step
         self.flops_per_token = self.model.flops_per_token()
         self.window = LossWindow(device, clock.now)
+        interval = self.t.checkpoint_interval  # steps, or a duration the clock measures
+        self.save_every_s = interval_seconds(interval)
+        self.save_every_steps = 0 if self.save_every_s is not None else interval
+        self.last_saved = clock.now()
         self.evaluator = self.runner = self.model
         self.progress: Progress | None = None
 
@@ -255,8 +267,8 @@ class Trainer:
             restore_process_rng(checkpoint, self.processes, self.t.seed)
             state = LoopState(plan=self.resumed_plan(state.plan, checkpoint), step=checkpoint.step,
                               tokens=checkpoint.tokens, train_loss=checkpoint.train_loss,
-                              last_eval=checkpoint.last_eval, best=checkpoint.best, history=list(checkpoint.metrics),
-                              stable_step=checkpoint.stable_step)
+                              last_eval=checkpoint.last_eval, best=checkpoint.best,
+                              history=self.resumed_history(checkpoint, source), stable_step=checkpoint.stable_step)
             self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
         elif self.config.model.init_from:  # a new run starts from the pretrained weights; a resumed one has its own
@@ -269,6 +281,16 @@ class Trainer:
             write_atomic(self.metrics.path, "".join(json.dumps(r) + "\n" for r in state.history))
         self.start_step = state.step
         return state
+
+    def resumed_history(self, checkpoint: Checkpoint, source: Path) -> list[dict]:
+        """The metrics records up to the checkpoint's step (rank 0 keeps them: the curves and metrics.jsonl)."""
+        if not self.processes.is_main:
+            return []
+        history = saved_metrics(source, checkpoint)
+        if history is None:
+            print(f"[resume] warning: no {METRICS_FILE} beside {source}: metrics.jsonl and {CURVES_FILE} start at "
+                  f"step {checkpoint.step:,}")
+        return history or []
 
     @staticmethod
     def resumed_plan(plan: BatchPlan, checkpoint: Checkpoint) -> BatchPlan:
@@ -291,23 +313,33 @@ class Trainer:
         self.window.started = self.clock.now()
         self.progress = Progress(step_limit(self.t), state.step, shown=self.processes.is_main)
         self.clock.start_loop()
+        self.last_saved = self.clock.now()
 
     # --- Stop? (the time budget, a signal: every process takes the same decision) ---------------------------
 
-    def stop_reason(self, state: LoopState, stop_requests: StopRequests) -> tuple[str | None, float]:
-        """Why to stop before the next step (None: go on), and the share of the training time used, which
-        drives the schedule. One process's clock or signal stops all, and all use one schedule."""
+    def before_step(self, state: LoopState, stop_requests: StopRequests) -> "BeforeStep":
+        """What every process must agree on before the next step, in one exchange: one process's clock or signal
+        stops all, all use one schedule, and all save a timed checkpoint together."""
         time_used, out_of_time = self.clock.training_time_used()
-        out_of_time, signalled, time_used = max_across(
-            self.processes, [float(out_of_time), float(bool(stop_requests.reason())), time_used])
+        timed_save = self.save_every_s is not None and self.clock.now() - self.last_saved >= self.save_every_s
+        out_of_time, signalled, time_used, timed_save = max_across(
+            self.processes, [float(out_of_time), float(bool(stop_requests.reason())), time_used, float(timed_save)])
         if out_of_time and state.step == self.start_step:
             raise self.budget_spent_in_setup()
+        stop = None
         if out_of_time:
             self.progress.write(f"[train] time budget nearly spent at step {state.step:,}: stopping to evaluate and save")
-            return "time_budget", time_used
-        if signalled:
-            return f"signal ({stop_requests.reason() or 'SIGTERM to another process'})", time_used
-        return None, time_used
+            stop = "time_budget"
+        elif signalled:
+            stop = f"signal ({stop_requests.reason() or 'SIGTERM to another process'})"
+        return BeforeStep(stop, time_used, bool(timed_save))
+
+    def checkpoint_due(self, state: LoopState, timed: bool) -> bool:
+        """After a step: every train.checkpoint_interval steps, or once its duration has passed since the last
+        checkpoint (`timed`, agreed before the step). The last step is saved by finish()."""
+        if state.step == step_limit(self.t):
+            return False
+        return timed or bool(self.save_every_steps and state.step % self.save_every_steps == 0)
 
     def budget_spent_in_setup(self) -> KernelError:
         clock = self.clock
@@ -398,11 +430,12 @@ class Trainer:
         if evaluated and (not state.best or evaluated["val_loss"] < state.best["val_loss"]):
             state.best = {"step": state.step, "val_loss": evaluated["val_loss"]}
         process_rngs = gather_objects(self.processes, rng_states())  # every process's dropout RNG: exact resumes
+        self.last_saved = self.clock.now()
         if not self.processes.is_main:
             return
         checkpoint = Checkpoint(
             step=state.step, tokens=state.tokens, train_loss=state.train_loss, last_eval=state.last_eval,
-            best=state.best, metrics=state.history, dtype=dtype_name(self.dtype),
+            best=state.best, dtype=dtype_name(self.dtype),
             micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
             loss_window=self.window.state(), world_size=self.processes.world_size, process_rngs=process_rngs,
             lr_phase=phase or state.phase, stable_step=state.stable_step,
@@ -455,21 +488,21 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             if state.step == 0:
                 trainer.run_eval(state)  # the untrained model: the first point of the curves
             while state.step < step_limit(t):
-                # --- stop for the time budget or a signal?
-                reason, time_used = trainer.stop_reason(state, stop_requests)
-                if reason:
-                    stopped_by = reason
+                # --- stop for the time budget or a signal? (and is a timed checkpoint due?)
+                before = trainer.before_step(state, stop_requests)
+                if before.stop:
+                    stopped_by = before.stop
                     break
                 # --- a wsd schedule about to decay: keep the stable weights (a later session continues them)
-                trainer.enter_phase(state, wsd_phase(state.step, t, time_used))
+                trainer.enter_phase(state, wsd_phase(state.step, t, before.time_used))
                 # --- one optimizer step: forward, backward and update over the global batch
-                lr = lr_at(state.step, t, time_used)
+                lr = lr_at(state.step, t, before.time_used)
                 loss = trainer.optimizer_step(state, lr)
                 # --- log, evaluate and checkpoint when due
                 trainer.log(state, loss, lr)
                 if is_due(state.step, t.eval_interval, step_limit(t)):
                     trainer.run_eval(state)
-                if t.checkpoint_interval and state.step % t.checkpoint_interval == 0 and state.step != step_limit(t):
+                if trainer.checkpoint_due(state, before.checkpoint_due):
                     trainer.save(state)
             # --- the end: evaluate and save the last step
             trainer.finish(state)

@@ -154,6 +154,17 @@ def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny, monkeypatch):
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
 
 
+def test_checkpoints_by_duration_follow_the_trainers_clock_and_hold_no_metrics_history(tmp_path, tiny, monkeypatch):
+    clock = StepClock(seconds_per_step=1.0).install(monkeypatch.setattr)
+    run(tiny(train__max_steps=20, train__checkpoint_interval="5s", train__keep_checkpoints=10), tmp_path, now=clock)
+    # due once 5 s have passed since the last checkpoint (agreed before a step), saved after that step
+    steps = [load_checkpoint(p).step for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [6, 12, 18, 20]
+    payload = torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)
+    assert payload["format"] == 3 and "metrics" not in payload  # metrics.jsonl is the record
+    assert load_config(str(tmp_path / "config.yaml")).train.checkpoint_interval == "5s"
+
+
 @pytest.mark.slow
 def test_a_bpe_run_learns_exports_its_tokenizer_and_resumes(tmp_path, tiny):
     from transformers import AutoTokenizer
