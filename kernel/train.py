@@ -311,8 +311,8 @@ class Trainer:
                 self.evaluator, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.runner.train()
         self.window.started = self.clock.now()
-        self.progress = Progress(step_limit(self.t), state.step, shown=self.processes.is_main)
         self.clock.start_loop()
+        self.progress = Progress(self.clock, step_limit(self.t), state.step, shown=self.processes.is_main)
         self.last_saved = self.clock.now()
 
     # --- Stop? (the time budget, a signal: every process takes the same decision) ---------------------------
@@ -401,7 +401,7 @@ class Trainer:
         self.record(state, {"step": state.step, "tokens": state.tokens, "train_loss": state.train_loss, "lr": lr,
                             "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(self.clock.elapsed(), 3),
                             "mfu": round(self.flops_per_token * tokens_per_s / self.peak, 5) if self.peak else None})
-        self.progress.advance(state.step, state.train_loss, tokens_per_s)
+        self.progress.advance(state.step, state.train_loss, tokens_per_s, lr)
         self.window.reset()
 
     def run_eval(self, state: LoopState) -> None:
