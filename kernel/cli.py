@@ -37,7 +37,7 @@ COMMAND_HELP = {
     "export": "a checkpoint as a transformers model folder with a model card: python -m kernel export outputs my-model",
     "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
 }
-SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name != "prompts"]
+SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name not in ("prompts", "eval_tokens")]  # eval_tokens: training only
 
 
 def flag_name(key: str) -> str:

@@ -127,13 +127,16 @@ class SampleConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens whose "
                                                         "probability reaches p; 1 keeps all"})
     num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
+    eval_tokens: int = field(default=64, metadata={"help": "tokens of the short sample printed and kept in "
+                                                           "samples.txt at each evaluation (from the first prompt); "
+                                                           "0: none"})
 
 
 def sample_problems(settings: SampleConfig, name=lambda key: f"'sample.{key}'") -> list[str]:
     """Sampling values that cannot work, one message each; `name` says how the caller calls a field (a config
     key, a command-line flag, a keyword argument)."""
     s, problems = settings, []
-    for key, least in (("max_new_tokens", 0), ("top_k", 0), ("num_samples", 1)):
+    for key, least in (("max_new_tokens", 0), ("top_k", 0), ("num_samples", 1), ("eval_tokens", 0)):
         if getattr(s, key) < least:
             problems.append(f"{name(key)} must be >= {least}, got {getattr(s, key)}")
     if not s.temperature >= 0:  # written so that NaN fails too

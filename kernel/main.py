@@ -34,12 +34,12 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
-                               remove_output_debris)
+                               remove_output_debris, run_folder)
 from kernel.optim import require_optimizer
 from kernel.progress import RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned_before, shaped
-from kernel.sample import format_samples, sample_texts
+from kernel.sample import EvalSamples, format_samples, sample_texts
 from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
@@ -213,20 +213,34 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                              "any training): nothing was trained and no checkpoint was changed") from None
         config = prepared.config  # model.size: the planned shape
         curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config))  # in a notebook: redrawn at each eval
+        eval_samples = start_eval_samples(config, out_dir, prepared, device, processes)
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
-                       now=now, stop_requests=stops, run_started=started, on_eval=curves.update)
+                       now=now, stop_requests=stops, run_started=started, on_eval=curves.update,
+                       sample_at_eval=eval_samples)
         if not processes.is_main:
             return None
         print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
               f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
         summary = run_summary(result, prepared, device, processes, environment, out_dir)
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
-        finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary)
+        finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
+                       eval_samples)
         print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
               f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
         print(human_summary(summary))
         return json_safe(summary)
+
+
+def start_eval_samples(config: Config, out_dir: Path, prepared: PreparedRun, device: torch.device,
+                       processes: Processes) -> EvalSamples | None:
+    """Rank 0's samples at evaluations, continuing those of the checkpoint's run when resuming."""
+    if not processes.is_main:
+        return None
+    samples = EvalSamples(out_dir / SAMPLES_FILE, prepared.data.tokenizer, config.sample, device, config.train.seed)
+    resumed = prepared.checkpoint is not None
+    samples.start(run_folder(prepared.resume_path) if resumed else None, prepared.checkpoint.step if resumed else 0)
+    return samples
 
 
 def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device, processes: Processes,
@@ -245,12 +259,14 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
 
 
 def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: TrainResult, device: torch.device,
-                   stops: StopRequests, curves: LossCurves, summary: dict) -> None:
+                   stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None
+                   ) -> None:
     """The curves, the transformers export and the samples. Each is a convenience made from the checkpoint
     already saved: a failure or a stop signal skips it with a line, never the run's results."""
     def write_samples() -> None:
         samples = sample_texts(result.model, tokenizer, config.sample, device, config.train.seed)
-        write_atomic(out_dir / SAMPLES_FILE, format_samples(samples))
+        during = eval_samples.text() if eval_samples is not None else ""  # samples.txt: these, then the final ones
+        write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
 
     outputs = [(CURVES_FILE, "", lambda: curves.finish(result.history)),  # shown in a notebook

@@ -231,10 +231,11 @@ class Trainer:
     Every process makes one; only rank 0 writes files."""
 
     def __init__(self, config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
-                 processes: Processes, clock: TrainingClock, on_eval=None):
+                 processes: Processes, clock: TrainingClock, on_eval=None, sample_at_eval=None):
         self.config, self.t, self.data, self.device, self.dtype = config, config.train, data, device, dtype
         self.processes, self.clock = processes, clock
         self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
+        self.sample_at_eval = sample_at_eval if processes.is_main else None  # (model, step) -> text to print
         self.ckpt_dir, self.metrics = out_dir / CHECKPOINTS_DIR, MetricsLog(out_dir / METRICS_FILE)
         check_memory(config, data.tokenizer.vocab_size, device, dtype,
                      sharing=processes.world_size if device.type == "cpu" else 1)  # one machine's RAM
@@ -405,13 +406,16 @@ class Trainer:
         self.window.reset()
 
     def run_eval(self, state: LoopState) -> None:
-        with self.clock.timing("eval"):
+        with self.clock.timing("eval"):  # the sample too: the budget keeps time for the final one
             result = evaluate(self.evaluator, self.data, self.config, self.device, self.dtype, self.processes)
+            sample = self.sample_at_eval(self.model, state.step) if self.sample_at_eval is not None else None
         state.last_eval = {"step": state.step, "tokens": state.tokens, **result,
                            "elapsed_s": round(self.clock.elapsed(), 3)}
         self.record(state, state.last_eval)
         self.progress.write(f"[eval] step {state.step:,}: train {result['eval_train_loss']:.4f} | val "
                             f"{result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
+        if sample:
+            self.progress.write(sample)
         if self.on_eval is not None:
             self.on_eval(state.history)
 
@@ -472,13 +476,15 @@ class Trainer:
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
           checkpoint: Checkpoint | None = None, checkpoint_source: Path | None = None,
           deadline: float | None = None, processes: Processes = Processes(), now=time.perf_counter,
-          on_eval=None, stop_requests: StopRequests | None = None, run_started: float | None = None) -> TrainResult:
+          on_eval=None, stop_requests: StopRequests | None = None, run_started: float | None = None,
+          sample_at_eval=None) -> TrainResult:
     """Train to train.max_steps, or until `deadline` (a `now()` value; the budget counts from `run_started`)
     leaves just enough time to evaluate, checkpoint and sample, or until a stop signal. Every process calls
-    it; only rank 0 writes, and calls `on_eval(history)` after each evaluation (e.g. to redraw the curves)."""
+    it; only rank 0 writes, and calls `on_eval(history)` after each evaluation (e.g. to redraw the curves)
+    and `sample_at_eval(model, step)` during it (a short sample; returns the text to print)."""
     t = config.train
     clock = TrainingClock(deadline, now, run_started)
-    trainer = Trainer(config, data, out_dir, device, dtype, processes, clock, on_eval)
+    trainer = Trainer(config, data, out_dir, device, dtype, processes, clock, on_eval, sample_at_eval)
     state = trainer.restore(checkpoint, checkpoint_source)
     stopped_by = "max_steps"
     trainer.prepare(state)

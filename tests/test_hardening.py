@@ -225,7 +225,8 @@ def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(t
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "Traceback" not in output and "[stop] samples.txt skipped after SIGTERM" in output
-    assert json.loads((out / "summary.json").read_text())["steps"] == 10 and not (out / "samples.txt").exists()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert "=== sample 1" not in (out / "samples.txt").read_text()  # only the samples taken at evaluations
 
 
 # --- Errors, not tracebacks -------------------------------------------------------------------------------
@@ -310,6 +311,8 @@ def test_a_resumed_run_writes_the_same_metrics_as_a_straight_one(tmp_path, tiny)
         (stopped / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
     run(config, stopped)
     assert metrics_without_timing(stopped) == metrics_without_timing(tmp_path / "straight")
+    # the samples at evaluations too: those up to the checkpoint kept, the later ones taken again, the same
+    assert (stopped / "samples.txt").read_text() == (tmp_path / "straight" / "samples.txt").read_text()
 
 
 def test_a_run_resumed_from_another_folders_checkpoint_continues_that_runs_metrics(tmp_path, tiny):

@@ -14,6 +14,7 @@ from tests.conftest import StepClock
 from kernel.model import build_model
 from kernel.train import compile_blocker, train_step
 from kernel.optim import lr_at, make_optimizer
+from kernel.sample import final_samples
 
 
 def test_lr_schedule_values():
@@ -99,7 +100,9 @@ def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
     assert [m["step"] for m in eval_lines] == [0, 100, 200]
     assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"] - 1.0
     assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s", "mfu"} <= set(train_lines[0])
-    assert (out / "samples.txt").read_text().startswith("=== sample 1")
+    samples = (out / "samples.txt").read_text()  # a short sample at each evaluation, then the final samples
+    assert samples.startswith("=== step 0 | prompt '\\n' ===\n") and "\n=== step 100 |" in samples
+    assert "\n=== step 200 |" in samples and final_samples(samples).startswith("=== sample 1 | prompt")
     assert load_config(str(out / "config.yaml")) == load_config(str(out / "checkpoints" / "config.yaml"))
     checkpoints = list_checkpoints(out / "checkpoints")
     assert [p.name for p in checkpoints] == ["ckpt_00000180.pt", "ckpt_00000200.pt"]  # keep_checkpoints=2
