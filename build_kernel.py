@@ -589,9 +589,10 @@ def print_cell_output(cell, **_) -> None:
             print(output["text"], end="" if output["text"].endswith("\n") else "\n")
 
 
-def execute_notebook(notebook: dict, cwd: Path, parameters: dict | None = None, timeout: int = 1800,
+def execute_notebook(notebook: dict, cwd: Path, parameters: dict | None = None, timeout: int | None = None,
                      echo: bool = False) -> dict:
-    """Run every cell in a fresh kernel with nbclient; raises on the first failing cell."""
+    """Run every cell in a fresh kernel with nbclient; raises on the first failing cell. `timeout`: seconds a
+    cell may run; None (nbclient's "no limit") lets a training cell run as long as the run needs."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -604,12 +605,14 @@ def execute_notebook(notebook: dict, cwd: Path, parameters: dict | None = None, 
     return json.loads(nbformat.writes(nb))
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed notebook is stale")
     parser.add_argument("--execute", action="store_true", help="after building, run the notebook here")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="with --execute: set a parameters-cell value (a Python literal), repeatable")
+    parser.add_argument("--timeout", type=int, default=None, metavar="SECONDS",
+                        help="with --execute: stop a cell that runs longer (default: no limit)")
     kaggle = parser.add_argument_group("Kaggle (lays out build/kaggle/ for `kaggle kernels push -p`)")
     kaggle.add_argument("--id", help="your notebook's id on Kaggle: owner/slug")
     kaggle.add_argument("--title", help="its title (5-50 characters; default: from the slug)")
@@ -621,7 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     kaggle.add_argument("--public", action="store_true", help="make the notebook public (default: private)")
     kaggle.add_argument("--push", action="store_true", help="push it with the installed kaggle package")
     kaggle.add_argument("--push-dir", type=Path, default=PUSH_DIR, help=f"where to lay it out (default {PUSH_DIR})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     try:
         text = notebook_text(build_notebook(ROOT))
     except BuildError as err:
@@ -641,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             name, _, value = item.partition("=")
             parameters[name] = ast.literal_eval(value)
         print("running the notebook (each cell's output appears when it finishes)...")
-        executed = execute_notebook(json.loads(text), ROOT, parameters, echo=True)
+        executed = execute_notebook(json.loads(text), ROOT, parameters, args.timeout, echo=True)
         out_dir = ROOT / (parameters.get("OUT_DIR") or "outputs")
         write_if_changed(out_dir / "train_gpt.executed.ipynb", notebook_text(executed))
         print(f"executed; outputs and the executed notebook are in {out_dir}")

@@ -38,7 +38,8 @@ from kernel.env import DTYPES, describe_environment, peak_flops  # noqa: E402
 from kernel.memory import memory_needed  # noqa: E402
 from kernel.model import build_model  # noqa: E402
 from kernel.optim import make_optimizer, newton_schulz_dtype  # noqa: E402
-from kernel.train import autocast_context, maybe_compile, train_step  # noqa: E402
+from kernel.compiling import autocast_context, maybe_compile  # noqa: E402
+from kernel.train import train_step
 
 SHAPES = {"gpt2-small": {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,
                          "train.batch_size": 16},

@@ -3,7 +3,8 @@
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights (with
 LoRA only the adapters and a fingerprint of the pretrained weights they belong to, section 10), the
 optimizer and grad-scaler states, the step, the batch sampler's position, every process's random-number
-state, the metrics so far, the config and the tokenizer. One dataclass, `Checkpoint`, names those fields:
+state, the config and the tokenizer. The metrics so far are not in it: `metrics.jsonl` beside the
+checkpoints is their record, and a resumed run reads it back up to the checkpoint's step. One dataclass, `Checkpoint`, names those fields:
 the training loop fills one in, `save_checkpoint` writes it and `load_checkpoint` reads the same fields
 back, so the format is defined in one place.
 
@@ -19,22 +20,23 @@ newest `train.keep_checkpoints` are kept, plus the best by validation loss and t
 import glob
 import hashlib
 import io
+import json
 import random
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kernel.env import (CACHE_DIR, CHECKPOINTS_DIR, TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root, process_alive,
-                        write_atomic, write_error_advice)
+from kernel.env import (CACHE_DIR, CHECKPOINTS_DIR, METRICS_FILE, TEMP_SUFFIX, KernelError, is_kaggle, kaggle_root,
+                        process_alive, write_atomic, write_error_advice)
 from kernel.tokenization import tokenizer_class
 from kernel.config import Config, config_from_dict, config_to_dict
 from kernel.distributed import Processes
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: no metrics history inside (read from metrics.jsonl)
 CHECKPOINT_PATTERN = "ckpt_*.pt"
 
 
@@ -45,7 +47,6 @@ class Checkpoint:
     train_loss: float         # the last logged training loss
     last_eval: dict           # the last evaluation's figures (step, losses, ppl, bpb)
     best: dict                # {"step", "val_loss"} of the best evaluated checkpoint kept on disk
-    metrics: list             # every metrics.jsonl record so far: the file is rewritten from it on resume
     dtype: str                # the precision the run trains in (kept on resume)
     loss_window: dict         # {"sum", "steps"}: training losses since the last log line (exact metrics on resume)
     micro_batch: int          # the batch plan as last used (an out-of-memory retry may have shrunk it)
@@ -61,17 +62,22 @@ class Checkpoint:
     optimizer: dict
     scaler: dict
     sampler: dict
+    metrics: list | None = None  # format 2 and older: every metrics record so far (now read from metrics.jsonl)
 
     def payload(self) -> dict:
-        """What torch.save writes: the fields, plus the format number."""
-        return {"format": CHECKPOINT_FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        """What torch.save writes: the fields (but an absent history), plus the format number."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        if saved["metrics"] is None:
+            del saved["metrics"]
+        return {"format": CHECKPOINT_FORMAT, **saved}
 
     @classmethod
     def from_payload(cls, payload: dict, path: Path) -> "Checkpoint":
         payload = upgrade_payload(payload)
-        if missing := [f.name for f in fields(cls) if f.name not in payload]:
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if missing := [name for name in required if name not in payload]:
             raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by this program")
-        return cls(**{f.name: payload[f.name] for f in fields(cls)})
+        return cls(**{f.name: payload[f.name] for f in fields(cls) if f.name in payload})
 
 
 def upgrade_payload(payload: dict) -> dict:
@@ -81,6 +87,32 @@ def upgrade_payload(payload: dict) -> dict:
     if "process_rngs" not in payload and "rng" in payload:
         payload = {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
     return {"loss_window": {"sum": 0.0, "steps": 0}, "lr_phase": "", "stable_step": None, "lora": {}, **payload}
+
+
+def run_folder(path: Path) -> Path:
+    """The output folder of the run that wrote a checkpoint file (the folder above its checkpoints/)."""
+    return path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
+
+
+def saved_metrics(path: Path, checkpoint: Checkpoint) -> list[dict] | None:
+    """The metrics records a checkpoint's run had written up to its step: from an old checkpoint itself, else
+    from the metrics.jsonl of its run folder (an earlier Kaggle version's too), later steps left out (they
+    replay, or belong to an abandoned decay). None when neither is there (a checkpoint copied alone)."""
+    if checkpoint.metrics is not None:
+        return list(checkpoint.metrics)
+    metrics = run_folder(path) / METRICS_FILE
+    if not metrics.is_file():
+        return None
+    records = []
+    with open(metrics, encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a killed process
+                continue
+            if record.get("step", 0) <= checkpoint.step:
+                records.append(record)
+    return records
 
 
 # --- Writing -------------------------------------------------------------------------------------------

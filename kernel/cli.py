@@ -41,7 +41,7 @@ COMMAND_HELP = {
     "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
     "plan": "what fits in memory, per process, on this machine or a named device: python -m kernel plan --device t4x2",
 }
-SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name != "prompts"]
+SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name not in ("prompts", "eval_tokens")]  # eval_tokens: training only
 
 
 def flag_name(key: str) -> str:

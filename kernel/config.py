@@ -41,6 +41,7 @@ class ConfigError(KernelError):
 PROCESSES = {"auto_count": (1, "a number of processes")}
 STEPS = {"auto_count": (0, "a number of steps")}
 AUTO_OR_BOOL = {"auto_or_bool": True}  # true, false, or auto (the program decides)
+STEPS_OR_DURATION = {"steps_or_duration": True}  # a whole number of steps, or a duration such as "20m"
 
 
 @dataclass
@@ -63,7 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = True           # the output head shares the token embedding's matrix
     max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
-    size: str = ""                        # auto: the shape the time budget buys (section 17); "25M": that many parameters
+    size: str = ""                        # auto: the shape the time budget buys (section 18); "25M": that many parameters
     init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
@@ -108,7 +109,7 @@ class TrainConfig:
     eval_interval: int = 250              # steps between evaluations
     eval_batches: int = 20                # batches per split in one evaluation
     log_interval: int = 10                # steps between metrics lines
-    checkpoint_interval: int = 250        # steps between checkpoints; 0: only the final one
+    checkpoint_interval: int | str = field(default=250, metadata=STEPS_OR_DURATION)  # steps between checkpoints, or a duration ("20m"); 0: only the final one
     keep_checkpoints: int = 2             # newest checkpoints kept on disk (plus the best by val loss)
     nan_patience: int = 20                # stop after this many consecutive steps with a NaN/inf loss
     time_budget: float | None = field(default=None, metadata={"duration": True})  # wall-clock limit
@@ -131,13 +132,16 @@ class SampleConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens whose "
                                                         "probability reaches p; 1 keeps all"})
     num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
+    eval_tokens: int = field(default=64, metadata={"help": "tokens of the short sample printed and kept in "
+                                                           "samples.txt at each evaluation (from the first prompt); "
+                                                           "0: none"})
 
 
 def sample_problems(settings: SampleConfig, name=lambda key: f"'sample.{key}'") -> list[str]:
     """Sampling values that cannot work, one message each; `name` says how the caller calls a field (a config
     key, a command-line flag, a keyword argument)."""
     s, problems = settings, []
-    for key, least in (("max_new_tokens", 0), ("top_k", 0), ("num_samples", 1)):
+    for key, least in (("max_new_tokens", 0), ("top_k", 0), ("num_samples", 1), ("eval_tokens", 0)):
         if getattr(s, key) < least:
             problems.append(f"{name(key)} must be >= {least}, got {getattr(s, key)}")
     if not s.temperature >= 0:  # written so that NaN fails too
@@ -241,6 +245,30 @@ def parse_duration(value) -> float | None:
     return seconds
 
 
+def parse_steps_or_duration(value) -> int | str:
+    """A whole number of steps (>= 0), kept as a number, or a duration ("90s", "20m", "1h"), kept as written so
+    config.yaml still reads as a duration; `interval_seconds` turns it into seconds."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"expected a number of steps >= 0 or a duration such as '20m', got {value!r}")
+        return value
+    if isinstance(value, str):
+        try:
+            parse_duration(value)
+        except ValueError:
+            raise ValueError(f"expected a number of steps or a duration such as '90s', '20m', '1h', got {value!r}"
+                             ) from None
+        return value.strip()
+    raise ValueError(f"expected a number of steps or a duration such as '20m', got {value!r}")
+
+
+def interval_seconds(value: int | str) -> float | None:
+    """The seconds of an interval given as a duration; None when it counts steps."""
+    return None if isinstance(value, int) else parse_duration(value)
+
+
 def parse_auto_or_count(value, least: int, what: str) -> int | str:
     """'auto' or a whole number >= least (given as 2 or "2")."""
     if value == "auto":
@@ -264,6 +292,8 @@ def coerce_value(key: str, spec: dataclasses.Field, hint, value):
         return parse_duration(value)
     if spec.metadata.get("auto_or_bool"):
         return parse_auto_or_bool(value)
+    if spec.metadata.get("steps_or_duration"):
+        return parse_steps_or_duration(value)
     if "auto_count" in spec.metadata:
         return parse_auto_or_count(value, *spec.metadata["auto_count"])
     if hint is bool:
@@ -438,7 +468,7 @@ def validate(config: Config) -> None:
                 "train.batch_size", "train.grad_accum_steps", "train.eval_interval",
                 "train.eval_batches", "train.log_interval", "train.keep_checkpoints", "train.nan_patience"):
         require(get_key(config, key) >= 1, f"'{key}' must be >= 1, got {get_key(config, key)}")
-    for key in ("data.workers", "train.warmup_steps", "train.checkpoint_interval"):
+    for key in ("data.workers", "train.warmup_steps"):
         require(get_key(config, key) >= 0, f"'{key}' must be >= 0, got {get_key(config, key)}")
     problems += model_problems(m)
     require(0.0 < config.data.val_fraction <= 0.5,

@@ -1,4 +1,4 @@
-"""## 19. Export to Hugging Face transformers
+"""## 20. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,

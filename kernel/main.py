@@ -1,4 +1,4 @@
-"""## 21. Main
+"""## 22. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, plan the model's
 shape (with `model.size`), train (resuming when a checkpoint is there; with several GPUs, in one process per
@@ -36,13 +36,13 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
-                               remove_output_debris)
+                               remove_output_debris, run_folder)
 from kernel.optim import optimizer_line
 from kernel.memory import fit_to_memory
 from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned_before, shaped
-from kernel.sample import format_samples, sample_texts
+from kernel.sample import EvalSamples, format_samples, sample_texts
 from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
@@ -189,7 +189,7 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
 
 def memory_planned(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype,
                    processes: Processes) -> Config:
-    """The micro-batch and gradient checkpointing that fit (section 13), rank 0's choice for every process (their
+    """The micro-batch and gradient checkpointing that fit (section 14), rank 0's choice for every process (their
     GPUs' free memory may differ a little, and all must take the same pieces)."""
     fitted = fit_to_memory(config, vocab_size, device, dtype, processes.world_size) if processes.is_main else None
     t, m = from_main(processes, (fitted.train, fitted.model) if fitted else None)
@@ -232,9 +232,11 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                              "any training): nothing was trained and no checkpoint was changed") from None
         config = prepared.config  # model.size: the planned shape
         curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config))  # in a notebook: redrawn at each eval
+        eval_samples = start_eval_samples(config, out_dir, prepared, device, processes)
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
-                       now=now, stop_requests=stops, run_started=started, on_eval=curves.update)
+                       now=now, stop_requests=stops, run_started=started, on_eval=curves.update,
+                       sample_at_eval=eval_samples)
         if not processes.is_main:
             return None
         if result.step or result.stopped_by != "max_steps":
@@ -243,12 +245,24 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                   f"({count_parameters(result.model)[0]:,} trained)")
         summary = run_summary(result, prepared, device, processes, environment, out_dir)
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
-        finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary)
+        finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
+                       eval_samples)
         print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
               f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
         print(human_summary(summary))
         stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
         return json_safe(summary)
+
+
+def start_eval_samples(config: Config, out_dir: Path, prepared: PreparedRun, device: torch.device,
+                       processes: Processes) -> EvalSamples | None:
+    """Rank 0's samples at evaluations, continuing those of the checkpoint's run when resuming."""
+    if not processes.is_main:
+        return None
+    samples = EvalSamples(out_dir / SAMPLES_FILE, prepared.data.tokenizer, config.sample, device, config.train.seed)
+    resumed = prepared.checkpoint is not None
+    samples.start(run_folder(prepared.resume_path) if resumed else None, prepared.checkpoint.step if resumed else 0)
+    return samples
 
 
 def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device, processes: Processes,
@@ -268,13 +282,15 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
 
 
 def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: TrainResult, device: torch.device,
-                   stops: StopRequests, curves: LossCurves, summary: dict) -> None:
+                   stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None
+                   ) -> None:
     """The tokenizer's folder, the curves, the transformers export and the samples. Each is a convenience made
     from the checkpoint already saved (which holds the tokenizer too): a failure or a stop signal skips it with
     a line, never the run's results."""
     def write_samples() -> None:
         samples = sample_texts(result.model, tokenizer, config.sample, device, config.train.seed)
-        write_atomic(out_dir / SAMPLES_FILE, format_samples(samples))
+        during = eval_samples.text() if eval_samples is not None else ""  # samples.txt: these, then the final ones
+        write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
 
     outputs = [(f"{TOKENIZER_DIR}/", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",  # for AutoTokenizer

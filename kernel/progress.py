@@ -1,9 +1,10 @@
 """## 15. Around the loop: metrics, progress, the clock, stop requests
 
 The training loop's helpers, each with one job: `MetricsLog` appends `metrics.jsonl`; `Progress` is the
-progress bar (or, where a bar does not animate, such as a Save Version run or a log file, a line every half
-minute); `TrainingClock` measures the time spent training and the share of the time budget used;
-`LossWindow` averages the training loss between log lines; `StopRequests` turns SIGTERM / SIGINT (the
+progress bar (or, where a bar does not animate, such as a Save Version run or a log file, a line at the
+first log step and then every half minute: time since the start, steps or the share of the time budget,
+time left, loss, learning rate, tokens/s); `TrainingClock` measures the time spent training and the share
+of the time budget used; `LossWindow` averages the training loss between log lines; `StopRequests` turns SIGTERM / SIGINT (the
 notebook's interrupt, Kaggle's end of session) into a clean stop after the current step.
 """
 
@@ -40,23 +41,71 @@ def show_progress_bar() -> bool:
     return not is_batch_run() and (sys.stderr.isatty() or "ipykernel" in sys.modules)
 
 
+def clock_text(seconds: float) -> str:
+    """A duration as h:mm:ss (a person reads "1:02:03" faster than "3723 s")."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(elapsed: float, done: str, eta: float | None, loss: float, lr: float, tokens_per_s: float) -> str:
+    """One plain progress line: time since the run started, how far it is, time left, and the figures."""
+    left = clock_text(eta) if eta is not None else "?"
+    return (f"[train] {clock_text(elapsed)} | {done} | ETA {left} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{tokens_per_s:,.0f} tokens/s")
+
+
 class Progress:
-    """tqdm where it animates; otherwise one plain line per `every_s` seconds."""
+    """tqdm where it animates (total: the steps, or under max_steps auto the percent of the time budget);
+    otherwise plain lines: the first at the first log step, then one per `every_s` seconds of `clock`."""
 
-    def __init__(self, total: float, initial: int, every_s: float = 30.0, shown: bool = True):
-        self.total = f"/{total:,}" if math.isfinite(total) else ""  # max_steps=auto: the budget ends it
-        self.every_s, self.last_line = every_s, time.perf_counter()
-        self.bar = (tqdm(total=total if math.isfinite(total) else None, initial=initial, desc="train", unit="step",
-                         mininterval=1.0, dynamic_ncols=True) if shown and show_progress_bar() else None)
+    def __init__(self, clock: "TrainingClock", total: float, initial: int, every_s: float = 30.0,
+                 shown: bool = True, bar: bool | None = None):
+        self.clock, self.total, self.initial, self.every_s, self.shown = clock, total, initial, every_s, shown
+        self.last_line: float | None = None  # no line yet: the first log step prints one at once
+        self.by_budget = not math.isfinite(total)  # max_steps auto: the budget is the measure of progress
+        self.bar = self.make_bar() if shown and (show_progress_bar() if bar is None else bar) else None
 
-    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+    def make_bar(self):
+        if self.by_budget:
+            return tqdm(total=100, desc="train", unit="%", mininterval=1.0, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}% of the time budget|{bar}| [{elapsed}<{remaining}{postfix}]")
+        return tqdm(total=self.total, initial=self.initial, desc="train", unit="step", mininterval=1.0,
+                    dynamic_ncols=True)
+
+    def done(self, step: int) -> str:
+        """How far training is: steps out of max_steps, or the share of the budget's training time."""
+        if self.by_budget:
+            return f"step {step:,} | {100 * self.clock.training_time_used()[0]:.1f}% of the time budget"
+        return f"step {step:,}/{self.total:,} ({100 * step / self.total:.0f}%)"
+
+    def eta(self, step: int) -> float | None:
+        """Seconds until training ends: by the pace of this session's steps (evaluations included), or the
+        time budget's end if that comes first; None while unknown."""
+        candidates = [left] if (left := self.clock.training_left()) is not None else []
+        if not self.by_budget and step > self.initial:
+            per_step = (self.clock.now() - self.clock.loop_started) / (step - self.initial)
+            candidates.append(per_step * (self.total - step))
+        return min(candidates) if candidates else None
+
+    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None,
+                lr: float | None = None) -> None:
+        if not self.shown:
+            return
         if self.bar is not None:
-            self.bar.update(1)
+            self.move_bar(step)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        elif loss is not None and time.perf_counter() - self.last_line >= self.every_s:
-            self.last_line = time.perf_counter()
-            print(f"[train] step {step:,}{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tokens/s", flush=True)
+                self.bar.set_postfix_str(f"step {step:,}, loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+            return
+        now = self.clock.now()
+        if loss is not None and (self.last_line is None or now - self.last_line >= self.every_s):
+            self.last_line = now
+            print(progress_line(now - self.clock.run_started, self.done(step), self.eta(step), loss, lr,
+                                tokens_per_s), flush=True)
+
+    def move_bar(self, step: int) -> None:
+        position = 100 * min(1.0, self.clock.training_time_used()[0]) if self.by_budget else step
+        if position > self.bar.n:
+            self.bar.update(position - self.bar.n)
 
     def write(self, message: str) -> None:
         if self.bar is not None:
@@ -92,13 +141,24 @@ class TrainingClock:
         yield
         self.longest[kind] = max(self.longest[kind], self.now() - begun)
 
+    def training_ends(self) -> float | None:
+        """When training must stop to leave time to evaluate and save (a `now()` value); None without a budget."""
+        if self.deadline is None:
+            return None
+        return self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + RESERVE_FLOOR_S)
+
     def training_time_used(self) -> tuple[float, bool]:
         """(share of the time available for training used so far, whether it is all used)."""
-        if self.deadline is None:
+        training_ends = self.training_ends()
+        if training_ends is None:
             return 0.0, False
-        training_ends = self.deadline - (1.5 * (self.longest["eval"] + self.longest["save"]) + RESERVE_FLOOR_S)
         now = self.now()
         return (now - self.loop_started) / max(1e-9, training_ends - self.loop_started), now >= training_ends
+
+    def training_left(self) -> float | None:
+        """Seconds of training the budget still allows; None without a budget."""
+        training_ends = self.training_ends()
+        return None if training_ends is None else max(0.0, training_ends - self.now())
 
     def elapsed(self) -> float:
         return self.now() - self.started

@@ -1,4 +1,4 @@
-"""## 18. Sampling
+"""## 19. Sampling
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
@@ -16,13 +16,14 @@ from it: `sample_from_run` is what the notebook's last cell calls.
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernel.env import KernelError, resolve_device
+from kernel.env import SAMPLES_FILE, KernelError, resolve_device, write_atomic
 from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict, load_config, sample_problems
 from kernel.tokenization import HFTokenizer, Tokenizer, tokenizer_from_dict
 from kernel.model import GPT, KVCache, build_model
@@ -133,6 +134,80 @@ def sampling_settings(saved: SampleConfig, name=lambda key: key, **changes) -> S
 def format_samples(samples: list[tuple[str, str]]) -> str:
     blocks = [f"=== sample {i + 1} | prompt {prompt!r} ===\n{text}\n" for i, (prompt, text) in enumerate(samples)]
     return "\n".join(blocks)
+
+
+# --- Samples while it learns ---------------------------------------------------------------------------
+# samples.txt holds, in order, one block per evaluation ("=== step N | prompt '...' ===", N without commas),
+# then the final samples ("=== sample K | prompt '...' ===", what `python -m kernel sample RUN` repeats).
+
+STEP_HEADER = re.compile(r"=== step (\d+) \| prompt .* ===")
+FINAL_HEADER = re.compile(r"=== sample \d+ \| prompt .* ===")
+
+
+def sample_blocks(text: str) -> list[tuple[int | None, str]]:
+    """samples.txt cut into blocks, each from its header line to the next: (step, block) for a sample taken
+    at an evaluation, (None, block) for a final sample (or text before any header)."""
+    blocks: list[list] = []
+    for line in text.splitlines(keepends=True):
+        header = line.rstrip("\n")
+        at_step = STEP_HEADER.fullmatch(header)
+        if at_step or FINAL_HEADER.fullmatch(header) or not blocks:
+            blocks.append([int(at_step[1]) if at_step else None, line])
+        else:
+            blocks[-1][1] += line
+    return [(step, block) for step, block in blocks]
+
+
+def final_samples(text: str) -> str:
+    """The final samples of a samples.txt, without the samples taken at evaluations."""
+    return "".join(block for step, block in sample_blocks(text) if step is None and FINAL_HEADER.match(block))
+
+
+class EvalSamples:
+    """One short sample at each evaluation (`sample.eval_tokens` tokens from the first prompt, the run's seed,
+    so samples at different steps compare), printed and kept in samples.txt. A resumed run keeps the blocks
+    its run had taken up to the checkpoint's step. Sampling that fails says so once and stops: it is a view
+    of the training, never a reason to end it. Rank 0 only."""
+
+    def __init__(self, path: Path, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device, seed: int):
+        self.path, self.tokenizer, self.device, self.seed = path, tokenizer, device, seed
+        self.settings = dataclasses.replace(settings, prompts=settings.prompts[:1] or [""], num_samples=1,
+                                            max_new_tokens=settings.eval_tokens)
+        self.blocks: list[str] = []
+        self.enabled = settings.eval_tokens > 0
+
+    def start(self, earlier: Path | None, step: int) -> None:
+        """A new run starts samples.txt afresh; a resumed one keeps the evaluation samples of the checkpoint's
+        run folder (`earlier`, maybe an attached earlier version's) up to its step."""
+        self.blocks = []
+        if earlier is not None and (earlier / SAMPLES_FILE).is_file():
+            text = (earlier / SAMPLES_FILE).read_text(encoding="utf-8", errors="replace")
+            self.blocks = [block for at, block in sample_blocks(text) if at is not None and at <= step]
+        self.save()
+
+    def save(self) -> None:
+        if self.blocks:
+            write_atomic(self.path, "".join(self.blocks))
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def __call__(self, model: GPT, step: int) -> str | None:
+        """Sample at `step`; returns what to print (None when off)."""
+        if not self.enabled:
+            return None
+        try:
+            [(prompt, text)] = sample_texts(model, self.tokenizer, self.settings, self.device, self.seed)
+        except Exception as err:  # noqa: BLE001 - e.g. a prompt the tokenizer cannot encode
+            print(f"[warn] no samples at evaluations ({type(err).__name__}: {err})")
+            self.enabled = False
+            return None
+        self.blocks.append(f"=== step {step} | prompt {prompt!r} ===\n{text}\n\n")
+        self.save()
+        return f"[sample] step {step:,} (prompt {prompt!r}):\n{text}"
+
+    def text(self) -> str:
+        """The evaluation samples so far: what samples.txt holds before the final samples."""
+        return "".join(self.blocks)
 
 
 # --- From a trained run ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""## 16. Training
+"""## 17. Training
 
 The loop: mixed precision chosen by the hardware, gradient accumulation, the optimizer and learning-rate
 schedule of section 13, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
@@ -17,116 +17,26 @@ log, evaluate, checkpoint.
 import contextlib
 import json
 import math
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
+from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
                         precision_advice, write_atomic)
-from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
+from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml, interval_seconds
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights
 from kernel.lora import adapter_state, build_lora_model, check_same_base, hold_base_in, load_adapters
 from kernel.distributed import Processes, from_main, gather_objects, max_across, split_global_batch, sum_across
 from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
-                               rng_states, save_checkpoint)
+                               rng_states, save_checkpoint, saved_metrics)
 from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
+from kernel.compiling import ASSUMED_MFU, autocast_context, compile_choice
 from kernel.progress import RESERVE_FLOOR_S, LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
-
-
-# --- Precision and compiling --------------------------------------------------------------------------
-
-def autocast_context(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def compile_blocker(device: torch.device) -> str | None:
-    """Why torch.compile cannot work here, or None when it can."""
-    if sys.platform == "win32":
-        return "torch.compile is not supported on Windows"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 7:
-        return "Triton needs a GPU of compute capability >= 7.0"
-    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-        return "no C++ compiler found for the CPU backend"
-    if device.type not in ("cpu", "cuda"):
-        return f"not supported on {device.type}"
-    return None
-
-
-@dataclass(frozen=True)
-class CompileCost:
-    """What torch.compile costs once (seconds, the first steps and the first evaluation) and saves after
-    (the share of each step's time), on one device type."""
-    seconds: float
-    step_saving: float
-
-
-# CPU: measured on 2 cores (NOTES.md: llama at the CPU preset's scale, 23% faster steps, 18 s to compile).
-# CUDA: not measured yet (bench/gpu_check.sh prints both for the llama presets); an estimate from llama's
-# elementwise work (RMSNorm, RoPE, SwiGLU: 1.2-1.5x) and inductor's usual compile time for a small model.
-COMPILE_COSTS = {"cpu": CompileCost(seconds=18.0, step_saving=0.23),
-                 "cuda": CompileCost(seconds=60.0, step_saving=0.2)}
-ASSUMED_MFU = 0.3  # to estimate a step's time from its FLOPs before any step ran (only compile=auto uses it)
-COMPILE_MARGIN = 2.0  # the saving must repay the cost twice: recompiles (evaluation, a smaller micro-batch) cost too
-
-
-def compile_decision(device_type: str, budget_seconds: float | None, max_steps: float,
-                     step_seconds: float | None, costs: dict = COMPILE_COSTS) -> tuple[bool, str]:
-    """train.compile=auto: compile when the training time it shortens is worth more than compiling costs, by
-    COMPILE_MARGIN. The expected training time is the time budget left, or max_steps x the estimated step
-    time when that ends sooner; with neither known, off. A budget-bound run gains when saving x time > cost
-    (it loses the compile time, then takes faster steps), as does a step-bound one."""
-    cost = costs.get(device_type)
-    if cost is None:
-        return False, f"no measured compile cost on {device_type}"
-    expected = [budget_seconds] if budget_seconds else []
-    if math.isfinite(max_steps) and step_seconds:
-        expected.append(max_steps * step_seconds)
-    if not expected:
-        return False, "the training time is unknown (no time budget and no step-time estimate)"
-    seconds = min(expected)
-    saved = cost.step_saving * seconds
-    verdict = (f"about {duration_words(seconds)} of training: faster steps would save ~{saved:.0f}s, compiling "
-               f"costs ~{cost.seconds:.0f}s on {device_type}")
-    return saved > COMPILE_MARGIN * cost.seconds, verdict
-
-
-def duration_words(seconds: float) -> str:
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f}s"
-
-
-def compile_choice(setting: bool | str, device: torch.device, budget_seconds: float | None, max_steps: float,
-                   step_seconds: float | None) -> tuple[bool, str]:
-    """(compile?, why) for train.compile = true, false or auto; where torch.compile cannot work, off."""
-    if setting is False:
-        return False, "train.compile=false"
-    blocker = compile_blocker(device)
-    if blocker:
-        return False, f"train.compile={str(setting).lower()}, but {blocker}"
-    if setting is True:
-        return True, "train.compile=true"
-    wanted, why = compile_decision(device.type, budget_seconds, max_steps, step_seconds)
-    return wanted, f"train.compile=auto: {why}"
-
-
-def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device) -> torch.nn.Module:
-    """torch.compile(model) when asked and possible (bench/gpu.py; a run decides with compile_choice)."""
-    if not enabled:
-        return model
-    reason = compile_blocker(device)
-    if reason:
-        print(f"[train] train.compile is on but turned off: {reason}")
-        return model
-    return torch.compile(model)
 
 
 # --- One optimizer step --------------------------------------------------------------------------------
@@ -260,6 +170,13 @@ class LoopState:
     stable_step: int | None = None                    # the newest stable-phase checkpoint's step (kept on disk)
 
 
+class BeforeStep(NamedTuple):
+    """What the processes agreed on before a step."""
+    stop: str | None        # why to stop now (None: go on)
+    time_used: float        # the share of the training time used: drives the schedule
+    checkpoint_due: bool    # a checkpoint_interval given as a duration has passed: save after this step
+
+
 @dataclass
 class TrainResult:
     model: GPT
@@ -276,6 +193,37 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+def build_training_model(config: Config, vocab_size: int, device: torch.device,
+                         dtype: torch.dtype) -> tuple[GPT, dict]:
+    """The model, and with LoRA what checkpoints record of its adapters and pretrained weights (which LoRA
+    loads every time, resumed or not: checkpoints hold only the adapters)."""
+    if not config.train.lora_rank:
+        return build_model(config, vocab_size).to(device), {}
+    model, lora = build_lora_model(config, vocab_size)
+    hold_base_in(model, dtype, device)
+    return model.to(device), lora
+
+
+def resumed_plan(plan: BatchPlan, checkpoint: Checkpoint) -> BatchPlan:
+    """An out-of-memory retry shrank the micro-batch: keep what fit while each process's share is the same."""
+    same_share = (checkpoint.world_size == plan.global_batch // plan.share
+                  and checkpoint.micro_batch * checkpoint.grad_accum_steps == plan.share)
+    if not same_share or checkpoint.micro_batch == plan.micro_batch:
+        return plan
+    print(f"[train] micro-batch {checkpoint.micro_batch} x {checkpoint.grad_accum_steps} accumulation, "
+          "as when it was saved")
+    return plan.with_micro_batch(checkpoint.micro_batch)
+
+
+def budget_spent_in_setup(clock: TrainingClock) -> KernelError:
+    return KernelError(
+        f"train.time_budget was used up before the first training step: setup (environment, data, model, the "
+        f"first evaluation) took {clock.loop_started - clock.run_started:.1f}s of the "
+        f"{clock.deadline - clock.run_started:.1f}s budget, and "
+        f"{1.5 * sum(clock.longest.values()) + RESERVE_FLOOR_S:.1f}s "
+        "are kept to evaluate and save at the end. Raise train.time_budget, or lower train.eval_batches")
+
+
 # --- The trainer: one method per phase of a step ------------------------------------------------------
 
 class Trainer:
@@ -283,12 +231,13 @@ class Trainer:
     Every process makes one; only rank 0 writes files."""
 
     def __init__(self, config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
-                 processes: Processes, clock: TrainingClock, on_eval=None):
+                 processes: Processes, clock: TrainingClock, on_eval=None, sample_at_eval=None):
         self.config, self.t, self.data, self.device, self.dtype = config, config.train, data, device, dtype
         self.processes, self.clock = processes, clock
         self.on_eval = on_eval if processes.is_main else None  # called with the metrics history after each eval
+        self.sample_at_eval = sample_at_eval if processes.is_main else None  # (model, step) -> text to print
         self.ckpt_dir, self.metrics = out_dir / CHECKPOINTS_DIR, MetricsLog(out_dir / METRICS_FILE)
-        self.model, self.lora = self.build(config, data.tokenizer.vocab_size, device, dtype)
+        self.model, self.lora = build_training_model(config, data.tokenizer.vocab_size, device, dtype)
         self.optimizer = make_optimizer(self.model, self.t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
         # The same stream on every process: each step draws the global batch and a process takes its share.
@@ -298,18 +247,12 @@ class Trainer:
         self.peak = peak * processes.world_size if peak else None  # every process's device works on the step
         self.flops_per_token = self.model.flops_per_token()
         self.window = LossWindow(device, clock.now)
+        interval = self.t.checkpoint_interval  # steps, or a duration the clock measures
+        self.save_every_s = interval_seconds(interval)
+        self.save_every_steps = 0 if self.save_every_s is not None else interval
+        self.last_saved = clock.now()
         self.evaluator = self.runner = self.model
         self.progress: Progress | None = None
-
-    @staticmethod
-    def build(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
-        """The model, and with LoRA what checkpoints record of its adapters and pretrained weights (which LoRA
-        loads every time, resumed or not: checkpoints hold only the adapters)."""
-        if not config.train.lora_rank:
-            return build_model(config, vocab_size).to(device), {}
-        model, lora = build_lora_model(config, vocab_size)
-        hold_base_in(model, dtype, device)
-        return model.to(device), lora
 
     # --- Restore: a new run, or the state a checkpoint saved --------------------------------------------
 
@@ -325,10 +268,10 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint.scaler)
             self.sampler.load_state_dict(checkpoint.sampler)
             restore_process_rng(checkpoint, self.processes, self.t.seed)
-            state = LoopState(plan=self.resumed_plan(state.plan, checkpoint), step=checkpoint.step,
+            state = LoopState(plan=resumed_plan(state.plan, checkpoint), step=checkpoint.step,
                               tokens=checkpoint.tokens, train_loss=checkpoint.train_loss,
-                              last_eval=checkpoint.last_eval, best=checkpoint.best, history=list(checkpoint.metrics),
-                              stable_step=checkpoint.stable_step)
+                              last_eval=checkpoint.last_eval, best=checkpoint.best,
+                              history=self.resumed_history(checkpoint, source), stable_step=checkpoint.stable_step)
             self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
         elif self.config.model.init_from and not self.lora:  # a new run starts from the pretrained weights (LoRA's
@@ -343,16 +286,15 @@ class Trainer:
         self.start_step = state.step
         return state
 
-    @staticmethod
-    def resumed_plan(plan: BatchPlan, checkpoint: Checkpoint) -> BatchPlan:
-        """An out-of-memory retry shrank the micro-batch: keep what fit while each process's share is the same."""
-        same_share = (checkpoint.world_size == plan.global_batch // plan.share
-                      and checkpoint.micro_batch * checkpoint.grad_accum_steps == plan.share)
-        if not same_share or checkpoint.micro_batch == plan.micro_batch:
-            return plan
-        print(f"[train] micro-batch {checkpoint.micro_batch} x {checkpoint.grad_accum_steps} accumulation, "
-              "as when it was saved")
-        return plan.with_micro_batch(checkpoint.micro_batch)
+    def resumed_history(self, checkpoint: Checkpoint, source: Path) -> list[dict]:
+        """The metrics records up to the checkpoint's step (rank 0 keeps them: the curves and metrics.jsonl)."""
+        if not self.processes.is_main:
+            return []
+        history = saved_metrics(source, checkpoint)
+        if history is None:
+            print(f"[resume] warning: no {METRICS_FILE} beside {source}: metrics.jsonl and {CURVES_FILE} start at "
+                  f"step {checkpoint.step:,}")
+        return history or []
 
     def prepare(self, state: LoopState) -> None:
         """Compile and wrap the model (after its weights are loaded), start the progress display."""
@@ -364,8 +306,9 @@ class Trainer:
                 self.evaluator, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.runner.train()
         self.window.started = self.clock.now()
-        self.progress = Progress(step_limit(self.t), state.step, shown=self.processes.is_main)
         self.clock.start_loop()
+        self.progress = Progress(self.clock, step_limit(self.t), state.step, shown=self.processes.is_main)
+        self.last_saved = self.clock.now()
 
     def compile_choice(self, state: LoopState) -> tuple[bool, str]:
         """train.compile's decision for the training this run has left: its budget, or its steps at a step time
@@ -377,28 +320,29 @@ class Trainer:
 
     # --- Stop? (the time budget, a signal: every process takes the same decision) ---------------------------
 
-    def stop_reason(self, state: LoopState, stop_requests: StopRequests) -> tuple[str | None, float]:
-        """Why to stop before the next step (None: go on), and the share of the training time used, which
-        drives the schedule. One process's clock or signal stops all, and all use one schedule."""
+    def before_step(self, state: LoopState, stop_requests: StopRequests) -> "BeforeStep":
+        """What every process must agree on before the next step, in one exchange: one process's clock or signal
+        stops all, all use one schedule, and all save a timed checkpoint together."""
         time_used, out_of_time = self.clock.training_time_used()
-        out_of_time, signalled, time_used = max_across(
-            self.processes, [float(out_of_time), float(bool(stop_requests.reason())), time_used])
+        timed_save = self.save_every_s is not None and self.clock.now() - self.last_saved >= self.save_every_s
+        out_of_time, signalled, time_used, timed_save = max_across(
+            self.processes, [float(out_of_time), float(bool(stop_requests.reason())), time_used, float(timed_save)])
         if out_of_time and state.step == self.start_step:
-            raise self.budget_spent_in_setup()
+            raise budget_spent_in_setup(self.clock)
+        stop = None
         if out_of_time:
             self.progress.write(f"[train] time budget nearly spent at step {state.step:,}: stopping to evaluate and save")
-            return "time_budget", time_used
-        if signalled:
-            return f"signal ({stop_requests.reason() or 'SIGTERM to another process'})", time_used
-        return None, time_used
+            stop = "time_budget"
+        elif signalled:
+            stop = f"signal ({stop_requests.reason() or 'SIGTERM to another process'})"
+        return BeforeStep(stop, time_used, bool(timed_save))
 
-    def budget_spent_in_setup(self) -> KernelError:
-        clock = self.clock
-        return KernelError(
-            f"train.time_budget was used up before the first training step: setup (environment, data, model, the "
-            f"first evaluation) took {clock.loop_started - clock.run_started:.1f}s of the "
-            f"{clock.deadline - clock.run_started:.1f}s budget, and {1.5 * sum(clock.longest.values()) + RESERVE_FLOOR_S:.1f}s "
-            "are kept to evaluate and save at the end. Raise train.time_budget, or lower train.eval_batches")
+    def checkpoint_due(self, state: LoopState, timed: bool) -> bool:
+        """After a step: every train.checkpoint_interval steps, or once its duration has passed since the last
+        checkpoint (`timed`, agreed before the step). The last step is saved by finish()."""
+        if state.step == step_limit(self.t):
+            return False
+        return timed or bool(self.save_every_steps and state.step % self.save_every_steps == 0)
 
     # --- One optimizer step, retried with smaller micro-batches after running out of GPU memory -------------
 
@@ -452,17 +396,20 @@ class Trainer:
         self.record(state, {"step": state.step, "tokens": state.tokens, "train_loss": state.train_loss, "lr": lr,
                             "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(self.clock.elapsed(), 3),
                             "mfu": round(self.flops_per_token * tokens_per_s / self.peak, 5) if self.peak else None})
-        self.progress.advance(state.step, state.train_loss, tokens_per_s)
+        self.progress.advance(state.step, state.train_loss, tokens_per_s, lr)
         self.window.reset()
 
     def run_eval(self, state: LoopState) -> None:
-        with self.clock.timing("eval"):
+        with self.clock.timing("eval"):  # the sample too: the budget keeps time for the final one
             result = evaluate(self.evaluator, self.data, self.config, self.device, self.dtype, self.processes)
+            sample = self.sample_at_eval(self.model, state.step) if self.sample_at_eval is not None else None
         state.last_eval = {"step": state.step, "tokens": state.tokens, **result,
                            "elapsed_s": round(self.clock.elapsed(), 3)}
         self.record(state, state.last_eval)
         self.progress.write(f"[eval] step {state.step:,}: train {result['eval_train_loss']:.4f} | val "
                             f"{result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
+        if sample:
+            self.progress.write(sample)
         if self.on_eval is not None:
             self.on_eval(state.history)
 
@@ -481,11 +428,12 @@ class Trainer:
         if evaluated and (not state.best or evaluated["val_loss"] < state.best["val_loss"]):
             state.best = {"step": state.step, "val_loss": evaluated["val_loss"]}
         process_rngs = gather_objects(self.processes, rng_states())  # every process's dropout RNG: exact resumes
+        self.last_saved = self.clock.now()
         if not self.processes.is_main:
             return
         checkpoint = Checkpoint(
             step=state.step, tokens=state.tokens, train_loss=state.train_loss, last_eval=state.last_eval,
-            best=state.best, metrics=state.history, dtype=dtype_name(self.dtype),
+            best=state.best, dtype=dtype_name(self.dtype),
             micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
             loss_window=self.window.state(), world_size=self.processes.world_size, process_rngs=process_rngs,
             lr_phase=phase or state.phase, stable_step=state.stable_step, lora=self.lora,
@@ -523,13 +471,15 @@ class Trainer:
 def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, dtype: torch.dtype,
           checkpoint: Checkpoint | None = None, checkpoint_source: Path | None = None,
           deadline: float | None = None, processes: Processes = Processes(), now=time.perf_counter,
-          on_eval=None, stop_requests: StopRequests | None = None, run_started: float | None = None) -> TrainResult:
+          on_eval=None, stop_requests: StopRequests | None = None, run_started: float | None = None,
+          sample_at_eval=None) -> TrainResult:
     """Train to train.max_steps, or until `deadline` (a `now()` value; the budget counts from `run_started`)
     leaves just enough time to evaluate, checkpoint and sample, or until a stop signal. Every process calls
-    it; only rank 0 writes, and calls `on_eval(history)` after each evaluation (e.g. to redraw the curves)."""
+    it; only rank 0 writes, and calls `on_eval(history)` after each evaluation (e.g. to redraw the curves)
+    and `sample_at_eval(model, step)` during it (a short sample; returns the text to print)."""
     t = config.train
     clock = TrainingClock(deadline, now, run_started)
-    trainer = Trainer(config, data, out_dir, device, dtype, processes, clock, on_eval)
+    trainer = Trainer(config, data, out_dir, device, dtype, processes, clock, on_eval, sample_at_eval)
     state = trainer.restore(checkpoint, checkpoint_source)
     stopped_by = "max_steps"
     trainer.prepare(state)
@@ -539,21 +489,21 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
             if state.step == 0:
                 trainer.run_eval(state)  # the untrained model: the first point of the curves
             while state.step < step_limit(t):
-                # --- stop for the time budget or a signal?
-                reason, time_used = trainer.stop_reason(state, stop_requests)
-                if reason:
-                    stopped_by = reason
+                # --- stop for the time budget or a signal? (and is a timed checkpoint due?)
+                before = trainer.before_step(state, stop_requests)
+                if before.stop:
+                    stopped_by = before.stop
                     break
                 # --- a wsd schedule about to decay: keep the stable weights (a later session continues them)
-                trainer.enter_phase(state, wsd_phase(state.step, t, time_used))
+                trainer.enter_phase(state, wsd_phase(state.step, t, before.time_used))
                 # --- one optimizer step: forward, backward and update over the global batch
-                lr = lr_at(state.step, t, time_used)
+                lr = lr_at(state.step, t, before.time_used)
                 loss = trainer.optimizer_step(state, lr)
                 # --- log, evaluate and checkpoint when due
                 trainer.log(state, loss, lr)
                 if is_due(state.step, t.eval_interval, step_limit(t)):
                     trainer.run_eval(state)
-                if t.checkpoint_interval and state.step % t.checkpoint_interval == 0 and state.step != step_limit(t):
+                if trainer.checkpoint_due(state, before.checkpoint_due):
                     trainer.save(state)
             # --- the end: evaluate and save the last step
             trainer.finish(state)

@@ -2,8 +2,8 @@ import pytest
 import yaml
 
 from kernel.bundled_configs import BUNDLED_CONFIGS
-from kernel.config import (Config, ConfigError, all_keys, config_from_dict, config_to_yaml, load_config,
-                           parse_duration)
+from kernel.config import (Config, ConfigError, all_keys, config_from_dict, config_to_yaml, interval_seconds,
+                           load_config, parse_duration)
 
 
 def write(path, text):
@@ -84,7 +84,7 @@ def test_bundled_presets_load_and_the_t4_preset_extends_the_base():
     assert {"llm_base.yaml", "llm_kaggle_t4.yaml", "llm_cpu.yaml"} <= set(BUNDLED_CONFIGS)
     base, t4, cpu = (load_config(name) for name in ("llm_base.yaml", "llm_kaggle_t4.yaml", "llm_cpu.yaml"))
     assert t4.model.n_layer == base.model.n_layer and t4.train.batch_size != base.train.batch_size
-    assert t4.train.time_budget == 8 * 3600
+    assert t4.train.time_budget == 8 * 3600 and t4.train.checkpoint_interval == "20m"
     assert cpu.data.text_glob == "" and cpu.model.n_embd < base.model.n_embd
 
 
@@ -98,6 +98,21 @@ def test_durations(text, seconds):
 def test_bad_durations_are_rejected(bad):
     with pytest.raises(ConfigError, match="train.time_budget"):
         load_config(None, {"train.time_budget": bad})
+
+
+@pytest.mark.parametrize("given, kept, seconds", [(0, 0, None), (500, 500, None), ("500", 500, None),
+                                                  ("20m", "20m", 1200.0), ("90s", "90s", 90.0), ("1h", "1h", 3600.0)])
+def test_checkpoint_interval_takes_steps_or_a_duration(given, kept, seconds):
+    config = load_config(None, {"train.checkpoint_interval": given})
+    interval = config.train.checkpoint_interval
+    assert interval == kept and interval_seconds(interval) == seconds
+    assert config_from_dict(yaml.safe_load(config_to_yaml(config)), "config.yaml") == config  # saved as given
+
+
+@pytest.mark.parametrize("bad", [-1, "soon", 1.5, True, "0s"])
+def test_bad_checkpoint_intervals_are_rejected(bad):
+    with pytest.raises(ConfigError, match="train.checkpoint_interval.*number of steps"):
+        load_config(None, {"train.checkpoint_interval": bad})
 
 
 def test_yaml_reads_3e_4_as_text_but_we_take_it_as_a_number(tmp_path):

@@ -1,6 +1,9 @@
 """Reliability, round 2: no silent wrong runs, no tracebacks, nothing left behind (issue 16)."""
 
+import dataclasses
 import errno
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import kernel.checkpoint as checkpoint_module
 import kernel.data as data_module
@@ -238,7 +242,8 @@ def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(t
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "Traceback" not in output and "[stop] samples.txt skipped after SIGTERM" in output
-    assert json.loads((out / "summary.json").read_text())["steps"] == 10 and not (out / "samples.txt").exists()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert "=== sample 1" not in (out / "samples.txt").read_text()  # only the samples taken at evaluations
 
 
 def test_a_signal_after_the_last_output_changes_nothing_but_one_before_stops(monkeypatch):
@@ -347,6 +352,43 @@ def test_a_resumed_run_writes_the_same_metrics_as_a_straight_one(tmp_path, tiny)
         (stopped / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
     run(config, stopped)
     assert metrics_without_timing(stopped) == metrics_without_timing(tmp_path / "straight")
+    # the samples at evaluations too: those up to the checkpoint kept, the later ones taken again, the same
+    assert (stopped / "samples.txt").read_text() == (tmp_path / "straight" / "samples.txt").read_text()
+
+
+def test_a_run_resumed_from_another_folders_checkpoint_continues_that_runs_metrics(tmp_path, tiny):
+    """As on Kaggle, where the next version resumes from the attached earlier version's output folder."""
+    config = tiny(train__max_steps=30, train__log_interval=7, train__checkpoint_interval=10,
+                  train__keep_checkpoints=5)
+    run(config, tmp_path / "straight")
+    earlier = tmp_path / "earlier"
+    shutil.copytree(tmp_path / "straight", earlier)
+    run(replace_train(config, resume=str(earlier / "checkpoints" / "ckpt_00000010.pt")), tmp_path / "next")
+    assert metrics_without_timing(tmp_path / "next") == metrics_without_timing(tmp_path / "straight")
+
+
+def test_an_old_checkpoint_holding_its_metrics_history_still_resumes_with_it(tmp_path, tiny):
+    config = tiny(train__max_steps=30, train__log_interval=7, train__checkpoint_interval=10,
+                  train__keep_checkpoints=5)
+    run(config, tmp_path / "straight")
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "straight", old)
+    for step in (20, 30):
+        (old / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
+    path = old / "checkpoints" / "ckpt_00000010.pt"
+    history = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    payload = torch.load(path, weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({**payload, "format": 2, "metrics": [r for r in history if r["step"] <= 10]}, buffer)  # format 2
+    path.write_bytes(buffer.getvalue())
+    checkpoint_module.checksum_path(path).write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
+    (old / "metrics.jsonl").unlink()  # so the history can only come from the checkpoint
+    run(config, old)
+    assert metrics_without_timing(old) == metrics_without_timing(tmp_path / "straight")
+
+
+def replace_train(config, **changes):
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
 
 
 def test_outputs_get_the_users_permissions_not_owner_only(tmp_path, tiny):

@@ -185,6 +185,29 @@ def test_notebook_runs_end_to_end(tmp_path):
     assert "=== sample 1 | prompt '\\n' ===" in last and "=== sample 2 | prompt 'The ' ===" in last
 
 
+class RecordingClient:
+    """Stands in for nbclient's NotebookClient: records the cell timeout it is given, runs nothing."""
+    timeouts = []
+
+    def __init__(self, nb, timeout, **_):
+        self.timeouts.append(timeout)
+
+    def execute(self):
+        pass
+
+
+def test_execute_sets_no_cell_timeout_unless_asked(tmp_path, monkeypatch):
+    import nbclient
+
+    monkeypatch.setattr(nbclient, "NotebookClient", RecordingClient)
+    monkeypatch.setattr(RecordingClient, "timeouts", [])
+    monkeypatch.setattr(build_kernel, "NOTEBOOK", tmp_path / "train_gpt.ipynb")  # the committed one stays as it is
+    out = f"OUT_DIR={str(tmp_path / 'out')!r}"
+    assert build_kernel.main(["--execute", "--param", out]) == 0
+    assert build_kernel.main(["--execute", "--param", out, "--timeout", "7200"]) == 0
+    assert RecordingClient.timeouts == [None, 7200]  # None: nbclient waits as long as a cell runs
+
+
 @pytest.mark.slow
 def test_bad_input_in_the_notebook_is_one_block_not_a_traceback(tmp_path):
     """The same error the command line prints as one `error:` line: in a notebook, the message and a hint."""

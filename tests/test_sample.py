@@ -12,7 +12,7 @@ from kernel.config import SampleConfig
 from kernel.env import KernelError
 from kernel.cli import cli
 from kernel.main import run
-from kernel.sample import sample_from_run
+from kernel.sample import final_samples, sample_blocks, sample_from_run
 from kernel.model import GPT, GPTConfig, KVCache
 from kernel.sample import filter_logits, generate, sample_texts
 from kernel.tokenization import CharTokenizer
@@ -124,7 +124,7 @@ def test_sample_without_flags_repeats_the_runs_own_samples_from_its_folder(train
     assert cli(["sample", str(trained_run)]) == 0
     printed = capsys.readouterr()
     # the checkpoint's sample.* settings (prompts, 20 tokens, top_k 20) and train.seed: the same text
-    assert printed.out == (trained_run / "samples.txt").read_text() + "\n"
+    assert printed.out == final_samples((trained_run / "samples.txt").read_text()) + "\n"
     assert printed.err == f"[sample] {trained_run / 'checkpoints' / 'ckpt_00000020.pt'} (step 20)\n"
 
 
@@ -174,7 +174,7 @@ def test_each_bad_sampling_value_is_one_line(trained_run, capsys, flags, message
 def test_sample_from_run_takes_the_runs_settings_and_names_bad_keywords(trained_run):
     text = sample_from_run(trained_run, "def ", max_new_tokens=5, num_samples=2)
     assert text.count("prompt 'def ' ===") == 2
-    assert sample_from_run(trained_run) == (trained_run / "samples.txt").read_text()
+    assert sample_from_run(trained_run) == final_samples((trained_run / "samples.txt").read_text())
     with pytest.raises(KernelError, match=r"^temperature must be >= 0 \(0 is greedy\), got -0.5; top_p must be in"):
         sample_from_run(trained_run, top_p=2, temperature=-0.5)
     with pytest.raises(KernelError, match="holds no checkpoint"):
@@ -213,3 +213,33 @@ def test_sample_takes_a_transformers_folder_and_its_text_equals_the_checkpoints(
     assert cli(["sample", str(copy), *flags]) == 0
     printed = capsys.readouterr()
     assert printed.out == from_checkpoint and "(a transformers model folder)" in printed.err
+
+
+# --- Samples while it learns ---------------------------------------------------------------------------
+
+def test_a_short_sample_is_printed_and_kept_at_each_evaluation_with_its_step(tmp_path, tiny, capsys):
+    run(tiny(train__max_steps=40, train__eval_interval=20, sample__eval_tokens=12,
+             sample__prompts=["The ", "\n"]), tmp_path)
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("[sample]")] == [
+        "[sample] step 0 (prompt 'The '):", "[sample] step 20 (prompt 'The '):", "[sample] step 40 (prompt 'The '):"]
+    text = (tmp_path / "samples.txt").read_text()
+    blocks = sample_blocks(text)
+    assert [step for step, _ in blocks] == [0, 20, 40, None, None]  # then the final samples, one per prompt
+    assert all(block.startswith(f"=== step {step} | prompt 'The ' ===\nThe ") for step, block in blocks[:3])
+    assert all(len(block.splitlines()[1]) <= len("The ") + 12 for _, block in blocks[:3])  # 12 char tokens at most
+    assert final_samples(text) == text[text.index("=== sample 1 |"):]
+    assert final_samples(text).count("=== sample") == 2
+
+
+def test_eval_tokens_0_takes_no_samples_at_evaluations(tmp_path, tiny, capsys):
+    run(tiny(train__max_steps=20, sample__eval_tokens=0), tmp_path)
+    assert "[sample]" not in capsys.readouterr().out
+    text = (tmp_path / "samples.txt").read_text()
+    assert text.startswith("=== sample 1 |") and final_samples(text) == text
+
+
+def test_eval_tokens_is_a_run_setting_not_a_flag_of_the_sample_command(capsys):
+    with pytest.raises(SystemExit):
+        cli(["sample", "--help"])
+    assert "--eval-tokens" not in capsys.readouterr().out

@@ -15,7 +15,8 @@ from kernel.memory import memory_advice
 from kernel.model import build_model
 from kernel.optim import (NS_COEFFICIENTS, NS_STEPS, AdamW, Muon, make_optimizer, newton_schulz,
                           newton_schulz_dtype)
-from kernel.train import COMPILE_COSTS, compile_choice, compile_decision, nonfinite_error, train_step
+from kernel.compiling import COMPILE_COSTS, compile_choice, compile_decision
+from kernel.train import nonfinite_error, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -238,10 +239,10 @@ def test_the_step_count_can_end_training_before_the_budget():
 
 def test_compile_setting_true_false_auto(monkeypatch):
     assert compile_choice(False, CPU, 3600, float("inf"), None) == (False, "train.compile=false")
-    monkeypatch.setattr("kernel.train.compile_blocker", lambda device: None)
+    monkeypatch.setattr("kernel.compiling.compile_blocker", lambda device: None)
     assert compile_choice(True, CPU, 60, 10, 0.1) == (True, "train.compile=true")
     assert compile_choice("auto", CPU, 3600, float("inf"), None)[0]
-    monkeypatch.setattr("kernel.train.compile_blocker", lambda device: "no C++ compiler found")
+    monkeypatch.setattr("kernel.compiling.compile_blocker", lambda device: "no C++ compiler found")
     on, why = compile_choice("auto", CPU, 3600, float("inf"), None)
     assert not on and why == "train.compile=auto, but no C++ compiler found"
 

@@ -12,8 +12,10 @@ from kernel.main import run
 from kernel.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
 from tests.conftest import StepClock
 from kernel.model import build_model
-from kernel.train import compile_blocker, train_step
+from kernel.compiling import compile_blocker
+from kernel.train import train_step
 from kernel.optim import lr_at, make_optimizer
+from kernel.sample import final_samples
 
 
 def test_lr_schedule_values():
@@ -99,7 +101,9 @@ def test_a_short_run_learns_and_writes_every_output(tmp_path, tiny):
     assert [m["step"] for m in eval_lines] == [0, 100, 200]
     assert eval_lines[-1]["val_loss"] < eval_lines[0]["val_loss"] - 1.0
     assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s", "mfu"} <= set(train_lines[0])
-    assert (out / "samples.txt").read_text().startswith("=== sample 1")
+    samples = (out / "samples.txt").read_text()  # a short sample at each evaluation, then the final samples
+    assert samples.startswith("=== step 0 | prompt '\\n' ===\n") and "\n=== step 100 |" in samples
+    assert "\n=== step 200 |" in samples and final_samples(samples).startswith("=== sample 1 | prompt")
     assert load_config(str(out / "config.yaml")) == load_config(str(out / "checkpoints" / "config.yaml"))
     checkpoints = list_checkpoints(out / "checkpoints")
     assert [p.name for p in checkpoints] == ["ckpt_00000180.pt", "ckpt_00000200.pt"]  # keep_checkpoints=2
@@ -152,6 +156,17 @@ def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny, monkeypatch):
     assert summary["stopped_by"] == "time_budget" and summary["steps"] == 16
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt_{summary['steps']:08d}.pt"
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
+
+
+def test_checkpoints_by_duration_follow_the_trainers_clock_and_hold_no_metrics_history(tmp_path, tiny, monkeypatch):
+    clock = StepClock(seconds_per_step=1.0).install(monkeypatch.setattr)
+    run(tiny(train__max_steps=20, train__checkpoint_interval="5s", train__keep_checkpoints=10), tmp_path, now=clock)
+    # due once 5 s have passed since the last checkpoint (agreed before a step), saved after that step
+    steps = [load_checkpoint(p).step for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [6, 12, 18, 20]
+    payload = torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)
+    assert payload["format"] == 3 and "metrics" not in payload  # metrics.jsonl is the record
+    assert load_config(str(tmp_path / "config.yaml")).train.checkpoint_interval == "5s"
 
 
 @pytest.mark.slow
