@@ -1,4 +1,4 @@
-"""## 4. Configuration
+"""## 5. Configuration
 
 Every knob lives in one typed dataclass per section (`model`, `tokenizer`, `data`, `train`, `sample`).
 A run's config is built in layers, each checked strictly as it is applied:
@@ -11,13 +11,12 @@ all reported at once. The resolved config is saved as `config.yaml` in the outpu
 checkpoints, and loading that file again gives the same config.
 
 With `model.init_from` (a `transformers` model folder: GPT-2, Llama or Qwen3) the model's own
-`config.json` then decides the model's shape and its tokenizer (section 9): it overrides the defaults and
+`config.json` then decides the model's shape and its tokenizer (section 10): it overrides the defaults and
 the bundled presets, and a value you set yourself that differs from it is an error naming both.
 """
 
 import dataclasses
 import difflib
-import math
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ import yaml
 from kernel.env import KernelError
 from kernel.bundled_configs import BUNDLED_CONFIGS
 from kernel.tokenization import TOKENIZERS
+from kernel.values import parse_auto_or_bool, parse_auto_or_count, parse_duration, parse_steps_or_duration
 
 
 class ConfigError(KernelError):
@@ -64,7 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = True           # the output head shares the token embedding's matrix
     max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
-    size: str = ""                        # auto: the shape the time budget buys (section 18); "25M": that many parameters
+    size: str = ""                        # auto: the shape the time budget buys (section 19); "25M": that many parameters
     init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
@@ -217,74 +217,7 @@ def did_you_mean(word: str, options: Sequence[str]) -> str:
     return f"; did you mean {named[close[0]]!r}?{hint}"
 
 
-# --- Values: types and durations -----------------------------------------------------------------------
-
-DURATION_PATTERN = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
-
-
-def parse_duration(value) -> float | None:
-    """Seconds from a number (64) or a string with units ("90s", "45m", "8h30m"); None means no limit."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        match = DURATION_PATTERN.fullmatch(text)
-        if re.fullmatch(r"\d+(\.\d*)?", text):
-            seconds = float(text)
-        elif text and match and any(match.groups()):
-            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-            seconds = hours * 3600 + minutes * 60 + secs
-        else:
-            raise ValueError(f"{value!r} is not a duration; use seconds (64) or units like '90s', '45m', '8h30m'")
-    else:
-        raise ValueError(f"{value!r} is not a duration; use seconds (64) or units like '90s', '45m', '8h30m'")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{value!r} must be a positive duration (or null for no limit)")
-    return seconds
-
-
-def parse_steps_or_duration(value) -> int | str:
-    """A whole number of steps (>= 0), kept as a number, or a duration ("90s", "20m", "1h"), kept as written so
-    config.yaml still reads as a duration; `interval_seconds` turns it into seconds."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"expected a number of steps >= 0 or a duration such as '20m', got {value!r}")
-        return value
-    if isinstance(value, str):
-        try:
-            parse_duration(value)
-        except ValueError:
-            raise ValueError(f"expected a number of steps or a duration such as '90s', '20m', '1h', got {value!r}"
-                             ) from None
-        return value.strip()
-    raise ValueError(f"expected a number of steps or a duration such as '20m', got {value!r}")
-
-
-def interval_seconds(value: int | str) -> float | None:
-    """The seconds of an interval given as a duration; None when it counts steps."""
-    return None if isinstance(value, int) else parse_duration(value)
-
-
-def parse_auto_or_count(value, least: int, what: str) -> int | str:
-    """'auto' or a whole number >= least (given as 2 or "2")."""
-    if value == "auto":
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= least:
-        return value
-    raise ValueError(f"expected auto or {what} >= {least}, got {value!r}")
-
-
-def parse_auto_or_bool(value) -> bool | str:
-    if isinstance(value, bool) or value == "auto":
-        return value
-    raise ValueError(f"expected true, false or auto, got {value!r}")
-
+# --- Values: types ------------------------------------------------------------------------------------
 
 def coerce_value(key: str, spec: dataclasses.Field, hint, value):
     """The value converted to the field's type, or a ValueError saying what was expected."""
@@ -437,7 +370,7 @@ def file_layers(name: str) -> list[tuple[str, dict]]:
 def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | None = None,
                 overrides_origin: str = "--set", pretrained: Callable[[Config, dict], None] | None = None) -> Config:
     """Defaults -> `extends` chain -> file -> overrides, then the cross-field checks. This reads no file but the
-    YAML and never the network: `pretrained` (main passes section 9's `apply_pretrained`) applies
+    YAML and never the network: `pretrained` (main passes section 10's `apply_pretrained`) applies
     model.init_from's shape and tokenizer, told which keys the user set and where ("section.key" -> origin)."""
     config = Config()
     layers = file_layers(source) if source else []

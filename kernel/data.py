@@ -1,6 +1,6 @@
-"""## 7. Tokens and batches
+"""## 8. Tokens and batches
 
-The documents of sections 5 and 6 become token files on disk, and random training windows are served from them.
+The documents of sections 6 and 7 become token files on disk, and random training windows are served from them.
 Built for corpora from one small .txt to many gigabytes:
 
 * **Split**: the last `data.val_fraction` of the characters is validation, the rest training: the two never

@@ -1,4 +1,4 @@
-"""## 20. Export to Hugging Face transformers
+"""## 21. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
@@ -6,7 +6,7 @@ files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretraine
 namesake's architecture, so only names and layout change: `gpt2` loads as `GPT2LMHeadModel` (its `Conv1D`
 stores linear weights transposed; a model trained without biases gets zero biases, which compute the same),
 `llama` as `LlamaForCausalLM` (the fused q/k/v matrix is split), `llama` with QK-norm as `Qwen3ForCausalLM`.
-A LoRA run's adapters are merged into the weights (section 10), so `hf/` is a plain transformers model; its
+A LoRA run's adapters are merged into the weights (section 11), so `hf/` is a plain transformers model; its
 adapters alone go to `hf-adapter/` in PEFT's format.
 
 What transformers needs to generate well is set here: the generation config holds the run's sampling
@@ -216,7 +216,7 @@ class ModelCardFacts:
         return self.hf_config.architectures[0]
 
     def data_source(self) -> str:
-        """What the card may publish: the run's data as section 6 names it (file names, Kaggle slugs), else the
+        """What the card may publish: the run's data as section 7 names it (file names, Kaggle slugs), else the
         glob's last part, never a local folder."""
         glob_name = Path(self.config.data.text_glob).name
         return self.run.data.get("source") or glob_name or "the demo corpus (pydoc_data.topics)"

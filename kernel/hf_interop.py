@@ -1,4 +1,4 @@
-"""## 9. Transformers interop
+"""## 10. Transformers interop
 
 The bridge between this notebook's model and `transformers` model folders, so the model section speaks
 only its own config (the tokenizers `transformers` loads are section 3's `hf` mode):
@@ -11,7 +11,7 @@ only its own config (the tokenizers `transformers` loads are section 3's `hf` mo
   presets'; a value you set that differs is an error naming both.
 * **One table of tensor names**: where each of our tensors lives in a `transformers` checkpoint, read one way
   to load pretrained weights (`load_hf_weights`) and the other way to export (`hf_state_dict`).
-* **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 20.
+* **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 21.
 """
 
 import functools

@@ -1,4 +1,4 @@
-"""## 6. Finding your text
+"""## 7. Finding your text
 
 Which files a run reads. `data.text_glob` (`**` recurses, each real folder walked once even through symlink
 loops) names them, in file-name order; an empty glob means, on Kaggle, every readable file of the attached

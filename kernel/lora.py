@@ -1,4 +1,4 @@
-"""## 10. LoRA: low-rank adapters on a pretrained model
+"""## 11. LoRA: low-rank adapters on a pretrained model
 
 With `train.lora_rank` > 0 a model started from `model.init_from` (Llama or Qwen3) trains only small
 adapters: each chosen projection W (attention's q, k, v, o and, with `attn_mlp`, the MLP's gate, up and

@@ -1,4 +1,4 @@
-"""## 22. Main
+"""## 23. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, plan the model's
 shape (with `model.size`), train (resuming when a checkpoint is there; with several GPUs, in one process per
@@ -189,7 +189,7 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
 
 def memory_planned(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype,
                    processes: Processes) -> Config:
-    """The micro-batch and gradient checkpointing that fit (section 14), rank 0's choice for every process (their
+    """The micro-batch and gradient checkpointing that fit (section 15), rank 0's choice for every process (their
     GPUs' free memory may differ a little, and all must take the same pieces)."""
     fitted = fit_to_memory(config, vocab_size, device, dtype, processes.world_size) if processes.is_main else None
     t, m = from_main(processes, (fitted.train, fitted.model) if fitted else None)

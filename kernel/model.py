@@ -1,4 +1,4 @@
-"""## 8. The model
+"""## 9. The model
 
 A decoder-only transformer in two presets that share one implementation:
 
@@ -12,7 +12,7 @@ Keeping each preset exactly its namesake means a trained model exports to `trans
 loaded to start from (`model.init_from`). Pretrained models differ from the presets in details the model
 also holds exactly: grouped-query attention (fewer key/value heads than query heads), a head width that is
 not width / heads, any MLP width, an output head of its own (not tied to the embedding), their norms'
-epsilon and a position count longer than the training windows. Section 9 maps each of these tensors to its
+epsilon and a position count longer than the training windows. Section 10 maps each of these tensors to its
 name in a `transformers` checkpoint.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel
@@ -43,7 +43,7 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 @dataclass
 class GPTConfig(ModelConfig):
-    """The `model` section of the config (section 4: shape, arch, dropout, ...) plus the vocabulary size,
+    """The `model` section of the config (section 5: shape, arch, dropout, ...) plus the vocabulary size,
     which the tokenizer decides. Fields the config leaves at 0 take the preset's rule here, so a GPTConfig
     always holds the exact shape (a pretrained model's config sets them all)."""
     vocab_size: int = field(kw_only=True)  # embedding rows, padding included
@@ -229,7 +229,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """The model's parameters, a tied embedding counted once; LoRA's adapters (section 10) are not counted:
+        """The model's parameters, a tied embedding counted once; LoRA's adapters (section 11) are not counted:
         merged into the weights at export, they add none."""
         return sum(p.numel() for name, p in self.named_parameters() if ".lora_" not in name)
 

@@ -1,4 +1,4 @@
-"""## 21. Report
+"""## 22. Report
 
 What people look at after a run: `loss.png` and a short summary in words. The figure shows train and
 validation loss against tokens seen (optimizer steps on the top axis, the learning rate on a second axis)

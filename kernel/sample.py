@@ -1,4 +1,4 @@
-"""## 19. Sampling
+"""## 20. Sampling
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
@@ -226,7 +226,7 @@ def load_trained(path: str | Path, checkpoint: Checkpoint | None = None) -> tupl
 
 
 def load_transformers_folder(folder: Path) -> tuple[Config, Tokenizer, GPT]:
-    """A transformers model folder (a run's hf/, a downloaded or attached model) as section 9 reads it for
+    """A transformers model folder (a run's hf/, a downloaded or attached model) as section 10 reads it for
     model.init_from: its shape, tokenizer and weights; its generation_config.json's sampling settings, if any."""
     config = load_config(None, {"model.init_from": str(folder)}, "the sampled folder", pretrained=apply_pretrained)
     tokenizer = HFTokenizer.load(config.tokenizer.pretrained_name)

@@ -1,4 +1,4 @@
-"""## 5. Reading your text
+"""## 6. Reading your text
 
 How each file becomes documents. Everything here is streamed (a `.json` file excepted: JSON has no streaming
 form), so memory stays flat however large the files are.

@@ -1,11 +1,11 @@
-"""## 17. Training
+"""## 18. Training
 
 The loop: mixed precision chosen by the hardware, gradient accumulation, the optimizer and learning-rate
-schedule of section 13, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
-(section 12).
+schedule of section 14, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
+(section 13).
 
 A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
-each process's share (section 11) and that share into micro-batches whose gradients accumulate, which gives
+each process's share (section 12) and that share into micro-batches whose gradients accumulate, which gives
 the same gradient as one big batch. A step whose loss or gradients are not finite updates nothing (the run
 stops after `train.nan_patience` such losses in a row); with one GPU, a step that runs out of memory is
 retried with smaller micro-batches, the batch unchanged. `train()` at the end reads top to bottom: a
@@ -26,7 +26,8 @@ import torch
 
 from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, METRICS_FILE, KernelError, dtype_name, peak_flops,
                         precision_advice, write_atomic)
-from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml, interval_seconds
+from kernel.values import interval_seconds
+from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from kernel.data import BatchSampler, TokenData
 from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights

@@ -2,8 +2,8 @@ import pytest
 import yaml
 
 from kernel.bundled_configs import BUNDLED_CONFIGS
-from kernel.config import (Config, ConfigError, all_keys, config_from_dict, config_to_yaml, interval_seconds,
-                           load_config, parse_duration)
+from kernel.config import Config, ConfigError, all_keys, config_from_dict, config_to_yaml, load_config
+from kernel.values import interval_seconds, parse_duration
 
 
 def write(path, text):
