@@ -202,3 +202,25 @@ def test_sigkill_then_resume_continues_a_lora_run_exactly(tmp_path, sources):
     assert states_a and states_a.keys() == states_b.keys()
     assert all(torch.equal(states_a[k], states_b[k]) for k in states_a)
     assert metrics_without_timing(out) == metrics_without_timing(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_adapters_as_one(tmp_path, sources):
+    """DDP over a LoRA model (gloo on CPU, launched by the program itself): only the adapters are in its buckets,
+    and two processes sharing the global batch follow the one-process run."""
+    root, _ = sources
+    values = {**settings(root, "llama", **LORA), "train.max_steps": 12, "train.batch_size": 4,
+              "train.optimizer": "adamw", "sample.max_new_tokens": 4}
+    flags = [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
+    for processes in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "kernel", "--config", "configs/llm_cpu.yaml", *flags,
+                               "--set", f"train.devices={processes}", "--set", "train.device=cpu",
+                               "--out", str(tmp_path / f"p{processes}")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    one, two = (load_checkpoint(tmp_path / f"p{n}" / "checkpoints" / "ckpt_00000012.pt") for n in (1, 2))
+    assert two.world_size == 2 and one.model.keys() == two.model.keys()
+    assert all(LORA_MARK in name for name in two.model)  # the checkpoint holds the adapters alone
+    for name in one.model:
+        torch.testing.assert_close(two.model[name], one.model[name], rtol=0, atol=1e-4)
+    assert json.loads((tmp_path / "p2" / "summary.json").read_text())["processes"] == 2
