@@ -95,8 +95,9 @@ def newton_schulz_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     """The number format Newton-Schulz runs fastest in on this device, with the reason. Its products are
     plain matmuls, so it follows the hardware's matrix units: bf16 from compute capability 8.0, fp16 on 7.x
     (a T4 has fp16 tensor cores and no bf16: emulated bf16 is slower than fp32), fp32 on older GPUs. On a CPU
-    bf16 where it has native bf16 instructions (1.5-2x fp32's speed on an AVX512-BF16 EPYC, from width 128
-    up), else fp32 (bf16 matmuls are converted there: about 2x slower than fp32). BENCHMARKS.md."""
+    bf16 where it has native bf16 instructions (1.4-2.5x fp32's speed on an AVX512-BF16 EPYC, from width 128
+    up), else fp32 (bf16 matmuls are converted there: 2.5x slower than fp32 with AVX-512, 15-30x with AVX2
+    only; the CPU preset's whole step 1.3x and 3.6x). BENCHMARKS.md, section 3."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:
@@ -173,7 +174,7 @@ class Muon(WithoutDynamo, torch.optim.Optimizer):
             raise ValueError("Muon takes 2-D matrices only")
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self) -> None:
         for group in self.param_groups:
             momentum, lr = group["momentum"], group["lr"]
             for param in (p for p in group["params"] if p.grad is not None):
