@@ -247,10 +247,10 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
         finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
                        eval_samples)
+        stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
         print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
               f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
         print(human_summary(summary))
-        stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
         return json_safe(summary)
 
 
