@@ -342,14 +342,26 @@ def test_a_resumed_run_reuses_the_token_cache_and_a_changed_split_replaces_it(tm
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(fresh["data"]["cache"]).name]
 
 
-def test_a_resumed_run_writes_the_same_metrics_as_a_straight_one(tmp_path, tiny):
+def straight_run(tmp_path: Path, tiny):
+    """A 30-step run with checkpoints every 10 steps in tmp_path/straight; returns its config."""
     config = tiny(train__max_steps=30, train__log_interval=7, train__checkpoint_interval=10,
                   train__keep_checkpoints=5)
     run(config, tmp_path / "straight")
-    stopped = tmp_path / "stopped"
-    shutil.copytree(tmp_path / "straight", stopped)
+    return config
+
+
+def copy_stopped_at_10(tmp_path: Path, name: str) -> Path:
+    """A copy of the straight run as if it had stopped at step 10 (its later checkpoints gone)."""
+    copy = tmp_path / name
+    shutil.copytree(tmp_path / "straight", copy)
     for step in (20, 30):
-        (stopped / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
+        (copy / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
+    return copy
+
+
+def test_a_resumed_run_writes_the_same_metrics_as_a_straight_one(tmp_path, tiny):
+    config = straight_run(tmp_path, tiny)
+    stopped = copy_stopped_at_10(tmp_path, "stopped")
     run(config, stopped)
     assert metrics_without_timing(stopped) == metrics_without_timing(tmp_path / "straight")
     # the samples at evaluations too: those up to the checkpoint kept, the later ones taken again, the same
@@ -358,9 +370,7 @@ def test_a_resumed_run_writes_the_same_metrics_as_a_straight_one(tmp_path, tiny)
 
 def test_a_run_resumed_from_another_folders_checkpoint_continues_that_runs_metrics(tmp_path, tiny):
     """As on Kaggle, where the next version resumes from the attached earlier version's output folder."""
-    config = tiny(train__max_steps=30, train__log_interval=7, train__checkpoint_interval=10,
-                  train__keep_checkpoints=5)
-    run(config, tmp_path / "straight")
+    config = straight_run(tmp_path, tiny)
     earlier = tmp_path / "earlier"
     shutil.copytree(tmp_path / "straight", earlier)
     run(replace_train(config, resume=str(earlier / "checkpoints" / "ckpt_00000010.pt")), tmp_path / "next")
@@ -368,13 +378,8 @@ def test_a_run_resumed_from_another_folders_checkpoint_continues_that_runs_metri
 
 
 def test_an_old_checkpoint_holding_its_metrics_history_still_resumes_with_it(tmp_path, tiny):
-    config = tiny(train__max_steps=30, train__log_interval=7, train__checkpoint_interval=10,
-                  train__keep_checkpoints=5)
-    run(config, tmp_path / "straight")
-    old = tmp_path / "old"
-    shutil.copytree(tmp_path / "straight", old)
-    for step in (20, 30):
-        (old / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
+    config = straight_run(tmp_path, tiny)
+    old = copy_stopped_at_10(tmp_path, "old")
     path = old / "checkpoints" / "ckpt_00000010.pt"
     history = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
     payload = torch.load(path, weights_only=True)
