@@ -9,6 +9,7 @@ settings from the command line (see the README).
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -39,7 +40,7 @@ from kernel.optim import require_optimizer
 from kernel.progress import RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned_before, shaped
-from kernel.sample import EvalSamples, format_samples, sample_texts
+from kernel.sample import EvalSamples, format_samples, sample_texts, short_samples
 from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
@@ -220,15 +221,16 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                        sample_at_eval=eval_samples)
         if not processes.is_main:
             return None
-        print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
-              f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
-        summary = run_summary(result, prepared, device, processes, environment, out_dir)
-        write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
-        finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
-                       eval_samples)
-        print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
-              f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
-        print(human_summary(summary))
+        with stops.while_writing(interrupted_by=math.inf):  # quick, and what the run paid for: never interrupted
+            print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
+                  f"{result.wall_s:.1f}s, params {result.model.num_params():,}")
+            summary = run_summary(result, prepared, device, processes, environment, out_dir)
+            write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
+            finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
+                           eval_samples)
+            print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
+                  f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
+            print(human_summary(summary))
         return json_safe(summary)
 
 
@@ -262,9 +264,10 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
                    stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None
                    ) -> None:
     """The curves, the transformers export and the samples. Each is a convenience made from the checkpoint
-    already saved: a failure or a stop signal skips it with a line, never the run's results."""
+    already saved: a failure skips it with a line, never the run's results. After a stop (a signal that ended
+    training or comes now) they are still written, the samples short; a second stop skips what is left."""
     def write_samples() -> None:
-        samples = sample_texts(result.model, tokenizer, config.sample, device, config.train.seed)
+        samples = final_samples_unless_stopped(result.model, tokenizer, config, device, stops)
         during = eval_samples.text() if eval_samples is not None else ""  # samples.txt: these, then the final ones
         write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
@@ -275,18 +278,33 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
                 lambda: export_hf(result.model, tokenizer, config, out_dir / EXPORT_DIR, run_facts(summary), force=True)),
                (SAMPLES_FILE, f"python -m kernel sample {out_dir / CHECKPOINTS_DIR}", write_samples)]
     for name, retry, make in outputs:
-        if stops.signal_name:
-            print(f"[stop] {name} skipped after {stops.signal_name}")
+        if stops.stops() >= 2:
+            print(f"[stop] {name} skipped after a second stop signal")
             continue
         try:
-            make()
+            with stops.while_writing(interrupted_by=2):
+                make()
         except RunStopped as stop:
-            print(f"[stop] {name} skipped after {stop.signal_name}; the checkpoint and summary.json are saved")
+            print(f"[stop] {name} skipped after a second stop signal ({stop.signal_name}); the checkpoint and "
+                  "summary.json are saved")
         except KernelError as err:  # a known problem: its message says what to change
             print(f"[warn] could not write {name}: {err}; the checkpoint and summary.json are saved")
         except Exception as err:  # noqa: BLE001 - a broken extra must not cost the trained model
             print(f"[warn] could not write {name} ({type(err).__name__}: {err}); the checkpoint and summary.json "
                   f"are saved{f': try {retry!r}' if retry else ''}")
+
+
+def final_samples_unless_stopped(model, tokenizer: Tokenizer, config: Config, device: torch.device,
+                                 stops: StopRequests) -> list[tuple[str, str]]:
+    """The final samples as configured; after a stop (or when one cuts them short) one short sample per prompt
+    (`short_samples`), so a stopped run still ends within a bounded time with some text."""
+    if not stops.stops():
+        try:
+            with stops.while_writing(interrupted_by=1):
+                return sample_texts(model, tokenizer, config.sample, device, config.train.seed)
+        except RunStopped as stop:
+            print(f"[stop] the final samples cut short after {stop.signal_name}")
+    return sample_texts(model, tokenizer, short_samples(config.sample), device, config.train.seed)
 
 
 def show_in_notebook(png: Path) -> None:

@@ -155,6 +155,8 @@ def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny, monkeypatch):
     assert summary["stopped_by"] == "time_budget" and summary["steps"] == 16
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt_{summary['steps']:08d}.pt"
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "loss.png").is_file()
+    assert "=== sample 1 |" in (tmp_path / "samples.txt").read_text()
 
 
 def test_checkpoints_by_duration_follow_the_trainers_clock_and_hold_no_metrics_history(tmp_path, tiny, monkeypatch):
