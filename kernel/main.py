@@ -35,7 +35,7 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
-                               remove_output_debris, run_folder)
+                               earlier_sessions, remove_output_debris, run_folder)
 from kernel.optim import require_optimizer
 from kernel.progress import RunStopped, StopRequests
 from kernel.train import TrainResult, train
@@ -213,7 +213,8 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
             raise RunStopped(stop.signal_name, f"stopped by {stop.signal_name} while preparing the run (before "
                              "any training): nothing was trained and no checkpoint was changed") from None
         config = prepared.config  # model.size: the planned shape
-        curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config))  # in a notebook: redrawn at each eval
+        curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config),  # in a notebook: redrawn at each eval
+                            sessions=earlier_sessions(prepared.checkpoint) if prepared.checkpoint else [])
         eval_samples = start_eval_samples(config, out_dir, prepared, device, processes)
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
@@ -251,7 +252,8 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
         "val_loss": result.last_eval["val_loss"], "val_ppl": result.last_eval["val_ppl"],
         "val_bpb": result.last_eval["val_bpb"], "train_loss": result.train_loss,
         "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "flops_per_token": result.model.flops_per_token(),
-        "steps": result.step, "tokens": result.tokens,
+        "steps": result.step, "tokens": result.tokens, "train_seconds": result.train_seconds,
+        "sessions": result.sessions,  # one per session (notebook version): the totals above cover them all
         "wall_s": result.wall_s, "params": result.model.num_params(), "device": str(device),
         "processes": processes.world_size,
         "dtype": dtype_name(prepared.dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
@@ -272,7 +274,7 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
         write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
 
-    outputs = [(CURVES_FILE, "", lambda: curves.finish(result.history)),  # shown in a notebook
+    outputs = [(CURVES_FILE, "", lambda: curves.finish(result.history, result.sessions)),  # shown in a notebook
                ("the hf/ export", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",
                 # the run's own folder: its earlier export is replaced, a file a user put there is kept
                 lambda: export_hf(result.model, tokenizer, config, out_dir / EXPORT_DIR, run_facts(summary), force=True)),

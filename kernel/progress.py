@@ -164,6 +164,10 @@ class TrainingClock:
     def elapsed(self) -> float:
         return self.now() - self.started
 
+    def loop_time(self) -> float:
+        """Seconds since the training loop started (its steps, evaluations and checkpoints)."""
+        return self.now() - self.loop_started
+
 
 class LossWindow:
     """The training loss summed on the device between two log lines: read back (a host sync) only when logged."""
