@@ -56,6 +56,7 @@ class Checkpoint:
     lr_phase: str             # wsd: "stable" (saved as the decay began), "decay", "budget_decay" (see below); else ""
     stable_step: int | None   # the step of the run's newest "stable" checkpoint, kept on disk by pruning
     lora: dict                # LoRA: the adapters' settings and base_fingerprint (model holds only the adapters); else {}
+    sessions: list            # one entry per session (notebook version) that trained up to here (see below)
     config: dict
     tokenizer: dict
     model: dict
@@ -83,10 +84,30 @@ class Checkpoint:
 def upgrade_payload(payload: dict) -> dict:
     """Older checkpoints: before several processes they held one RNG state ("rng") and no process count;
     before exact metrics on resume, no loss window; before stable-phase checkpoints, no phase; before LoRA, no
-    adapters (the model holds every weight)."""
+    adapters (the model holds every weight); before sessions were recorded, none (`earlier_sessions` stands
+    one in)."""
     if "process_rngs" not in payload and "rng" in payload:
         payload = {**payload, "process_rngs": [payload["rng"]], "world_size": payload.get("world_size", 1)}
-    return {"loss_window": {"sum": 0.0, "steps": 0}, "lr_phase": "", "stable_step": None, "lora": {}, **payload}
+    return {"loss_window": {"sum": 0.0, "steps": 0}, "lr_phase": "", "stable_step": None, "lora": {},
+            "sessions": [], **payload}
+
+
+# A session is one process run of the training (a notebook version): {"started_step", "ended_step", "tokens"
+# (trained in it), "train_seconds" (its training loop: steps, evaluations, checkpoints), "step_seconds" (inside
+# optimizer steps: throughput), "stopped_by" (None while it trains)}. A checkpoint holds those up to its step.
+
+def earlier_sessions(checkpoint: Checkpoint) -> list[dict]:
+    """The sessions that trained up to a checkpoint, as a run resuming it continues them: the last one closed
+    at the checkpoint's step (a session still training when it saved was interrupted, or is kept only to its
+    stable phase); a checkpoint older than session records stands for one session of unknown time."""
+    sessions = [dict(session) for session in checkpoint.sessions]
+    if not sessions and checkpoint.step:
+        sessions = [{"started_step": 0, "ended_step": checkpoint.step, "tokens": checkpoint.tokens,
+                     "train_seconds": None, "step_seconds": None, "stopped_by": None}]
+    if sessions and sessions[-1]["stopped_by"] is None:
+        sessions[-1]["stopped_by"] = ("continued from its stable phase" if checkpoint.lr_phase == "stable"
+                                      else "interrupted (continued from its last checkpoint)")
+    return sessions
 
 
 def run_folder(path: Path) -> Path:

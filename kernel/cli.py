@@ -14,6 +14,7 @@ It also runs under any torchrun, several machines included, e.g.
 """
 
 import argparse
+import re
 import signal
 import sys
 from dataclasses import fields
@@ -32,15 +33,21 @@ from kernel.progress import RunStopped, StopRequests
 from kernel.sample import load_trained, sample_checkpoint
 from kernel.export import checkpoint_facts, export_hf
 from kernel.hf_interop import apply_pretrained
-from kernel.memory import NAMED_DEVICES, fit_to_memory, plan_memory
-from kernel.main import CPU_CONFIG, GPU_CONFIG, pick_config, resolve_config, run_or_launch
+from kernel.memory import NAMED_DEVICES, DeviceSpec, fit_to_memory, plan_memory
+from kernel.plan import estimated_tokens_per_s, plan_model, planned
+from kernel.main import CPU_CONFIG, GPU_CONFIG, pick_config, resolve_config, run_or_launch, time_budget
 
 COMMAND_HELP = {
     "sample": "text from a run folder or a checkpoint, e.g. python -m kernel sample outputs --prompt 'The '",
     "export": "a checkpoint as a transformers model folder with a model card: python -m kernel export outputs my-model",
     "check-env": "versions, devices, the precision a run with this config would train in, and its optimizer",
-    "plan": "what fits in memory, per process, on this machine or a named device: python -m kernel plan --device t4x2",
+    "plan": "what fits in memory, per process, on this machine or a named device, and with model.size=auto the "
+            "model a budget buys there: python -m kernel plan --device t4x2 --corpus 100MB",
 }
+# `plan --corpus`: tokens in a text of a given size (English; Chinese text takes ~3 bytes a character).
+CHAR_BYTES_PER_TOKEN, BPE_BYTES_PER_TOKEN = 1.0, 4.0
+ESTIMATED_MFU = 0.2  # `plan --device NAME`: the share of the data-sheet peak assumed, until a GPU measures it
+BYTE_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
 SAMPLING_KEYS = [f.name for f in fields(SampleConfig) if f.name not in ("prompts", "eval_tokens")]  # eval_tokens: training only
 
 
@@ -158,6 +165,15 @@ def plan_parser() -> argparse.ArgumentParser:
                         help="e.g. --set model.init_from=FOLDER (a folder holding only config.json will do)")
     parser.add_argument("--device", default="auto", help=f"{', '.join(NAMED_DEVICES)}, or auto: this machine "
                         "(default)")
+    parser.add_argument("--corpus", default=None, metavar="SIZE",
+                        help="with model.size=auto (the GPU preset's): the text's size, e.g. 100MB or 1GB (tokens "
+                        f"estimated: {CHAR_BYTES_PER_TOKEN:g} byte a token with the char tokenizer, "
+                        f"{BPE_BYTES_PER_TOKEN:g} with BPE, as for English)")
+    parser.add_argument("--budget", default=None, help="with model.size=auto: the training time, e.g. 8h "
+                        "(default: the config's train.time_budget)")
+    parser.add_argument("--mfu", type=float, default=ESTIMATED_MFU, help="on a named device, the share of its "
+                        f"data-sheet peak each shape is assumed to reach (default {ESTIMATED_MFU:g}: an estimate "
+                        "until a GPU measures it)")
     return parser
 
 
@@ -166,8 +182,11 @@ def plan_command(args: argparse.Namespace) -> None:
     if named is None and args.device != "auto":
         raise KernelError(f"--device {args.device!r}: give one of {', '.join(NAMED_DEVICES)}, or auto (this machine)")
     source = GPU_CONFIG if named is not None and args.config == "auto" else pick_config(args.config)
-    config = load_config(source, args.overrides, pretrained=partial(apply_pretrained, weights=False))
+    overrides = args.overrides + ([f"train.time_budget={args.budget}"] if args.budget else [])
+    config = load_config(source, overrides, pretrained=partial(apply_pretrained, weights=False))
     vocab_size, vocab_note = planned_vocab_size(config)
+    if config.model.size:
+        config = planned_shape(config, vocab_size, named, args)
     print(f"[memory] {config.model.n_layer} layers x {config.model.n_embd} wide, context {config.model.block_size}, "
           f"global batch {config.train.batch_size * config.train.grad_accum_steps} sequences, {vocab_note}")
     if named is None:
@@ -178,6 +197,38 @@ def plan_command(args: argparse.Namespace) -> None:
     dtype = named.dtype if config.train.dtype == "auto" else DTYPES[config.train.dtype]
     plan = plan_memory(config, vocab_size, dtype, named.processes, named.memory, named.type, named.description)
     print(plan.report())
+
+
+def planned_shape(config, vocab_size: int, named: DeviceSpec | None, args: argparse.Namespace):
+    """model.size's plan for --corpus and the budget: throughput estimated from the named device's peak at --mfu,
+    or measured on this machine (as a run would)."""
+    size = parse_byte_size(args.corpus) if args.corpus else None
+    if size is None and config.model.size == "auto":
+        raise KernelError("model.size=auto plans the model for a corpus: give its size, e.g. --corpus 100MB")
+    per_token = CHAR_BYTES_PER_TOKEN if config.tokenizer.mode == "char" else BPE_BYTES_PER_TOKEN
+    unique_tokens = int(size / per_token) if size else 0
+    budget = time_budget(config)
+    if named is None:
+        device = resolve_device(config.train.device)
+        processes = processes_to_launch(config.train.devices, config.train.device)
+        plan = plan_model(config, vocab_size, unique_tokens, budget, device, processes)
+    else:
+        estimate = estimated_tokens_per_s(config, vocab_size, named, args.mfu)
+        plan = plan_model(config, vocab_size, unique_tokens, budget, torch.device("cpu"), named.processes,
+                          tokens_per_s=estimate)
+        print(f"[plan] {named.description}: each shape at {args.mfu:.0%} of the data-sheet peak (an estimate), "
+              f"{unique_tokens / 1e6:,.1f}M tokens of text, {(budget or 0) / 3600:.1f} h")
+    print(plan.report())
+    return planned(config, plan.chosen.n_layer, plan.chosen.n_embd, plan.steps)
+
+
+def parse_byte_size(text: str) -> float:
+    """'100MB' -> 1e8 bytes (decimal units, as file managers and Kaggle show sizes)."""
+    match = BYTE_SIZE.match(text.strip())
+    if not match:
+        raise KernelError(f"--corpus {text!r}: give a size such as 500KB, 100MB or 1GB")
+    number, unit = match.groups()
+    return float(number) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit.upper()]
 
 
 def planned_vocab_size(config) -> tuple[int, str]:

@@ -380,10 +380,17 @@ def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | 
         apply_layer(config, layer, origin)
         if Path(origin).name not in BUNDLED_CONFIGS:
             chosen.update({f"{section}.{key}": origin for section, values in layer.items() for key in values})
+    given_shape = [key for key in SHAPE_KEYS if key in chosen]
+    if config.model.size and given_shape and "model.size" not in chosen:  # the user's shape, not the preset's plan
+        print(f"[config] {', '.join(given_shape)} given: the preset's model.size={config.model.size} is not used")
+        config.model.size = ""
     if config.model.init_from and pretrained is not None:
         pretrained(config, chosen)
     validate(config)
     return config
+
+
+SHAPE_KEYS = ("model.n_layer", "model.n_embd", "model.n_head")
 
 
 # --- Values that cannot work together ------------------------------------------------------------------

@@ -295,6 +295,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 # H100 PCIe card runs at 756 TFLOP/s, the SXM module, "NVIDIA H100 80GB HBM3", at 989) comes before its model.
 PEAK_FLOPS = {
     "T4": {"float16": 65e12, "float32": 8.1e12},
+    "P100": {"float16": 18.7e12, "float32": 9.3e12},
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
     "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},

@@ -58,14 +58,18 @@ class RunFacts:
     evaluation: dict = field(default_factory=dict)  # the last evaluation: val_loss, val_ppl, val_bpb
     data: dict = field(default_factory=dict)        # the data statistics (known at the end of a run)
     trained_on: str = ""                            # device, precision, processes, time
+    sessions: list = field(default_factory=list)    # one entry per session that trained (see checkpoint.py)
 
 
 def run_facts(summary: dict) -> RunFacts:
     """What the model card tells about the run, from its summary."""
+    sessions = summary.get("sessions") or []
+    over = f" over {len(sessions)} sessions" if len(sessions) > 1 else ""
     return RunFacts(name=Path(summary["out_dir"]).name, steps=summary["steps"], tokens=summary["tokens"],
                     evaluation={k: summary[k] for k in ("val_loss", "val_ppl", "val_bpb")}, data=summary["data"],
                     trained_on=f"{summary['device']}, {summary['dtype']}, {summary['processes']} process(es), "
-                               f"{summary['wall_s']:.0f} s of training")
+                               f"{summary.get('train_seconds', summary['wall_s']):.0f} s of training{over}",
+                    sessions=sessions)
 
 
 def checkpoint_facts(path: Path, checkpoint: Checkpoint) -> RunFacts:
@@ -79,7 +83,7 @@ def checkpoint_facts(path: Path, checkpoint: Checkpoint) -> RunFacts:
     if summary.get("steps") == checkpoint.step and "data" in summary:
         return run_facts({**summary, "out_dir": str(run_dir)})
     return RunFacts(name=run_dir.name if run_dir else path.stem, steps=checkpoint.step, tokens=checkpoint.tokens,
-                    evaluation=dict(checkpoint.last_eval))
+                    evaluation=dict(checkpoint.last_eval), sessions=list(checkpoint.sessions))
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Path, run: RunFacts | None = None,
@@ -281,7 +285,16 @@ def result_rows(run: RunFacts) -> list[tuple[str, str]]:
         rows.append(("optimizer steps", f"{run.steps:,}"))
     if run.tokens is not None:
         rows.append(("training tokens seen", f"{run.tokens:,}"))
-    return rows + ([("trained on", run.trained_on)] if run.trained_on else [])
+    rows += [("trained on", run.trained_on)] if run.trained_on else []
+    return rows + [(f"session {i}", session_text(s)) for i, s in enumerate(run.sessions, 1) if len(run.sessions) > 1]
+
+
+def session_text(session: dict) -> str:
+    """One session of the training (a run, a notebook version), as the card's results table tells it."""
+    seconds = session.get("train_seconds")
+    took = f" in {seconds:,.0f} s" if seconds is not None else ""
+    return (f"steps {session['started_step']:,} to {session['ended_step']:,}, {session['tokens']:,} tokens{took}, "
+            f"stopped by {session['stopped_by'] or 'nothing yet (training when saved)'}")
 
 
 def data_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:

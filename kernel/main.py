@@ -10,6 +10,7 @@ settings from the command line (see the README).
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,13 +37,13 @@ from kernel.distributed import (Processes, from_main, join_process_group, launch
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
                                 split_global_batch, wait_for_all)
 from kernel.checkpoint import (Checkpoint, check_resume_compatible, find_resume_checkpoint, load_checkpoint,
-                               remove_output_debris, run_folder)
+                               earlier_sessions, remove_output_debris, run_folder)
 from kernel.optim import optimizer_line
 from kernel.memory import fit_to_memory
 from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
-from kernel.plan import plan_model, planned_before, shaped
-from kernel.sample import EvalSamples, format_samples, sample_texts
+from kernel.plan import plan_model, planned, planned_before
+from kernel.sample import EvalSamples, format_samples, sample_texts, short_samples
 from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
@@ -204,9 +205,9 @@ def planned_config(config: Config, data: TokenData, processes: Processes, device
         plan = plan_model(config, data.tokenizer.vocab_size, int(data.train.size), train_seconds, device,
                           processes.world_size, now)
         print(plan.report())
-        chosen = (plan.chosen.n_layer, plan.chosen.n_embd, plan.to_dict())
-    n_layer, n_embd, summary = from_main(processes, chosen)
-    return shaped(config, n_layer, n_embd), summary
+        chosen = (plan.chosen.n_layer, plan.chosen.n_embd, plan.steps, plan.to_dict())
+    n_layer, n_embd, steps, summary = from_main(processes, chosen)
+    return planned(config, n_layer, n_embd, steps), summary
 
 
 # --- Training, then the outputs ------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
             raise RunStopped(stop.signal_name, f"stopped by {stop.signal_name} while preparing the run (before "
                              "any training): nothing was trained and no checkpoint was changed") from None
         config = prepared.config  # model.size: the planned shape
-        curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config))  # in a notebook: redrawn at each eval
+        curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config),  # in a notebook: redrawn at each eval
+                            sessions=earlier_sessions(prepared.checkpoint) if prepared.checkpoint else [])
         eval_samples = start_eval_samples(config, out_dir, prepared, device, processes)
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
@@ -239,18 +241,19 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
                        sample_at_eval=eval_samples)
         if not processes.is_main:
             return None
-        if result.step or result.stopped_by != "max_steps":
-            print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s, "
-                  f"{result.wall_s:.1f}s, params {result.model.num_params():,} "
-                  f"({count_parameters(result.model)[0]:,} trained)")
-        summary = run_summary(result, prepared, device, processes, environment, out_dir)
-        write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
-        finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
-                       eval_samples)
-        stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
-        print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
-              f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
-        print(human_summary(summary))
+        with stops.while_writing(interrupted_by=math.inf):  # quick, and what the run paid for: never interrupted
+            if result.step or result.stopped_by != "max_steps":
+                print(f"[train] {result.step:,} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} "
+                      f"tokens/s, {result.wall_s:.1f}s, params {result.model.num_params():,} "
+                      f"({count_parameters(result.model)[0]:,} trained)")
+            summary = run_summary(result, prepared, device, processes, environment, out_dir)
+            write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
+            finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
+                           eval_samples)
+            stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
+            print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
+                  f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
+            print(human_summary(summary))
         return json_safe(summary)
 
 
@@ -271,7 +274,8 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
         "val_loss": result.last_eval["val_loss"], "val_ppl": result.last_eval["val_ppl"],
         "val_bpb": result.last_eval["val_bpb"], "train_loss": result.train_loss,
         "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "flops_per_token": result.model.flops_per_token(),
-        "steps": result.step, "tokens": result.tokens,
+        "steps": result.step, "tokens": result.tokens, "train_seconds": result.train_seconds,
+        "sessions": result.sessions,  # one per session (notebook version): the totals above cover them all
         "wall_s": result.wall_s, "params": result.model.num_params(),
         "params_trainable": count_parameters(result.model)[0], "device": str(device),
         "processes": processes.world_size,
@@ -285,17 +289,18 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
                    stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None
                    ) -> None:
     """The tokenizer's folder, the curves, the transformers export and the samples. Each is a convenience made
-    from the checkpoint already saved (which holds the tokenizer too): a failure or a stop signal skips it with
-    a line, never the run's results."""
+    from the checkpoint already saved (which holds the tokenizer too): a failure skips it with a line, never the
+    run's results. After a stop (a signal that ended training or comes now) they are still written, the samples
+    short; a second stop skips what is left."""
     def write_samples() -> None:
-        samples = sample_texts(result.model, tokenizer, config.sample, device, config.train.seed)
+        samples = final_samples_unless_stopped(result.model, tokenizer, config, device, stops)
         during = eval_samples.text() if eval_samples is not None else ""  # samples.txt: these, then the final ones
         write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
 
     outputs = [(f"{TOKENIZER_DIR}/", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",  # for AutoTokenizer
                 lambda: tokenizer.save(out_dir / TOKENIZER_DIR)),
-               (CURVES_FILE, "", lambda: curves.finish(result.history)),  # shown in a notebook
+               (CURVES_FILE, "", lambda: curves.finish(result.history, result.sessions)),  # shown in a notebook
                ("the hf/ export", f"python -m kernel export {out_dir / CHECKPOINTS_DIR} DIR",
                 # the run's own folder: its earlier export is replaced, a file a user put there is kept
                 lambda: export_hf(result.model, tokenizer, config, out_dir / EXPORT_DIR, run_facts(summary), force=True)),
@@ -304,18 +309,33 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
         outputs.insert(2, (f"the {ADAPTER_DIR}/ adapters", "",
                            lambda: write_peft_adapter(result.model, config, out_dir / ADAPTER_DIR)))
     for name, retry, make in outputs:
-        if stops.signal_name:
-            print(f"[stop] {name} skipped after {stops.signal_name}")
+        if stops.stops() >= 2:
+            print(f"[stop] {name} skipped after a second stop signal")
             continue
         try:
-            make()
+            with stops.while_writing(interrupted_by=2):
+                make()
         except RunStopped as stop:
-            print(f"[stop] {name} skipped after {stop.signal_name}; the checkpoint and summary.json are saved")
+            print(f"[stop] {name} skipped after a second stop signal ({stop.signal_name}); the checkpoint and "
+                  "summary.json are saved")
         except KernelError as err:  # a known problem: its message says what to change
             print(f"[warn] could not write {name}: {err}; the checkpoint and summary.json are saved")
         except Exception as err:  # noqa: BLE001 - a broken extra must not cost the trained model
             print(f"[warn] could not write {name} ({type(err).__name__}: {err}); the checkpoint and summary.json "
                   f"are saved{f': try {retry!r}' if retry else ''}")
+
+
+def final_samples_unless_stopped(model, tokenizer: Tokenizer, config: Config, device: torch.device,
+                                 stops: StopRequests) -> list[tuple[str, str]]:
+    """The final samples as configured; after a stop (or when one cuts them short) one short sample per prompt
+    (`short_samples`), so a stopped run still ends within a bounded time with some text."""
+    if not stops.stops():
+        try:
+            with stops.while_writing(interrupted_by=1):
+                return sample_texts(model, tokenizer, config.sample, device, config.train.seed)
+        except RunStopped as stop:
+            print(f"[stop] the final samples cut short after {stop.signal_name}")
+    return sample_texts(model, tokenizer, short_samples(config.sample), device, config.train.seed)
 
 
 def show_in_notebook(png: Path) -> None:

@@ -104,16 +104,17 @@ class DeviceSpec:
     processes: int          # one per GPU
     memory: int             # bytes per GPU
     dtype: torch.dtype      # what `train.dtype: auto` trains in there
+    gpu: str                # its row of env.PEAK_FLOPS
     type: str = "cuda"
 
 
 NAMED_DEVICES = {
-    "t4": DeviceSpec("one T4 (15 GB, fp16)", 1, 15 * 2**30, torch.float16),
-    "t4x2": DeviceSpec("Kaggle's T4 x2 (15 GB each, fp16)", 2, 15 * 2**30, torch.float16),
-    "p100": DeviceSpec("a P100 (16 GB, fp32)", 1, 16 * 2**30, torch.float32),
-    "l4": DeviceSpec("an L4 (22 GB, bf16)", 1, 22 * 2**30, torch.bfloat16),
-    "a100": DeviceSpec("an A100 (40 GB, bf16)", 1, 39 * 2**30, torch.bfloat16),
-    "h100": DeviceSpec("an H100 (80 GB, bf16)", 1, 79 * 2**30, torch.bfloat16),
+    "t4": DeviceSpec("one T4 (15 GB, fp16)", 1, 15 * 2**30, torch.float16, "T4"),
+    "t4x2": DeviceSpec("Kaggle's T4 x2 (15 GB each, fp16)", 2, 15 * 2**30, torch.float16, "T4"),
+    "p100": DeviceSpec("a P100 (16 GB, fp32)", 1, 16 * 2**30, torch.float32, "P100"),
+    "l4": DeviceSpec("an L4 (22 GB, bf16)", 1, 22 * 2**30, torch.bfloat16, "L4"),
+    "a100": DeviceSpec("an A100 (40 GB, bf16)", 1, 39 * 2**30, torch.bfloat16, "A100"),
+    "h100": DeviceSpec("an H100 (80 GB, bf16)", 1, 79 * 2**30, torch.bfloat16, "H100"),
 }
 
 

@@ -24,6 +24,8 @@ from kernel.env import KernelError, is_batch_run, json_safe
 from kernel.distributed import launcher_stop_request
 
 
+# --- Metrics and progress ------------------------------------------------------------------------------
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per log or eval step, appended and flushed as the run goes."""
 
@@ -118,6 +120,8 @@ class Progress:
             self.bar.close()
 
 
+# --- The clock and the loss window ----------------------------------------------------------------------
+
 RESERVE_FLOOR_S = 1.0  # the fixed part of what a budget keeps back to evaluate and save at the end
 
 
@@ -163,6 +167,10 @@ class TrainingClock:
     def elapsed(self) -> float:
         return self.now() - self.started
 
+    def loop_time(self) -> float:
+        """Seconds since the training loop started (its steps, evaluations and checkpoints)."""
+        return self.now() - self.loop_started
+
 
 class LossWindow:
     """The training loss summed on the device between two log lines: read back (a host sync) only when logged."""
@@ -193,6 +201,8 @@ class LossWindow:
         return self.steps * tokens_per_step / (self.now() - self.started)
 
 
+# --- Stop signals --------------------------------------------------------------------------------------
+
 class RunStopped(KernelError):
     """A stop signal outside the training loop (data preparation, sampling), where work cannot pause."""
 
@@ -204,14 +214,18 @@ class RunStopped(KernelError):
 class StopRequests:
     """SIGTERM / SIGINT (a platform ending the session, Ctrl-C, a notebook's interrupt). Inside the training
     loop (`between_steps`) they ask it to stop after the current step, so it can checkpoint and write its
-    outputs instead of dying mid-step; anywhere else they raise RunStopped at once, which the run turns into
-    a clean stop of that phase (half-written files are removed by the code that writes them)."""
+    outputs instead of dying mid-step. While the outputs are written (`while_writing`), a first stop (this
+    signal, or the one that ended training) lets them finish in short form, and a second one interrupts the
+    work in progress: the caller skips what is left. Anywhere else they raise RunStopped at once, which the
+    run turns into a clean stop of that phase (half-written files are removed by the code that writes them)."""
 
     def __init__(self):
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # the first signal received here
+        self.count = 0                        # signals received here
         self.previous: dict = {}
-        self.deferred = False
-        self.finished = False
+        self.mode = "now"                     # "now": raise at once; "deferred": after the step; "writing"
+        self.interrupted_by = 2               # while writing: the number of stops that interrupts the work
+        self.finished = False                 # the run's last output is written: signals change nothing
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -220,12 +234,21 @@ class StopRequests:
         return self
 
     def request(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        self.signal_name, self.count = self.signal_name or name, self.count + 1
         if self.finished:
             return
-        if not self.deferred:
-            raise RunStopped(self.signal_name)
-        print(f"[train] {self.signal_name} received: stopping after this step, then checkpointing", flush=True)
+        if self.mode == "now" or (self.mode == "writing" and self.stops() >= self.interrupted_by):
+            raise RunStopped(name)
+        if self.mode == "deferred" and self.stops() == 1:
+            print(f"[train] {name} received: stopping after this step, then the checkpoint and the outputs in "
+                  "short form (a second signal skips the outputs)", flush=True)
+        elif self.mode == "deferred":
+            print(f"[train] {name} received again: the checkpoint is still written, the outputs are skipped",
+                  flush=True)
+        else:
+            print(f"[stop] {name} received: the outputs are finished in short form (a second signal skips them)",
+                  flush=True)
 
     def finish(self) -> None:
         """The run's last output is written: a signal from now on changes nothing (the exit code stays 0), here
@@ -236,12 +259,25 @@ class StopRequests:
                 handler.__self__.finished = True
 
     @contextlib.contextmanager
-    def between_steps(self):
-        self.deferred = True
+    def phase(self, mode: str, interrupted_by: int = 2):
+        before = self.mode, self.interrupted_by
+        self.mode, self.interrupted_by = mode, interrupted_by
         try:
             yield self
         finally:
-            self.deferred = False
+            self.mode, self.interrupted_by = before
+
+    def between_steps(self):
+        return self.phase("deferred")
+
+    def while_writing(self, interrupted_by: int = 2):
+        """Writing outputs: a signal raises RunStopped once `interrupted_by` stops have been asked for (2: only
+        a second stop interrupts; 1: any stop, for work that a stop replaces by a shorter version)."""
+        return self.phase("writing", interrupted_by)
+
+    def stops(self) -> int:
+        """Stops asked for: the signals received here, plus the one the multi-process launcher passed on."""
+        return self.count + (1 if launcher_stop_request() else 0)
 
     def reason(self) -> str | None:
         """The signal received here, or the one the multi-process launcher passed on, or None."""

@@ -55,8 +55,15 @@ def title_figures(history: list[dict]) -> str:
             f"ppl {last['val_ppl']:.2f}, {last['val_bpb']:.3f} bits/byte")
 
 
-def plot_losses(history: list[dict], path: str | Path, label: str = "") -> "Figure":
-    """Draw the metrics into loss.png (written atomically); returns the figure."""
+def training_time(record: dict) -> float:
+    """A record's x on the time panel: the training time over every session (records written before that was
+    kept have only their own session's clock)."""
+    return record.get("train_seconds_total", record.get("elapsed_s", 0.0))
+
+
+def plot_losses(history: list[dict], path: str | Path, label: str = "", sessions: list[dict] = ()) -> "Figure":
+    """Draw the metrics into loss.png (written atomically); returns the figure. `sessions` (one per run that
+    trained, see checkpoint.py): a dotted line where each later one began."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
@@ -65,14 +72,16 @@ def plot_losses(history: list[dict], path: str | Path, label: str = "") -> "Figu
     figure = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     by_tokens, by_time = figure.subplots(1, 2)
     limits = loss_range([(r["tokens"], r["train_loss"]) for r in train] + [(r["tokens"], r["val_loss"]) for r in val])
-    for axis, x_key, x_label in ((by_tokens, "tokens", "tokens seen"), (by_time, "elapsed_s", "wall-clock (s)")):
-        axis.plot([r[x_key] for r in train], [r["train_loss"] for r in train], label="train loss", color="tab:blue",
+    for axis, x_of, x_label in ((by_tokens, lambda r: r["tokens"], "tokens seen"),
+                                (by_time, training_time, "training time (s), over every session")):
+        axis.plot([x_of(r) for r in train], [r["train_loss"] for r in train], label="train loss", color="tab:blue",
                   alpha=0.8)
-        axis.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss",
+        axis.plot([x_of(r) for r in val], [r["val_loss"] for r in val], "o-", label="validation loss",
                   color="tab:orange")
         format_loss_axis(axis, limits)
         axis.set_xlabel(x_label)
         axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.5M, not a bare 1e6 offset
+    starts = mark_sessions(by_tokens, by_time, sessions, max((r["step"] for r in history), default=0))
     add_step_axis(by_tokens, history)
     learning_rate = by_tokens.twinx()
     learning_rate.plot([r["tokens"] for r in train], [r["lr"] for r in train], color="tab:green", alpha=0.5,
@@ -81,7 +90,8 @@ def plot_losses(history: list[dict], path: str | Path, label: str = "") -> "Figu
     learning_rate.set_ylim(bottom=0)
     handles = by_tokens.get_legend_handles_labels()[0] + learning_rate.get_legend_handles_labels()[0]
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
-    figure.suptitle(f"{label + ' | ' if label else ''}{title_figures(history)}")
+    in_sessions = f" | {starts + 1} sessions" if starts else ""
+    figure.suptitle(f"{label + ' | ' if label else ''}{title_figures(history)}{in_sessions}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     write_atomic(path, buffer.getvalue())
@@ -93,6 +103,20 @@ def format_loss_axis(axis, limits: tuple[float, float] | None) -> None:
         axis.set_ylim(*limits)
     axis.set_ylabel("loss (nats / token)")
     axis.grid(alpha=0.3)
+
+
+def mark_sessions(by_tokens, by_time, sessions: list[dict], last_step: int) -> int:
+    """A dotted vertical line where each later session began (a resumed run, a new notebook version): at the
+    end of every session that ended before the curve's last step. Returns how many."""
+    tokens = seconds = 0.0
+    starts = 0
+    for session in sessions:
+        tokens, seconds = tokens + session["tokens"], seconds + (session.get("train_seconds") or 0.0)
+        if session["ended_step"] < last_step:
+            by_tokens.axvline(tokens, color="grey", linestyle=":", linewidth=1)
+            by_time.axvline(seconds, color="grey", linestyle=":", linewidth=1)
+            starts += 1
+    return starts
 
 
 def add_step_axis(by_tokens, history: list[dict]) -> None:
@@ -112,8 +136,8 @@ class LossCurves:
     """loss.png for a run. In a notebook (`live`) one displayed image, updated in place through its IPython
     display handle after every evaluation and at the end; elsewhere the file is written at the end only."""
 
-    def __init__(self, path: str | Path, label: str, live: bool | None = None):
-        self.path, self.label = Path(path), label
+    def __init__(self, path: str | Path, label: str, live: bool | None = None, sessions: list[dict] = ()):
+        self.path, self.label, self.sessions = Path(path), label, list(sessions)  # the earlier sessions
         self.live = in_notebook() if live is None else live
         self.handle = None  # the IPython DisplayHandle, once displayed
         self.redraw = self.live  # redrawn after each evaluation (until a redraw fails)
@@ -129,12 +153,13 @@ class LossCurves:
             print(f"[warn] could not redraw loss.png ({type(err).__name__}: {err}); it is drawn again at the end")
             self.redraw = False
 
-    def finish(self, history: list[dict]) -> "Figure":
-        """The final figure: written, and shown (updated in place) in a notebook."""
+    def finish(self, history: list[dict], sessions: list[dict] | None = None) -> "Figure":
+        """The final figure, with every session: written, and shown (updated in place) in a notebook."""
+        self.sessions = self.sessions if sessions is None else sessions
         return self.draw(history)
 
     def draw(self, history: list[dict]) -> "Figure":
-        figure = plot_losses(history, self.path, self.label)
+        figure = plot_losses(history, self.path, self.label, self.sessions)
         if self.live:
             from IPython.display import Image, display
 
@@ -148,12 +173,14 @@ class LossCurves:
 
 def human_summary(summary: dict) -> str:
     """A few lines a person reads at the end of the notebook."""
-    out = summary["out_dir"]
+    out, sessions = summary["out_dir"], len(summary.get("sessions") or [])
+    over = f" over {sessions} sessions" if sessions > 1 else ""
     evaluated_only = summary["steps"] == 0 and summary["stopped_by"] == "max_steps"
     trained = ("evaluated as it is (train.max_steps=0), not trained" if evaluated_only else
-               f"trained {summary['steps']:,} steps on {summary['tokens']:,} tokens ({summary['device']}, "
-               f"{summary['dtype']}), stopped by {summary['stopped_by']}")
-    speed = ("" if evaluated_only else f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {summary['wall_s']:.0f} s "
+               f"trained {summary['steps']:,} steps on {summary['tokens']:,} tokens{over} ({summary['device']}, "
+               f"{summary['dtype']}), {'this session ' if sessions > 1 else ''}stopped by {summary['stopped_by']}")
+    seconds = summary.get("train_seconds", summary["wall_s"])
+    speed = ("" if evaluated_only else f"Speed: {summary['tokens_per_s']:,.0f} tokens/s over {seconds:.0f} s "
              "of training" + (f", {100 * summary['mfu']:.1f}% model FLOPs utilisation." if summary.get("mfu") else "."))
     return "\n".join(line for line in [
         f"Model: {count_words(summary['params'])} parameters, {trained}.",

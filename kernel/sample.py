@@ -131,6 +131,13 @@ def sampling_settings(saved: SampleConfig, name=lambda key: key, **changes) -> S
     return settings
 
 
+def short_samples(settings: SampleConfig) -> SampleConfig:
+    """What a stopped run samples at its end: one sample per prompt, as long as the samples at evaluations
+    (their default length when those are off)."""
+    return dataclasses.replace(settings, num_samples=1, max_new_tokens=min(
+        settings.max_new_tokens, settings.eval_tokens or SampleConfig().eval_tokens))
+
+
 def format_samples(samples: list[tuple[str, str]]) -> str:
     blocks = [f"=== sample {i + 1} | prompt {prompt!r} ===\n{text}\n" for i, (prompt, text) in enumerate(samples)]
     return "\n".join(blocks)

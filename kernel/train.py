@@ -33,8 +33,8 @@ from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights
 from kernel.lora import adapter_state, build_lora_model, check_same_base, hold_base_in, load_adapters
 from kernel.distributed import Processes, from_main, gather_objects, max_across, split_global_batch, sum_across
-from kernel.checkpoint import (Checkpoint, checkpoint_path, list_checkpoints, prune_checkpoints, restore_process_rng,
-                               rng_states, save_checkpoint, saved_metrics)
+from kernel.checkpoint import (Checkpoint, checkpoint_path, earlier_sessions, list_checkpoints, prune_checkpoints,
+                               restore_process_rng, rng_states, save_checkpoint, saved_metrics)
 from kernel.optim import lr_at, make_optimizer, step_limit, wsd_phase
 from kernel.compiling import ASSUMED_MFU, autocast_context, compile_choice
 from kernel.progress import RESERVE_FLOOR_S, LossWindow, MetricsLog, Progress, StopRequests, TrainingClock
@@ -169,6 +169,8 @@ class LoopState:
     train_seconds: float = 0.0                        # time inside optimizer steps (evaluation excluded)
     phase: str = ""                                   # the wsd schedule's phase of this session's last step
     stable_step: int | None = None                    # the newest stable-phase checkpoint's step (kept on disk)
+    sessions_before: list = field(default_factory=list)  # the earlier sessions of this training (checkpoint.py)
+    stopped_by: str | None = None                     # why this session stopped, once it has
 
 
 class BeforeStep(NamedTuple):
@@ -185,14 +187,41 @@ class TrainResult:
     tokens: int
     last_eval: dict
     train_loss: float
-    tokens_per_s: float      # training throughput of this process (evaluation excluded)
-    wall_s: float            # this process's time in train()
+    tokens_per_s: float      # training throughput over every session (evaluation excluded)
+    wall_s: float            # this process's time in train(), this session
+    train_seconds: float     # training time (loops: steps, evaluations, checkpoints) over every session
     stopped_by: str          # "max_steps", "time_budget" or "signal (SIGTERM)" / "signal (SIGINT)"
     resumed_from: str | None = None
     best: dict = field(default_factory=dict)  # {"step", "val_loss"} of the best checkpoint kept
     mfu: float | None = None  # model FLOPs utilisation of this process's training
     history: list = field(default_factory=list)
+    sessions: list = field(default_factory=list)  # one entry per session that trained (checkpoint.py)
 
+
+# --- Sessions: one training over several runs (notebook versions) -----------------------------------------
+
+def throughput(sessions: list[dict]) -> float:
+    """Tokens per second inside optimizer steps, over every session whose step time is known."""
+    timed = [s for s in sessions if s.get("step_seconds")]
+    seconds = sum(s["step_seconds"] for s in timed)
+    return sum(s["tokens"] for s in timed) / seconds if seconds else 0.0
+
+
+def total_seconds(sessions: list[dict]) -> float:
+    return sum(s.get("train_seconds") or 0.0 for s in sessions)
+
+
+def sessions_so_far(state: LoopState, start_step: int, start_tokens: int, loop_seconds: float) -> list[dict]:
+    """The earlier sessions, then this one (which started at `start_step`) once it has trained a step."""
+    if state.step == start_step:
+        return list(state.sessions_before)
+    return [*state.sessions_before, {
+        "started_step": start_step, "ended_step": state.step, "tokens": state.tokens - start_tokens,
+        "train_seconds": round(loop_seconds, 3), "step_seconds": round(state.train_seconds, 3),
+        "stopped_by": state.stopped_by}]
+
+
+# --- The model: every weight, or LoRA's adapters ---------------------------------------------------------
 
 def build_training_model(config: Config, vocab_size: int, device: torch.device,
                          dtype: torch.dtype) -> tuple[GPT, dict]:
@@ -205,6 +234,8 @@ def build_training_model(config: Config, vocab_size: int, device: torch.device,
     return model.to(device), lora
 
 
+# --- Resuming, and a budget too small --------------------------------------------------------------------
+
 def resumed_plan(plan: BatchPlan, checkpoint: Checkpoint) -> BatchPlan:
     """An out-of-memory retry shrank the micro-batch: keep what fit while each process's share is the same."""
     same_share = (checkpoint.world_size == plan.global_batch // plan.share
@@ -214,6 +245,17 @@ def resumed_plan(plan: BatchPlan, checkpoint: Checkpoint) -> BatchPlan:
     print(f"[train] micro-batch {checkpoint.micro_batch} x {checkpoint.grad_accum_steps} accumulation, "
           "as when it was saved")
     return plan.with_micro_batch(checkpoint.micro_batch)
+
+
+def resumed_history(checkpoint: Checkpoint, source: Path, is_main: bool) -> list[dict]:
+    """The metrics records up to the checkpoint's step (rank 0 keeps them: the curves and metrics.jsonl)."""
+    if not is_main:
+        return []
+    history = saved_metrics(source, checkpoint)
+    if history is None:
+        print(f"[resume] warning: no {METRICS_FILE} beside {source}: metrics.jsonl and {CURVES_FILE} start at "
+              f"step {checkpoint.step:,}")
+    return history or []
 
 
 def budget_spent_in_setup(clock: TrainingClock) -> KernelError:
@@ -272,7 +314,8 @@ class Trainer:
             state = LoopState(plan=resumed_plan(state.plan, checkpoint), step=checkpoint.step,
                               tokens=checkpoint.tokens, train_loss=checkpoint.train_loss,
                               last_eval=checkpoint.last_eval, best=checkpoint.best,
-                              history=self.resumed_history(checkpoint, source), stable_step=checkpoint.stable_step)
+                              history=resumed_history(checkpoint, source, self.processes.is_main), stable_step=checkpoint.stable_step,
+                              phase=checkpoint.lr_phase, sessions_before=earlier_sessions(checkpoint))
             self.window.restore(checkpoint.loss_window)
             print(f"[train] resumed from {source} at step {state.step:,} ({state.tokens:,} tokens)")
         elif self.config.model.init_from and not self.lora:  # a new run starts from the pretrained weights (LoRA's
@@ -284,18 +327,15 @@ class Trainer:
                   f"{state.plan.accumulation} accumulation of the global batch of {state.plan.global_batch} sequences")
         if self.processes.is_main:  # the metrics file restarts from what the checkpoint knew: later steps replay
             write_atomic(self.metrics.path, "".join(json.dumps(r) + "\n" for r in state.history))
-        self.start_step = state.step
+        self.start_step, self.start_tokens = state.step, state.tokens
         return state
 
-    def resumed_history(self, checkpoint: Checkpoint, source: Path) -> list[dict]:
-        """The metrics records up to the checkpoint's step (rank 0 keeps them: the curves and metrics.jsonl)."""
-        if not self.processes.is_main:
-            return []
-        history = saved_metrics(source, checkpoint)
-        if history is None:
-            print(f"[resume] warning: no {METRICS_FILE} beside {source}: metrics.jsonl and {CURVES_FILE} start at "
-                  f"step {checkpoint.step:,}")
-        return history or []
+    def sessions(self, state: LoopState) -> list[dict]:
+        return sessions_so_far(state, self.start_step, self.start_tokens, self.clock.loop_time())
+
+    def seconds_total(self, state: LoopState) -> float:
+        """Training time so far over every session: the x axis of the curves' time panel."""
+        return round(total_seconds(state.sessions_before) + self.clock.loop_time(), 3)
 
     def prepare(self, state: LoopState) -> None:
         """Compile and wrap the model (after its weights are loaded), start the progress display."""
@@ -396,6 +436,7 @@ class Trainer:
         state.train_loss, tokens_per_s = self.window.mean(), self.window.tokens_per_s(self.tokens_per_step)
         self.record(state, {"step": state.step, "tokens": state.tokens, "train_loss": state.train_loss, "lr": lr,
                             "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(self.clock.elapsed(), 3),
+                            "train_seconds_total": self.seconds_total(state),
                             "mfu": round(self.flops_per_token * tokens_per_s / self.peak, 5) if self.peak else None})
         self.progress.advance(state.step, state.train_loss, tokens_per_s, lr)
         self.window.reset()
@@ -405,7 +446,7 @@ class Trainer:
             result = evaluate(self.evaluator, self.data, self.config, self.device, self.dtype, self.processes)
             sample = self.sample_at_eval(self.model, state.step) if self.sample_at_eval is not None else None
         state.last_eval = {"step": state.step, "tokens": state.tokens, **result,
-                           "elapsed_s": round(self.clock.elapsed(), 3)}
+                           "elapsed_s": round(self.clock.elapsed(), 3), "train_seconds_total": self.seconds_total(state)}
         self.record(state, state.last_eval)
         self.progress.write(f"[eval] step {state.step:,}: train {result['eval_train_loss']:.4f} | val "
                             f"{result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.3f}")
@@ -418,7 +459,7 @@ class Trainer:
         """The first step of a decay that the time budget drives: save the weights it starts from, marked
         'stable', so that a run continued with a new budget goes on from them (see checkpoint.py). A decay
         set by max_steps needs none: a resumed run continues it exactly."""
-        if phase == "budget_decay" and state.phase == "stable":
+        if phase == "budget_decay" and state.phase in ("", "stable"):  # "": warm-up ran into the decay
             self.save(state, phase="stable")
         state.phase = phase
 
@@ -438,6 +479,7 @@ class Trainer:
             micro_batch=state.plan.micro_batch, grad_accum_steps=state.plan.accumulation,
             loss_window=self.window.state(), world_size=self.processes.world_size, process_rngs=process_rngs,
             lr_phase=phase or state.phase, stable_step=state.stable_step, lora=self.lora,
+            sessions=self.sessions(state),
             config=config_to_dict(self.config),
             tokenizer=self.data.tokenizer.to_dict(),
             model=adapter_state(self.model) if self.lora else self.model.state_dict(),
@@ -456,15 +498,18 @@ class Trainer:
             self.run_eval(state)
         self.save(state)
 
-    def result(self, state: LoopState, stopped_by: str, resumed_from: Path | None) -> TrainResult:
-        trained_tokens = (state.step - self.start_step) * self.tokens_per_step
-        tokens_per_s = trained_tokens / state.train_seconds if state.train_seconds else 0.0
+    def result(self, state: LoopState, resumed_from: Path | None) -> TrainResult:
+        """The whole training's figures (every session), not only this session's: a session that had nothing
+        left to train reports the others' throughput and time."""
+        sessions = self.sessions(state)
+        tokens_per_s = throughput(sessions)
         return TrainResult(model=self.model, step=state.step, tokens=state.tokens, last_eval=state.last_eval,
                            train_loss=state.train_loss, tokens_per_s=tokens_per_s,
                            mfu=self.flops_per_token * tokens_per_s / self.peak if self.peak else None,
-                           wall_s=self.clock.elapsed(), stopped_by=stopped_by,
+                           wall_s=self.clock.elapsed(), train_seconds=round(total_seconds(sessions), 3),
+                           stopped_by=state.stopped_by,
                            resumed_from=str(resumed_from) if resumed_from is not None else None,
-                           best=state.best, history=state.history)
+                           best=state.best, history=state.history, sessions=sessions)
 
 
 # --- The loop, top to bottom -------------------------------------------------------------------------
@@ -482,7 +527,6 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
     clock = TrainingClock(deadline, now, run_started)
     trainer = Trainer(config, data, out_dir, device, dtype, processes, clock, on_eval, sample_at_eval)
     state = trainer.restore(checkpoint, checkpoint_source)
-    stopped_by = "max_steps"
     trainer.prepare(state)
     stops = StopRequests() if stop_requests is None else contextlib.nullcontext(stop_requests)
     try:
@@ -493,7 +537,7 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                 # --- stop for the time budget or a signal? (and is a timed checkpoint due?)
                 before = trainer.before_step(state, stop_requests)
                 if before.stop:
-                    stopped_by = before.stop
+                    state.stopped_by = before.stop
                     break
                 # --- a wsd schedule about to decay: keep the stable weights (a later session continues them)
                 trainer.enter_phase(state, wsd_phase(state.step, t, before.time_used))
@@ -507,7 +551,8 @@ def train(config: Config, data: TokenData, out_dir: Path, device: torch.device, 
                 if trainer.checkpoint_due(state, before.checkpoint_due):
                     trainer.save(state)
             # --- the end: evaluate and save the last step
+            state.stopped_by = state.stopped_by or "max_steps"
             trainer.finish(state)
     finally:
         trainer.progress.close()
-    return trainer.result(state, stopped_by, checkpoint_source if checkpoint is not None else None)
+    return trainer.result(state, checkpoint_source if checkpoint is not None else None)

@@ -18,6 +18,8 @@ import torch
 
 import kernel.checkpoint as checkpoint_module
 import kernel.data as data_module
+import kernel.main as main_module
+import kernel.train as train_module
 from kernel.checkpoint import list_checkpoints
 from kernel.config import ConfigError, load_config
 from kernel.sources import Source
@@ -25,7 +27,7 @@ from kernel.inputs import find_text_files
 from kernel.env import FILE_MODE, KernelError
 from kernel.main import run
 from kernel.progress import RunStopped, StopRequests
-from kernel.sample import sample_from_run
+from kernel.sample import sample_blocks, sample_from_run
 from kernel.env import write_json_atomic
 from tests.test_reliability import ROOT, metrics_without_timing, start_cli, wait_for_step
 
@@ -231,9 +233,10 @@ def test_a_tokenizing_worker_killed_by_the_system_is_one_clear_error_not_a_hang(
 
 
 @pytest.mark.slow
-def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(tmp_path):
+def test_sigterm_during_final_sampling_cuts_it_to_one_short_sample_per_prompt(tmp_path):
     out = tmp_path / "out"
-    process = start_cli(out, "--set", "train.max_steps=10", "--set", "sample.num_samples=100000")
+    process = start_cli(out, "--set", "train.max_steps=10", "--set", "sample.num_samples=100000",
+                        "--set", "sample.max_new_tokens=300", "--set", "sample.eval_tokens=16")
     deadline = time.time() + 120
     # the export's folder appears in one rename when it is complete; sampling 100,000 texts comes next
     while time.time() < deadline and not (out / "hf" / "config.json").exists() and process.poll() is None:
@@ -241,9 +244,11 @@ def test_sigterm_during_final_sampling_keeps_the_summary_and_skips_the_samples(t
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
-    assert "Traceback" not in output and "[stop] samples.txt skipped after SIGTERM" in output
+    assert "Traceback" not in output and "[stop] the final samples cut short after SIGTERM" in output
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
-    assert "=== sample 1" not in (out / "samples.txt").read_text()  # only the samples taken at evaluations
+    final = [block for step, block in sample_blocks((out / "samples.txt").read_text()) if step is None]
+    assert len(final) == 1 and final[0].startswith("=== sample 1 | prompt '\\n' ===")  # one prompt, one sample
+    assert len(final[0].split("===\n", 1)[1].rstrip("\n")) <= 17  # the prompt's newline + 16 char tokens
 
 
 def test_a_signal_after_the_last_output_changes_nothing_but_one_before_stops(monkeypatch):
@@ -268,6 +273,47 @@ def test_a_run_signalled_right_after_its_last_line_exits_zero(tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 10
+
+
+def signal_myself_then(original, at_call: int = 1, signum: int = signal.SIGTERM):
+    """`original`, whose `at_call`-th call is preceded by a signal to this process (the run's StopRequests
+    handler gets it, as from Kaggle, Ctrl-C or a notebook's interrupt)."""
+    calls = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == at_call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C, a notebook's interrupt
+def test_a_first_signal_while_the_outputs_are_written_lets_them_finish_in_short_form(tmp_path, tiny, monkeypatch,
+                                                                                      capsys, signum):
+    monkeypatch.setattr(main_module, "export_hf", signal_myself_then(main_module.export_hf, signum=signum))
+    summary = run(tiny(train__max_steps=10, sample__num_samples=3, sample__eval_tokens=8), tmp_path)
+    printed = capsys.readouterr().out
+    assert f"[stop] {signal.Signals(signum).name} received: the outputs are finished in short form" in printed
+    assert summary["stopped_by"] == "max_steps" and (tmp_path / "loss.png").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()  # the export the signal came during: finished
+    final = [block for step, block in sample_blocks((tmp_path / "samples.txt").read_text()) if step is None]
+    assert len(final) == 1 and len(final[0].split("===\n", 1)[1].rstrip("\n")) <= 9  # one short sample
+
+
+def test_a_second_signal_skips_the_outputs_left_but_never_the_checkpoint_or_summary(tmp_path, tiny, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setattr(train_module, "train_step", signal_myself_then(train_module.train_step, at_call=6))
+    monkeypatch.setattr(main_module, "export_hf", signal_myself_then(main_module.export_hf))  # the second
+    summary = run(tiny(train__max_steps=100), tmp_path)
+    printed = capsys.readouterr().out
+    assert summary["stopped_by"] == "signal (SIGTERM)" and summary["steps"] == 6  # the step under way finishes
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "ckpt_00000006.pt"
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6 and (tmp_path / "loss.png").is_file()
+    assert "[stop] the hf/ export skipped after a second stop signal (SIGTERM)" in printed
+    assert "[stop] samples.txt skipped after a second stop signal" in printed and not (tmp_path / "hf").exists()
+    assert "=== sample" not in (tmp_path / "samples.txt").read_text()  # only the samples taken at evaluations
 
 
 # --- Errors, not tracebacks -------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_resuming_after_a_stop_matches_the_straight_run(tmp_path, tiny, optimize
     assert resumed["resumed_from"].endswith("ckpt_00000030.pt")
     assert resumed["val_loss"] == straight["val_loss"]
     assert resumed["train_loss"] == straight["train_loss"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s", "mfu")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "train_seconds_total", "tokens_per_s", "mfu")} for r in rows]
     assert strip(read_metrics(stopped)) == strip(read_metrics(tmp_path / "straight"))
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000060.pt").model
     b = load_checkpoint(stopped / "checkpoints" / "ckpt_00000060.pt").model
@@ -156,6 +156,8 @@ def test_time_budget_stops_cleanly_with_outputs(tmp_path, tiny, monkeypatch):
     assert summary["stopped_by"] == "time_budget" and summary["steps"] == 16
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == f"ckpt_{summary['steps']:08d}.pt"
     assert read_metrics(tmp_path)[-1]["step"] == summary["steps"] and "val_loss" in read_metrics(tmp_path)[-1]
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "loss.png").is_file()
+    assert "=== sample 1 |" in (tmp_path / "samples.txt").read_text()
 
 
 def test_checkpoints_by_duration_follow_the_trainers_clock_and_hold_no_metrics_history(tmp_path, tiny, monkeypatch):
@@ -350,3 +352,57 @@ def test_the_grad_scaler_drives_muon_and_adamw_together(tiny):
     train_step(model, optimizer, scaler, batch, config.train, torch.device("cpu"), torch.float32)
     assert all(torch.equal(stepped[n], p) for n, p in model.named_parameters())  # skipped by both
     assert scaler.get_scale() == 2.0**9
+
+
+# --- One story across sessions (notebook versions) -----------------------------------------------------
+
+def test_after_a_resume_the_summary_card_and_curves_cover_every_session(tmp_path, tiny, monkeypatch):
+    clock = StepClock(seconds_per_step=1.0).install(monkeypatch.setattr)  # training time = steps, exactly
+    run(tiny(train__max_steps=20), tmp_path, now=clock)
+    summary = run(tiny(train__max_steps=30), tmp_path, now=StepClock(1.0).install(monkeypatch.setattr))
+    tokens_per_step = 8 * 32
+    assert (summary["steps"], summary["tokens"], summary["train_seconds"]) == (30, 30 * tokens_per_step, 30.0)
+    assert [(s["started_step"], s["ended_step"], s["tokens"], s["train_seconds"], s["stopped_by"])
+            for s in summary["sessions"]] == [(0, 20, 20 * tokens_per_step, 20.0, "max_steps"),
+                                              (20, 30, 10 * tokens_per_step, 10.0, "max_steps")]
+    assert summary["tokens_per_s"] == tokens_per_step  # one step a second, over both sessions
+    times = [r["train_seconds_total"] for r in read_metrics(tmp_path)]
+    assert times == sorted(times) and times[-1] == 30.0  # the curve's time axis never runs backwards
+    # a version with nothing left to train keeps the story: no session added, no 0 tokens/s
+    again = run(tiny(train__max_steps=30), tmp_path, now=StepClock(1.0).install(monkeypatch.setattr))
+    assert {k: again[k] for k in ("steps", "tokens", "train_seconds", "tokens_per_s", "sessions")} == \
+        {k: summary[k] for k in ("steps", "tokens", "train_seconds", "tokens_per_s", "sessions")}
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "30 s of training over 2 sessions" in card and "| session 2 | steps 20 to 30, 2,560 tokens in 10 s" in card
+    from kernel.report import plot_losses
+    figure = plot_losses(read_metrics(tmp_path), tmp_path / "check.png", "run", summary["sessions"])
+    assert figure._suptitle.get_text().endswith("| 2 sessions")
+
+
+def test_sessions_a_resumed_checkpoint_stands_for():
+    from types import SimpleNamespace
+    from kernel.checkpoint import earlier_sessions
+
+    running = {"started_step": 0, "ended_step": 50, "tokens": 800, "train_seconds": 9.0, "step_seconds": 8.0,
+               "stopped_by": None}
+    killed = SimpleNamespace(sessions=[running], step=50, tokens=800, lr_phase="")
+    assert earlier_sessions(killed)[0]["stopped_by"].startswith("interrupted")
+    assert running["stopped_by"] is None  # the checkpoint's own list is left as it was
+    stable = SimpleNamespace(sessions=[running], step=50, tokens=800, lr_phase="stable")
+    assert earlier_sessions(stable)[0]["stopped_by"] == "continued from its stable phase"
+    old = SimpleNamespace(sessions=[], step=50, tokens=800, lr_phase="")  # written before sessions were kept
+    assert earlier_sessions(old) == [{"started_step": 0, "ended_step": 50, "tokens": 800, "train_seconds": None,
+                                      "step_seconds": None, "stopped_by": "interrupted (continued from its last "
+                                                                           "checkpoint)"}]
+
+
+def test_a_budget_whose_warm_up_runs_into_the_decay_still_saves_a_stable_phase_checkpoint(tmp_path, tiny,
+                                                                                       monkeypatch):
+    clock = StepClock(seconds_per_step=1.0).install(monkeypatch.setattr)
+    # 13 s budget, 1 s kept to finish: 12 steps; the decay's last 20% begins at 9.6 s, inside the 11 warm-up steps
+    summary = run(tiny(train__max_steps="auto", train__time_budget=13, train__schedule="wsd", train__warmup_steps=11,
+                       train__checkpoint_interval=0, train__keep_checkpoints=5), tmp_path, now=clock)
+    assert summary["steps"] == 12
+    stable, final = (load_checkpoint(p) for p in list_checkpoints(tmp_path / "checkpoints"))
+    assert (stable.step, stable.lr_phase) == (11, "stable")  # the end of warm-up: where the decay starts
+    assert (final.lr_phase, final.stable_step) == ("budget_decay", 11)
