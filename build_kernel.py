@@ -89,10 +89,15 @@ RUN_MARKDOWN = ("## Run\n\nEverything above only defines functions; this cell tr
 RUN_CODE = "summary = main(CONFIG, OVERRIDES, DATA_GLOB, OUT_DIR)"
 SAMPLE_MARKDOWN = ("## Sample more\n\nEdit the prompts and run this cell again; it reads the newest checkpoint. "
                    "Settings left out of `SETTINGS` are the run's own (its `sample.*` config). Past the context "
-                   "length the window slides, so `max_new_tokens` may exceed it.")
+                   "length the window slides, so `max_new_tokens` may exceed it. A model trained on conversations "
+                   "answers `QUESTIONS` instead, in its chat template, up to the end of its turn.")
 SAMPLE_CODE = '''PROMPTS = ["\\n", "The "]
+QUESTIONS = ["What can you do?", "Summarise your training data in one sentence."]  # for a chat model
 SETTINGS = {}  # e.g. {"max_new_tokens": 500, "temperature": 0.7, "top_p": 0.95, "num_samples": 2, "seed": 1}
-print(sample_from_run(summary["out_dir"], PROMPTS, **SETTINGS))'''
+if summary["data"].get("format") == "chat":
+    print(sample_from_run(summary["out_dir"], chat=QUESTIONS, **SETTINGS))
+else:
+    print(sample_from_run(summary["out_dir"], PROMPTS, **SETTINGS))'''
 
 
 class BuildError(Exception):

@@ -1,7 +1,7 @@
-"""## 13. Checkpoints
+"""## 14. Checkpoints
 
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: the weights (with
-LoRA only the adapters and a fingerprint of the pretrained weights they belong to, section 11), the
+LoRA only the adapters and a fingerprint of the pretrained weights they belong to, section 12), the
 optimizer and grad-scaler states, the step, the batch sampler's position, every process's random-number
 state, the config and the tokenizer. The metrics so far are not in it: `metrics.jsonl` beside the
 checkpoints is their record, and a resumed run reads it back up to the checkpoint's step. One dataclass, `Checkpoint`, names those fields:

@@ -57,8 +57,10 @@ def flag_name(key: str) -> str:
 
 def sample_command(args: argparse.Namespace) -> None:
     prompts = args.prompt + [read_prompt_file(path) for path in args.prompt_file]
-    changes = {"prompts": prompts or None, **{key: getattr(args, key) for key in SAMPLING_KEYS}}
-    print(sample_checkpoint(args.checkpoint, changes, args.seed, args.device, flag_name))
+    if args.chat and prompts:
+        raise KernelError("give questions with --chat or text to continue with --prompt/--prompt-file, not both")
+    changes = {"prompts": args.chat or prompts or None, **{key: getattr(args, key) for key in SAMPLING_KEYS}}
+    print(sample_checkpoint(args.checkpoint, changes, args.seed, args.device, flag_name, chat=bool(args.chat)))
 
 
 def read_prompt_file(path: str) -> str:
@@ -127,6 +129,9 @@ def sample_parser() -> argparse.ArgumentParser:
                         "--prompt nor --prompt-file: the checkpoint's sample.prompts")
     parser.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
                         help="a prompt read from a UTF-8 text file (repeatable), as it is but for its final line break")
+    parser.add_argument("--chat", action="append", default=[], metavar="QUESTION",
+                        help="a question for a model trained on conversations (repeatable): put into its chat "
+                        "template, answered up to the end of the assistant's turn")
     defaults = SampleConfig()
     for spec in fields(SampleConfig):
         if spec.name in SAMPLING_KEYS:

@@ -1,4 +1,4 @@
-"""## 17. Mixed precision and compiling
+"""## 18. Mixed precision and compiling
 
 Two ways a step gets faster without changing what it computes (within rounding): autocast runs the matrix
 products in the half precision section 1 chose for the hardware, and `torch.compile` fuses the model's small

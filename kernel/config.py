@@ -11,7 +11,7 @@ all reported at once. The resolved config is saved as `config.yaml` in the outpu
 checkpoints, and loading that file again gives the same config.
 
 With `model.init_from` (a `transformers` model folder: GPT-2, Llama or Qwen3) the model's own
-`config.json` then decides the model's shape and its tokenizer (section 10): it overrides the defaults and
+`config.json` then decides the model's shape and its tokenizer (section 11): it overrides the defaults and
 the bundled presets, and a value you set yourself that differs from it is an error naming both.
 """
 
@@ -64,7 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = True           # the output head shares the token embedding's matrix
     max_positions: int = 0                # positions the model holds (gpt2's table, generation's window); 0: block_size
     gradient_checkpointing: bool = False  # recompute each block in backward: much less memory, ~30% slower
-    size: str = ""                        # auto: the shape the time budget buys (section 19); "25M": that many parameters
+    size: str = ""                        # auto: the shape the time budget buys (section 20); "25M": that many parameters
     init_from: str = ""                   # start from a transformers model: its folder (or one above); a Hub id online
 
 
@@ -82,6 +82,7 @@ class DataConfig:
     val_fraction: float = 0.1             # share of the corpus held out for validation (its tail)
     workers: int = 0                      # processes that tokenize; 0: one per CPU
     text_field: str = ""                  # records' text field (a.b: nested; a,b: first present); empty: text/content
+    format: str = "auto"                  # auto (conversations where records hold them) | text | chat (section 8)
     cache_dir: str = ""                   # token files are cached here; empty: <output folder>/cache, on Kaggle /tmp
 
 
@@ -118,6 +119,7 @@ class TrainConfig:
     lora_alpha: float = 16.0              # LoRA: the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0             # LoRA: dropout on the adapters' input
     lora_targets: str = "attn"            # LoRA: attn (q, k, v, o) | attn_mlp (and gate, up, down) | a list: q,v
+    loss_on: str = "assistant"            # conversations: assistant (the answers' tokens) | all (every token)
 
 
 @dataclass
@@ -166,6 +168,8 @@ CHOICES = {
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
     "train.schedule": ["cosine", "wsd"],
     "train.optimizer": ["adamw", "muon"],
+    "train.loss_on": ["assistant", "all"],
+    "data.format": ["auto", "text", "chat"],
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -370,7 +374,7 @@ def file_layers(name: str) -> list[tuple[str, dict]]:
 def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | None = None,
                 overrides_origin: str = "--set", pretrained: Callable[[Config, dict], None] | None = None) -> Config:
     """Defaults -> `extends` chain -> file -> overrides, then the cross-field checks. This reads no file but the
-    YAML and never the network: `pretrained` (main passes section 10's `apply_pretrained`) applies
+    YAML and never the network: `pretrained` (main passes section 11's `apply_pretrained`) applies
     model.init_from's shape and tokenizer, told which keys the user set and where ("section.key" -> origin)."""
     config = Config()
     layers = file_layers(source) if source else []

@@ -1,4 +1,4 @@
-"""## 8. Tokens and batches
+"""## 9. Tokens and batches
 
 The documents of sections 6 and 7 become token files on disk, and random training windows are served from them.
 Built for corpora from one small .txt to many gigabytes:
@@ -47,6 +47,7 @@ from kernel.config import Config
 from kernel.tokenization import Tokenizer, document_separator, tokenizer_class, tokenizer_from_dict
 from kernel.sources import INVALID_BYTE_COUNTS, Source
 from kernel.inputs import list_sources
+from kernel.chat import ConversationSampler, Rows, chat_files, encode_corpus
 
 PIECE_CHARS = 1 << 20            # characters per encoding task
 KAGGLE_CACHE_FOLDER = "train-gpt-token-cache"  # under the temporary folder (/tmp) on Kaggle
@@ -337,6 +338,8 @@ def cache_key(sources: list[Source], config: Config, tokenizer: Tokenizer | None
                    "text_field": config.data.text_field,
                    "val_fraction": config.data.val_fraction, "tokenizer": tokenizer_fingerprint(config, tokenizer),
                    "python": platform.python_version() if sources and sources[0].path is None else ""}
+    if any(source.format != "text" for source in sources):  # records may hold conversations (section 8)
+        description["chat"] = [config.data.format, config.train.loss_on, config.model.block_size]
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -346,15 +349,45 @@ class TokenData:
     train: np.ndarray
     val: np.ndarray
     stats: dict = field(default_factory=dict)
+    rows: dict[str, Rows] | None = None  # conversations (section 8): each split as rows, not one stream
 
     @property
     def val_tokens_per_byte(self) -> float:
         return self.stats["val_tokens"] / max(1, self.stats["val_bytes"])
 
+    @property
+    def chat(self) -> bool:
+        return self.rows is not None
+
+    def sampler(self, split: str, block_size: int, batch_size: int, seed: int):
+        """Batches of one split: random windows of the token stream, or (conversations) random rows."""
+        if self.rows is None:
+            return BatchSampler(self.train if split == "train" else self.val, block_size, batch_size, seed)
+        rows = self.rows[split]
+        pad = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        return ConversationSampler(rows.ids, rows.mask, rows.offsets, batch_size, seed, pad)
+
+
+ROW_ARRAYS = ("ids", "mask", "offsets")  # a conversation cache's files per split: {split}.{array}.npy
+
+
+def write_rows(splits: dict[str, Rows], folder: Path) -> None:
+    for split, rows in splits.items():
+        for name in ROW_ARRAYS:
+            np.save(folder / f"{split}.{name}.npy", getattr(rows, name))
+
+
+def load_rows(folder: Path) -> dict[str, Rows]:
+    return {split: Rows(*(np.load(folder / f"{split}.{name}.npy", mmap_mode="r") for name in ROW_ARRAYS))
+            for split in ("train", "val")}
+
 
 def load_cached(folder: Path) -> TokenData:
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    if meta["stats"].get("format") == "chat":
+        rows = load_rows(folder)
+        return TokenData(tokenizer, rows["train"].ids, rows["val"].ids, meta["stats"], rows)
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {}
     for split in ("train", "val"):
@@ -371,6 +404,16 @@ def build_cache(sources: list[Source], config: Config, tokenizer: Tokenizer | No
     """Measure, split, train the tokenizer, encode; everything in a temporary folder renamed at the end."""
     staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     try:
+        if chat := chat_files(sources, config.data.format):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            tokenizer, splits, stats = encode_corpus(sources, chat, config, tokenizer)
+            write_rows(splits, staging)
+            stats.update(source=source_description, files=sum(s.path is not None for s in sources))
+            write_atomic(staging / "meta.json", json.dumps({"stats": stats, "tokenizer": tokenizer.to_dict()}))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+            return
         found = measure(sources)
         if found["chars"] == 0:
             raise KernelError(f"{source_description}: every file is empty")
@@ -475,6 +518,8 @@ def prepare_data(config: Config, cache_root: str | Path, tokenizer: Tokenizer | 
 
 
 def check_split_lengths(data: TokenData, block_size: int) -> None:
+    if data.chat:  # rows of any length: encode_corpus made sure each split has some
+        return
     for split, tokens in (("train", data.train), ("validation", data.val)):
         if tokens.size < block_size + 2:
             raise KernelError(
@@ -484,6 +529,14 @@ def check_split_lengths(data: TokenData, block_size: int) -> None:
 
 def print_data_report(data: TokenData) -> None:
     s = data.stats
+    if data.chat:
+        print(f"[data] {s['source']}: {s['conversations']:,} conversations, {s['documents']:,} text documents, "
+              f"{s['truncated']:,} cut at model.block_size, vocab {s['vocab_size']:,}, {s['chat_template']} chat "
+              f"template")
+        print(f"[data] tokens: train {s['train_tokens']:,} ({s['trained_tokens']['train']:,} trained on: "
+              f"train.loss_on={s['loss_on']}) | val {s['val_tokens']:,} | {'cached' if s['cached'] else 'built'} "
+              f"in {s['seconds']:.1f}s ({s['cache']})")
+        return
     print(f"[data] {s['source']}: {s['documents']} documents, {s['bytes']:,} bytes, {s['chars']:,} characters, "
           f"vocab {s['vocab_size']:,}"
           f"{' (invalid UTF-8 replaced in ' + str(len(s['invalid_bytes'])) + ' file(s))' if s['invalid_bytes'] else ''}")

@@ -1,4 +1,4 @@
-"""## 12. Several GPUs: one process per GPU (DistributedDataParallel)
+"""## 13. Several GPUs: one process per GPU (DistributedDataParallel)
 
 With more than one GPU the run becomes one process per GPU (`train.devices: auto`; a number chooses how
 many), started by `torchrun` (PyTorch's launcher). Each process holds a copy of the model and trains on its

@@ -1,4 +1,4 @@
-"""## 21. Export to Hugging Face transformers
+"""## 22. Export to Hugging Face transformers
 
 Every run ends by writing `hf/`: `config.json`, `model.safetensors`, `generation_config.json`, the tokenizer
 files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretrained`,
@@ -6,7 +6,7 @@ files and a model card (`README.md`), which `AutoModelForCausalLM.from_pretraine
 namesake's architecture, so only names and layout change: `gpt2` loads as `GPT2LMHeadModel` (its `Conv1D`
 stores linear weights transposed; a model trained without biases gets zero biases, which compute the same),
 `llama` as `LlamaForCausalLM` (the fused q/k/v matrix is split), `llama` with QK-norm as `Qwen3ForCausalLM`.
-A LoRA run's adapters are merged into the weights (section 11), so `hf/` is a plain transformers model; its
+A LoRA run's adapters are merged into the weights (section 12), so `hf/` is a plain transformers model; its
 adapters alone go to `hf-adapter/` in PEFT's format.
 
 What transformers needs to generate well is set here: the generation config holds the run's sampling
@@ -32,6 +32,7 @@ from pathlib import Path
 from kernel.env import CHECKPOINTS_DIR, SUMMARY_FILE, KernelError, count_words
 from kernel.config import Config, SampleConfig, config_to_yaml
 from kernel.tokenization import Tokenizer
+from kernel.chat import end_of_turn_id
 from kernel.model import GPT
 from kernel.checkpoint import Checkpoint
 from kernel.hf_interop import hf_config, hf_state_dict
@@ -108,7 +109,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, config: Config, folder: str | Pa
         merged = merged_state_dict(model) if lora_modules(model) else None  # LoRA: W + (alpha / r) B A
         save_file(hf_state_dict(model, merged), str(staging / "model.safetensors"), metadata={"format": "pt"})
         padding_rows = range(tokenizer.vocab_size, model.config.vocab_size)
-        generation_config(config.sample, model.config.max_positions, special, padding_rows).save_pretrained(staging)
+        generation_config(config.sample, model.config.max_positions, {**special, "eos_token_id": stop_ids(tokenizer)},
+                          padding_rows).save_pretrained(staging)
         card = ModelCardFacts(model, tokenizer, config, run or RunFacts(), architecture, location)
         write_model_card(card, staging / "README.md")
         move_into(staging, folder)
@@ -183,6 +185,14 @@ def save_hf_tokenizer(tokenizer: Tokenizer, staging: Path, context: int) -> dict
     eos = tokenizer.eos_id
     return {"bos_token_id": eos if hf.bos_token_id is None else hf.bos_token_id, "eos_token_id": eos,
             "pad_token_id": hf.pad_token_id}
+
+
+def stop_ids(tokenizer: Tokenizer) -> int | list[int] | None:
+    """Where generation ends: the end of text, and for a chat model the end of the assistant's turn first."""
+    turn_end = end_of_turn_id(tokenizer) if tokenizer.chat_template else None
+    if turn_end is None or turn_end == tokenizer.eos_id:
+        return tokenizer.eos_id
+    return [turn_end] + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
 
 
 def generation_config(sampling: SampleConfig, context: int, special: dict, padding_rows: range):

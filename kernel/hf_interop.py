@@ -1,4 +1,4 @@
-"""## 10. Transformers interop
+"""## 11. Transformers interop
 
 The bridge between this notebook's model and `transformers` model folders, so the model section speaks
 only its own config (the tokenizers `transformers` loads are section 3's `hf` mode):
@@ -11,9 +11,10 @@ only its own config (the tokenizers `transformers` loads are section 3's `hf` mo
   presets'; a value you set that differs is an error naming both.
 * **One table of tensor names**: where each of our tensors lives in a `transformers` checkpoint, read one way
   to load pretrained weights (`load_hf_weights`) and the other way to export (`hf_state_dict`).
-* **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 21.
+* **Writing a config**: our shape as a `transformers` config (`hf_config`), for the export of section 22.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -265,10 +266,11 @@ def hf_state_dict(model: GPT, state: dict[str, torch.Tensor] | None = None) -> d
 NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-def load_hf_weights(model: GPT, folder: Path) -> int:
+def load_hf_weights(model: GPT, folder: Path, tokens: int | None = None) -> int:
     """Copy the weights of the transformers checkpoint in `folder` (a model of this model's shape) into the
     model, one tensor at a time; returns the number of tensors read. A tensor missing, left over or of
-    another shape is an error."""
+    another shape is an error, but for the rows of the embedding (and output layer) that a tokenizer of
+    `tokens` tokens has beyond the file's (chat markers added, section 8): they start at the mean row."""
     c, ours = model.config, model.state_dict()
     prefix = "transformer." if c.arch == "gpt2" else "model."
     readers = {name if name.startswith(prefix) or name == "lm_head.weight" else prefix + name: read
@@ -284,10 +286,29 @@ def load_hf_weights(model: GPT, folder: Path) -> int:
         for name, theirs, how in layout:
             parts = [readers[n]() for n in theirs]
             value = torch.cat(parts) if how == "stacked" else parts[0].t() if how == "transposed" else parts[0]
+            if value.shape != ours[name].shape and grows(value, ours[name], tokens):
+                value = torch.cat([value, value.mean(0, keepdim=True).expand(len(ours[name]) - len(value), -1)])
             if value.shape != ours[name].shape:
                 raise KernelError(shape_mismatch(folder, name, theirs, value.shape, ours[name].shape))
             ours[name].copy_(value)
     return len(wanted)
+
+
+def grows(file_rows: torch.Tensor, our_rows: torch.Tensor, tokens: int | None) -> bool:
+    """Whether a token table of the file may be grown to ours: the tokenizer has tokens beyond its rows."""
+    return (tokens is not None and file_rows.dim() == 2 and file_rows.shape[1] == our_rows.shape[1]
+            and len(file_rows) < tokens <= len(our_rows))
+
+
+def fit_vocabulary(config: Config, tokens: int) -> Config:
+    """A pretrained model's embedding has its own row count (model.vocab_multiple is set to it); a tokenizer
+    with more tokens (chat markers added) gets rows for them, rounded up to 64, instead of twice as many."""
+    rows = config.model.vocab_multiple
+    if not config.model.init_from or tokens <= rows:
+        return config
+    print(f"[model] {tokens - rows} token(s) beyond the pretrained embedding's {rows:,} rows (the chat markers): "
+          "rows added, starting at the mean of the others")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_multiple=64))
 
 
 def describe_names(what: str, names: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""## 11. LoRA: low-rank adapters on a pretrained model
+"""## 12. LoRA: low-rank adapters on a pretrained model
 
 With `train.lora_rank` > 0 a model started from `model.init_from` (Llama or Qwen3) trains only small
 adapters: each chosen projection W (attention's q, k, v, o and, with `attn_mlp`, the MLP's gate, up and
@@ -137,7 +137,7 @@ def build_lora_model(config: Config, vocab_size: int) -> tuple[GPT, dict]:
     the adapters' settings and the pretrained weights' fingerprint."""
     model = build_model(config, vocab_size)
     folder = find_model_folder(config.model.init_from)
-    count = load_hf_weights(model, folder)
+    count = load_hf_weights(model, folder, vocab_size)
     print(f"[lora] {folder}: {count} tensors loaded and frozen; adapters of rank {config.train.lora_rank} on "
           f"{', '.join(lora_projections(config.train.lora_targets))}")
     info = {**lora_settings(config.train), "base_fingerprint": base_fingerprint(model)}

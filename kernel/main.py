@@ -1,4 +1,4 @@
-"""## 23. Main
+"""## 24. Main
 
 One call runs everything: check the environment, resolve the config, prepare the data, plan the model's
 shape (with `model.size`), train (resuming when a checkpoint is there; with several GPUs, in one process per
@@ -31,7 +31,7 @@ from kernel.env import (ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, 
 from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import TokenData, cache_location, prepare_data, print_data_report
-from kernel.hf_interop import apply_pretrained
+from kernel.hf_interop import apply_pretrained, fit_vocabulary
 from kernel.lora import count_parameters, write_peft_adapter
 from kernel.distributed import (Processes, from_main, join_process_group, launch_torchrun, leave_process_group,
                                 only_main_prints, processes_to_launch, program_source, run_started_at,
@@ -43,7 +43,7 @@ from kernel.memory import fit_to_memory
 from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned, planned_before
-from kernel.sample import EvalSamples, format_samples, sample_texts, short_samples
+from kernel.sample import EvalSamples, format_samples, run_prompts, sample_texts, short_samples
 from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
@@ -175,6 +175,7 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
     cache_root, private = cache_location(config.data.cache_dir, out_dir)
     data = prepare_data_once(config, cache_root, given_tokenizer, processes, private=private)
     print_data_report(data)
+    config = fit_vocabulary(config, data.tokenizer.vocab_size)
     plan = None
     if config.model.size and checkpoint is None:
         config, plan = planned_config(config, data, processes, device, train_seconds, now)
@@ -190,7 +191,7 @@ def prepare_run(config: Config, out_dir: Path, processes: Processes, device: tor
 
 def memory_planned(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype,
                    processes: Processes) -> Config:
-    """The micro-batch and gradient checkpointing that fit (section 15), rank 0's choice for every process (their
+    """The micro-batch and gradient checkpointing that fit (section 16), rank 0's choice for every process (their
     GPUs' free memory may differ a little, and all must take the same pieces)."""
     fitted = fit_to_memory(config, vocab_size, device, dtype, processes.world_size) if processes.is_main else None
     t, m = from_main(processes, (fitted.train, fitted.model) if fitted else None)
@@ -249,7 +250,7 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
             summary = run_summary(result, prepared, device, processes, environment, out_dir)
             write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
             finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
-                           eval_samples)
+                           eval_samples, prepared.data.stats.get("prompts", []) if prepared.data.chat else None)
             stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
             print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
                   f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
@@ -262,7 +263,9 @@ def start_eval_samples(config: Config, out_dir: Path, prepared: PreparedRun, dev
     """Rank 0's samples at evaluations, continuing those of the checkpoint's run when resuming."""
     if not processes.is_main:
         return None
-    samples = EvalSamples(out_dir / SAMPLES_FILE, prepared.data.tokenizer, config.sample, device, config.train.seed)
+    data = prepared.data
+    samples = EvalSamples(out_dir / SAMPLES_FILE, data.tokenizer, run_prompts(config.sample, data.stats.get("prompts")),
+                          device, config.train.seed, chat=data.chat)
     resumed = prepared.checkpoint is not None
     samples.start(run_folder(prepared.resume_path) if resumed else None, prepared.checkpoint.step if resumed else 0)
     return samples
@@ -286,14 +289,14 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
 
 
 def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: TrainResult, device: torch.device,
-                   stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None
-                   ) -> None:
+                   stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None,
+                   chat_prompts: list | None = None) -> None:
     """The tokenizer's folder, the curves, the transformers export and the samples. Each is a convenience made
     from the checkpoint already saved (which holds the tokenizer too): a failure skips it with a line, never the
     run's results. After a stop (a signal that ended training or comes now) they are still written, the samples
     short; a second stop skips what is left."""
     def write_samples() -> None:
-        samples = final_samples_unless_stopped(result.model, tokenizer, config, device, stops)
+        samples = final_samples_unless_stopped(result.model, tokenizer, config, device, stops, chat_prompts)
         during = eval_samples.text() if eval_samples is not None else ""  # samples.txt: these, then the final ones
         write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
@@ -326,16 +329,18 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
 
 
 def final_samples_unless_stopped(model, tokenizer: Tokenizer, config: Config, device: torch.device,
-                                 stops: StopRequests) -> list[tuple[str, str]]:
-    """The final samples as configured; after a stop (or when one cuts them short) one short sample per prompt
-    (`short_samples`), so a stopped run still ends within a bounded time with some text."""
+                                 stops: StopRequests, chat_prompts: list | None) -> list[tuple[str, str]]:
+    """The final samples as configured (a chat run: answers to `chat_prompts`, see run_prompts); after a stop
+    (or when one cuts them short) one short sample per prompt (`short_samples`), so a stopped run still ends
+    within a bounded time with some text."""
+    settings, chat = run_prompts(config.sample, chat_prompts), chat_prompts is not None
     if not stops.stops():
         try:
             with stops.while_writing(interrupted_by=1):
-                return sample_texts(model, tokenizer, config.sample, device, config.train.seed)
+                return sample_texts(model, tokenizer, settings, device, config.train.seed, chat)
         except RunStopped as stop:
             print(f"[stop] the final samples cut short after {stop.signal_name}")
-    return sample_texts(model, tokenizer, short_samples(config.sample), device, config.train.seed)
+    return sample_texts(model, tokenizer, short_samples(settings), device, config.train.seed, chat)
 
 
 def show_in_notebook(png: Path) -> None:

@@ -1,4 +1,4 @@
-"""## 15. Will it fit? A memory plan before anything is built
+"""## 16. Will it fit? A memory plan before anything is built
 
 A run that cannot fit should fail in seconds with advice, not an hour into training. The plan counts what one
 process holds: the weights (and their half-precision copies under autocast), their gradients, the optimizer's

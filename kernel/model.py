@@ -1,4 +1,4 @@
-"""## 9. The model
+"""## 10. The model
 
 A decoder-only transformer in two presets that share one implementation:
 
@@ -12,7 +12,7 @@ Keeping each preset exactly its namesake means a trained model exports to `trans
 loaded to start from (`model.init_from`). Pretrained models differ from the presets in details the model
 also holds exactly: grouped-query attention (fewer key/value heads than query heads), a head width that is
 not width / heads, any MLP width, an output head of its own (not tied to the embedding), their norms'
-epsilon and a position count longer than the training windows. Section 10 maps each of these tensors to its
+epsilon and a position count longer than the training windows. Section 11 maps each of these tensors to its
 name in a `transformers` checkpoint.
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernel.config import Config, ModelConfig
+from kernel.chat import IGNORED
 
 
 # --- Its parts ----------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """The model's parameters, a tied embedding counted once; LoRA's adapters (section 11) are not counted:
+        """The model's parameters, a tied embedding counted once; LoRA's adapters (section 12) are not counted:
         merged into the weights at export, they add none."""
         return sum(p.numel() for name, p in self.named_parameters() if ".lora_" not in name)
 
@@ -265,7 +266,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            # a target of IGNORED (a conversation's prompt or padding, section 8) is not trained on
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORED)
         return logits, loss
 
 

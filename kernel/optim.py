@@ -1,4 +1,4 @@
-"""## 14. Learning rate and optimizers
+"""## 15. Learning rate and optimizers
 
 The schedule: a linear warm-up to `train.lr`, then a cosine or a warmup-stable-decay (wsd) curve down to
 `train.min_lr`, ending at `train.max_steps` or, with a time budget, when the budget does, whichever comes

@@ -1,4 +1,4 @@
-"""## 19. Planning: the model a time budget can buy
+"""## 20. Planning: the model a time budget can buy
 
 With `model.size: auto` the run chooses its model's shape before training, for this device, this corpus and
 this budget (`train.time_budget`, 8 h by default on Kaggle), instead of taking `model.n_layer` / `n_embd` /

@@ -1,4 +1,4 @@
-"""## 16. Around the loop: metrics, progress, the clock, stop requests
+"""## 17. Around the loop: metrics, progress, the clock, stop requests
 
 The training loop's helpers, each with one job: `MetricsLog` appends `metrics.jsonl`; `Progress` is the
 progress bar (or, where a bar does not animate, such as a Save Version run or a log file, a line at the

@@ -1,4 +1,4 @@
-"""## 22. Report
+"""## 23. Report
 
 What people look at after a run: `loss.png` and a short summary in words. The figure shows train and
 validation loss against tokens seen (optimizer steps on the top axis, the learning rate on a second axis)

@@ -1,4 +1,4 @@
-"""## 20. Sampling
+"""## 21. Sampling
 
 Text from the trained model, `sample.num_samples` per prompt (the settings are the config's `sample`
 section; `python -m kernel sample` and `sample_from_run` change what they are given and keep a checkpoint's
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from kernel.env import SAMPLES_FILE, KernelError, resolve_device, write_atomic
 from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict, load_config, sample_problems
 from kernel.tokenization import HFTokenizer, Tokenizer, tokenizer_from_dict
+from kernel.chat import end_of_turn_id, question_ids
 from kernel.model import GPT, KVCache, build_model
 from kernel.hf_interop import apply_pretrained, is_model_folder, load_hf_weights
 from kernel.lora import load_lora_run
@@ -105,21 +106,32 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> tuple[list[int], int]:
 
 
 def sample_texts(model: GPT, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device,
-                 seed: int) -> list[tuple[str, str]]:
-    """[(prompt, prompt + continuation), ...]: settings.num_samples per prompt in settings.prompts."""
+                 seed: int, chat: bool = False) -> list[tuple[str, str]]:
+    """[(prompt, prompt + continuation), ...]: settings.num_samples per prompt in settings.prompts. `chat`:
+    each prompt is a question (or a conversation so far, a list of messages) put into the chat template,
+    and the sample is the answer, up to the end of the assistant's turn."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
+    stop = end_of_turn_id(tokenizer) if chat else tokenizer.eos_id
     samples = []
     for prompt in settings.prompts:
-        start, shown_from = prompt_ids(tokenizer, prompt)
+        start, shown_from = (question_ids(tokenizer, prompt), None) if chat else prompt_ids(tokenizer, prompt)
         idx = torch.tensor([start], dtype=torch.long, device=device)
         for _ in range(settings.num_samples):
             out = generate(model, idx, settings.max_new_tokens, settings.temperature, settings.top_k,
-                           settings.top_p, generator, tokenizer.eos_id, vocab_size=tokenizer.vocab_size)
-            samples.append((prompt, tokenizer.decode(out[0, shown_from:].tolist())))
+                           settings.top_p, generator, stop, vocab_size=tokenizer.vocab_size)
+            ids = out[0, len(start) if chat else shown_from:].tolist()
+            if chat and ids and ids[-1] == stop:
+                ids = ids[:-1]  # the end of the turn is where the answer stops, not part of it
+            samples.append((prompt_label(prompt), tokenizer.decode(ids)))
     model.train(was_training)
     return samples
+
+
+def prompt_label(prompt: str | list[dict]) -> str:
+    """A prompt as samples.txt names it: a conversation by its last turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 def sampling_settings(saved: SampleConfig, name=lambda key: key, **changes) -> SampleConfig:
@@ -170,14 +182,22 @@ def final_samples(text: str) -> str:
     return "".join(block for step, block in sample_blocks(text) if step is None and FINAL_HEADER.match(block))
 
 
+def run_prompts(settings: SampleConfig, data_prompts: list) -> SampleConfig:
+    """A chat run's samples ask the first validation conversations' questions, unless sample.prompts is set."""
+    if not data_prompts or settings.prompts != SampleConfig().prompts:
+        return settings
+    return dataclasses.replace(settings, prompts=list(data_prompts))
+
+
 class EvalSamples:
     """One short sample at each evaluation (`sample.eval_tokens` tokens from the first prompt, the run's seed,
     so samples at different steps compare), printed and kept in samples.txt. A resumed run keeps the blocks
     its run had taken up to the checkpoint's step. Sampling that fails says so once and stops: it is a view
     of the training, never a reason to end it. Rank 0 only."""
 
-    def __init__(self, path: Path, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device, seed: int):
-        self.path, self.tokenizer, self.device, self.seed = path, tokenizer, device, seed
+    def __init__(self, path: Path, tokenizer: Tokenizer, settings: SampleConfig, device: torch.device, seed: int,
+                 chat: bool = False):
+        self.path, self.tokenizer, self.device, self.seed, self.chat = path, tokenizer, device, seed, chat
         self.settings = dataclasses.replace(settings, prompts=settings.prompts[:1] or [""], num_samples=1,
                                             max_new_tokens=settings.eval_tokens)
         self.blocks: list[str] = []
@@ -203,7 +223,7 @@ class EvalSamples:
         if not self.enabled:
             return None
         try:
-            [(prompt, text)] = sample_texts(model, self.tokenizer, self.settings, self.device, self.seed)
+            [(prompt, text)] = sample_texts(model, self.tokenizer, self.settings, self.device, self.seed, self.chat)
         except Exception as err:  # noqa: BLE001 - e.g. a prompt the tokenizer cannot encode
             print(f"[warn] no samples at evaluations ({type(err).__name__}: {err})")
             self.enabled = False
@@ -233,7 +253,7 @@ def load_trained(path: str | Path, checkpoint: Checkpoint | None = None) -> tupl
 
 
 def load_transformers_folder(folder: Path) -> tuple[Config, Tokenizer, GPT]:
-    """A transformers model folder (a run's hf/, a downloaded or attached model) as section 10 reads it for
+    """A transformers model folder (a run's hf/, a downloaded or attached model) as section 11 reads it for
     model.init_from: its shape, tokenizer and weights; its generation_config.json's sampling settings, if any."""
     config = load_config(None, {"model.init_from": str(folder)}, "the sampled folder", pretrained=apply_pretrained)
     tokenizer = HFTokenizer.load(config.tokenizer.pretrained_name)
@@ -247,9 +267,10 @@ def load_transformers_folder(folder: Path) -> tuple[Config, Tokenizer, GPT]:
     return dataclasses.replace(config, sample=dataclasses.replace(config.sample, **sampling)), tokenizer, model
 
 
-def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device: str, name) -> str:
+def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device: str, name, chat: bool = False) -> str:
     """Samples from a checkpoint or a run folder. `changes`: sample.* values to use instead of the
-    checkpoint's (None keeps its own), checked before anything is loaded; a bad one is named by `name`."""
+    checkpoint's (None keeps its own), checked before anything is loaded; a bad one is named by `name`.
+    `chat`: the prompts are questions for a model trained on conversations (see sample_texts)."""
     sampling_settings(SampleConfig(), name, **changes)
     if not DEVICE_PATTERN.fullmatch(device):
         raise KernelError(f"{name('device')} must be auto, cpu, mps, cuda or cuda:N, got {device!r}")
@@ -264,15 +285,19 @@ def sample_checkpoint(path: str | Path, changes: dict, seed: int | None, device:
         config, tokenizer, model = load_trained(path, checkpoint)
     settings = sampling_settings(config.sample, name, **changes)
     seed = config.train.seed if seed is None else seed  # the run's own samples.txt used train.seed too
-    return format_samples(sample_texts(model.to(device), tokenizer, settings, device, seed))
+    return format_samples(sample_texts(model.to(device), tokenizer, settings, device, seed, chat))
 
 
 def sample_from_run(out_dir: str | Path, prompts: list[str] | str | None = None, *, max_new_tokens: int | None = None,
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    num_samples: int | None = None, seed: int | None = None, device: str = "auto") -> str:
+                    num_samples: int | None = None, seed: int | None = None, device: str = "auto",
+                    chat: list[str] | str | None = None) -> str:
     """Samples from the newest valid checkpoint of a run folder (the notebook's last cell). What is left None
-    is the run's own: its sample.* settings (SampleConfig's defaults unless the run set them) and train.seed."""
+    is the run's own: its sample.* settings (SampleConfig's defaults unless the run set them) and train.seed.
+    `chat`: questions (instead of prompts) for a model trained on conversations."""
+    if chat is not None:
+        prompts = chat
     prompts = [prompts] if isinstance(prompts, str) else prompts
     changes = dict(prompts=list(prompts) if prompts is not None else None, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
-    return sample_checkpoint(out_dir, changes, seed, device, lambda key: key)
+    return sample_checkpoint(out_dir, changes, seed, device, lambda key: key, chat=chat is not None)

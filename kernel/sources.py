@@ -216,21 +216,33 @@ def recorded(lines: Iterator[str], into: list[str]) -> Iterator[str]:
 def parquet_records(source: Source) -> Iterator:
     """Each row's text, read a batch at a time from its column alone (pyarrow: in Kaggle's image; locally
     `pip install pyarrow`)."""
-    try:
-        import pyarrow.parquet as pq
-        from pyarrow import types
-    except ImportError:
-        raise KernelError(f"{source.name} is a Parquet file, which needs the pyarrow package: "
-                          "pip install pyarrow (Kaggle's image has it)") from None
-    try:
-        table = pq.ParquetFile(io.BytesIO(open_member(source.path, source.member).read()) if source.member else source.path)
-    except Exception as err:  # pyarrow's own error types (ArrowInvalid, ...) for a file that is not Parquet
-        raise KernelError(f"{source.name} is not a readable Parquet file: {' '.join(str(err).split())}") from None
+    table = parquet_file(source)  # first: without pyarrow, its message
+    from pyarrow import types
+
     columns = {f.name: "" if types.is_string(f.type) or types.is_large_string(f.type) else None
                for f in table.schema_arrow}
     field = text_field_for(source, columns, "columns")
     top = field.split(".")[0]
-    batches = table.iter_batches(batch_size=4096, columns=[top])
+    for batch in parquet_batches(source, [top], table):
+        for value in batch.column(0).to_pylist():
+            yield field_value({top: value}, field)
+
+
+def parquet_file(source: Source):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise KernelError(f"{source.name} is a Parquet file, which needs the pyarrow package: "
+                          "pip install pyarrow (Kaggle's image has it)") from None
+    try:
+        return pq.ParquetFile(io.BytesIO(open_member(source.path, source.member).read()) if source.member else source.path)
+    except Exception as err:  # pyarrow's own error types (ArrowInvalid, ...) for a file that is not Parquet
+        raise KernelError(f"{source.name} is not a readable Parquet file: {' '.join(str(err).split())}") from None
+
+
+def parquet_batches(source: Source, columns: list[str] | None, table=None) -> Iterator:
+    """The file's record batches (of `columns`, or all), a damaged page one error naming the file."""
+    batches = (table or parquet_file(source)).iter_batches(batch_size=4096, columns=columns)
     while True:
         try:
             batch = next(batches, None)
@@ -240,13 +252,32 @@ def parquet_records(source: Source) -> Iterator:
                               "again, or leave it out of data.text_glob") from None
         if batch is None:
             return
-        for value in batch.column(0).to_pylist():
-            yield field_value({top: value}, field)
+        yield batch
 
 
 RECORD_READERS = {"jsonl": jsonl_records, "json": json_records, "csv": csv_records, "tsv": csv_records,
                   "parquet": parquet_records}
 TABULAR = {"csv", "tsv", "parquet"}  # their readers yield each row's text; the others yield whole records
+
+
+def whole_records(source: Source) -> Iterator:
+    """Every record whole (a CSV/TSV or Parquet row as a dict of its columns), for conversations, whose
+    turns span several fields; INVALID_JSON for a JSON Lines line that does not parse."""
+    with source.reading():
+        if source.format in ("csv", "tsv"):
+            csv.field_size_limit(2**31 - 1)
+            with source.open_text() as f:
+                reader = csv.DictReader(f, delimiter="\t" if source.format == "tsv" else ",")
+                try:
+                    yield from reader
+                except csv.Error as err:
+                    raise KernelError(f"{source.name}, line {reader.line_num}: not readable as "
+                                      f"{source.format.upper()} ({err})") from None
+        elif source.format == "parquet":
+            for batch in parquet_batches(source, columns=None):
+                yield from batch.to_pylist()
+        else:
+            yield from RECORD_READERS[source.format](source)
 
 
 def text_field_for(source: Source, record: dict, kind: str = "fields") -> str:

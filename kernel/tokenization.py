@@ -27,6 +27,7 @@ saved folder.
 """
 
 import array
+import copy
 import json
 import os
 import re
@@ -44,6 +45,12 @@ from kernel.env import KernelError, attached_folders, write_atomic
 
 END_OF_DOCUMENT = "<|endoftext|>"
 STATE_FILE = "kernel_tokenizer.json"
+# Conversations (section 8) in a tokenizer without a chat template of its own: ChatML's turn markers, added
+# to the vocabulary as special tokens, and this template (what transformers' apply_chat_template renders).
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+BUILT_IN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class Tokenizer(Protocol):
@@ -78,6 +85,17 @@ class RegisteredTokenizer:
     and restoring all go through these, so a new mode is a new subclass here and one entry in TOKENIZERS."""
     mode: str
     bos_id: int | None = None
+    chat_template: str | None = None  # a Jinja chat template (transformers' format) once it reads conversations
+
+    def with_chat(self) -> "RegisteredTokenizer":
+        """This tokenizer ready for conversations: its own chat template, or the built-in one with its turn
+        markers added to the vocabulary (new ids after the others)."""
+        raise NotImplementedError
+
+    def for_transformers(self):
+        """The same tokenizer as a transformers tokenizer (its chat template included): what `save` writes
+        and what conversations are rendered and encoded with."""
+        raise NotImplementedError
 
     @classmethod
     def build(cls, settings: TokenizerSettings, corpus: TrainingCorpus) -> "RegisteredTokenizer":
@@ -119,13 +137,19 @@ def read_state(folder: str | Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def save_for_transformers(folder: str | Path, backend: FastBackend, state: dict, **special_tokens) -> None:
-    """tokenizer.json + tokenizer_config.json (for AutoTokenizer) and our own state file."""
+def fast_tokenizer(backend: FastBackend, chat_template: str | None, **special_tokens):
     from transformers import PreTrainedTokenizerFast  # imported late: transformers is slow to import
 
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_for_transformers(folder: str | Path, tokenizer, state: dict) -> None:
+    """tokenizer.json + tokenizer_config.json (+ the chat template) for AutoTokenizer, and our own state file."""
     folder = Path(folder)
     with tempfile.TemporaryDirectory(dir=folder.parent if folder.parent.exists() else None) as staging:
-        PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         for name in sorted(os.listdir(staging)):
             write_atomic(folder / name, Path(staging, name).read_text(encoding="utf-8"))
     write_atomic(folder / STATE_FILE, json.dumps(state, ensure_ascii=False))
@@ -137,12 +161,15 @@ class CharTokenizer(RegisteredTokenizer):
     mode = "char"
     UNKNOWN = "\ufffd"  # what id 0 decodes to
 
-    def __init__(self, chars: list[str], end_of_text: bool = True):
+    def __init__(self, chars: list[str], end_of_text: bool = True, chat_template: str | None = None):
         self.chars = [self.UNKNOWN] + [c for c in chars if c != self.UNKNOWN]
         # The end-of-text token comes after the characters. Vocabularies saved before it existed have none
         # (their runs separated documents by a blank line) and load without it, so their models still fit.
         self.eos_id = len(self.chars) if end_of_text else None
-        self.vocab_size = len(self.chars) + end_of_text
+        # With conversations, the chat template's turn markers come after it.
+        self.chat_template = chat_template
+        self.special = ([END_OF_DOCUMENT] if end_of_text else []) + (list(CHAT_TOKENS) if chat_template else [])
+        self.vocab_size = len(self.chars) + len(self.special)
         # Sorted code points let numpy map a whole text at once (searchsorted), not one dict lookup per char.
         self._code_points = np.array([ord(c) for c in self.chars[1:]], dtype=np.int64)
         self._order = np.argsort(self._code_points)
@@ -163,7 +190,11 @@ class CharTokenizer(RegisteredTokenizer):
 
     @classmethod
     def from_dict(cls, state: dict) -> "CharTokenizer":
-        return cls(list(state["chars"]), end_of_text=bool(state.get("end_of_text", False)))
+        return cls(list(state["chars"]), end_of_text=bool(state.get("end_of_text", False)),
+                   chat_template=state.get("chat_template"))
+
+    def with_chat(self) -> "CharTokenizer":
+        return self if self.chat_template else CharTokenizer(self.chars[1:], True, BUILT_IN_CHAT_TEMPLATE)
 
     @classmethod
     def load(cls, folder: str | Path) -> "CharTokenizer":
@@ -178,37 +209,40 @@ class CharTokenizer(RegisteredTokenizer):
         return np.where(known, self._order[slots] + 1, 0)
 
     def encode(self, text: str) -> list[int]:
-        """The ids of the text; a literal `<|endoftext|>` in it is the end-of-text token (as in bpe_simple and
-        in the saved tokenizer.json). encode_array, for the corpus, reads every character as a character."""
-        if self.eos_id is None or END_OF_DOCUMENT not in text:
+        """The ids of the text; a literal `<|endoftext|>` (or a chat turn marker) in it is that special token
+        (as in bpe_simple and in the saved tokenizer.json). encode_array, for the corpus, reads every character
+        as a character."""
+        if not any(token in text for token in self.special):
             return self.encode_array(text).tolist()
         ids: list[int] = []
-        for i, part in enumerate(text.split(END_OF_DOCUMENT)):
-            ids += ([self.eos_id] if i else []) + self.encode_array(part).tolist()
+        for part in re.split(f"({'|'.join(map(re.escape, self.special))})", text):
+            ids += [len(self.chars) + self.special.index(part)] if part in self.special else self.encode_array(part).tolist()
         return ids
 
     def decode(self, ids) -> str:
-        names = self.chars + [END_OF_DOCUMENT] * (self.eos_id is not None)
+        names = self.chars + self.special
         return "".join(names[i] if 0 <= i < self.vocab_size else self.UNKNOWN for i in map(int, ids))
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "chars": self.chars[1:], "end_of_text": self.eos_id is not None}
+        state = {"mode": self.mode, "chars": self.chars[1:], "end_of_text": self.eos_id is not None}
+        return state | ({"chat_template": self.chat_template} if self.chat_template else {})
 
     def backend(self) -> FastBackend:
         """The same vocabulary as a `tokenizers` word-level model that splits text into single characters."""
-        vocabulary = {c: i for i, c in enumerate(self.chars)}
-        if self.eos_id is not None:
-            vocabulary[END_OF_DOCUMENT] = self.eos_id
+        vocabulary = {c: i for i, c in enumerate(self.chars + self.special)}
         backend = FastBackend(models.WordLevel(vocabulary, unk_token=self.UNKNOWN))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
-        if self.eos_id is not None:  # matched whole before the text is split into characters
-            backend.add_special_tokens([AddedToken(END_OF_DOCUMENT, special=True)])
+        # matched whole before the text is split into characters
+        backend.add_special_tokens([AddedToken(token, special=True) for token in self.special])
         return backend
 
-    def save(self, folder: str | Path) -> None:
+    def for_transformers(self):
         special = {"bos_token": END_OF_DOCUMENT, "eos_token": END_OF_DOCUMENT} if self.eos_id is not None else {}
-        save_for_transformers(folder, self.backend(), self.to_dict(), unk_token=self.UNKNOWN, **special)
+        return fast_tokenizer(self.backend(), self.chat_template, unk_token=self.UNKNOWN, **special)
+
+    def save(self, folder: str | Path) -> None:
+        save_for_transformers(folder, self.for_transformers(), self.to_dict())
 
 
 # --- bpe_simple ----------------------------------------------------------------------------------------
@@ -228,8 +262,8 @@ class BPETokenizer(RegisteredTokenizer):
     CACHE_LIMIT = 1_000_000  # segments per cache (~150 MB); cleared when full, so memory stays bounded
     BLOCK_CHARS = 1 << 16    # irregular text is retried in blocks of this size for the fast path
 
-    def __init__(self, backend: FastBackend):
-        self.backend = backend
+    def __init__(self, backend: FastBackend, chat_template: str | None = None):
+        self.backend, self.chat_template = backend, chat_template
         self.vocab_size = backend.get_vocab_size()
         self.eos_id = backend.token_to_id(END_OF_DOCUMENT)
         self._segment_ids: dict[str, bytes] = {}  # segment -> its ids as uint32 bytes
@@ -266,11 +300,19 @@ class BPETokenizer(RegisteredTokenizer):
 
     @classmethod
     def from_dict(cls, state: dict) -> "BPETokenizer":
-        return cls(FastBackend.from_str(state["tokenizer_json"]))
+        return cls(FastBackend.from_str(state["tokenizer_json"]), state.get("chat_template"))
 
     @classmethod
     def load(cls, folder: str | Path) -> "BPETokenizer":
-        return cls(FastBackend.from_file(str(Path(folder) / "tokenizer.json")))  # its state file holds only the mode
+        # its state file holds the mode and the chat template; tokenizer.json the rest
+        return cls(FastBackend.from_file(str(Path(folder) / "tokenizer.json")), read_state(folder).get("chat_template"))
+
+    def with_chat(self) -> "BPETokenizer":
+        if self.chat_template:
+            return self
+        backend = FastBackend.from_str(self.backend.to_str())
+        backend.add_special_tokens([AddedToken(token, special=True) for token in CHAT_TOKENS])
+        return BPETokenizer(backend, BUILT_IN_CHAT_TEMPLATE)
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
@@ -323,11 +365,15 @@ class BPETokenizer(RegisteredTokenizer):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "tokenizer_json": self.backend.to_str()}
+        state = {"mode": self.mode, "tokenizer_json": self.backend.to_str()}
+        return state | ({"chat_template": self.chat_template} if self.chat_template else {})
+
+    def for_transformers(self):
+        return fast_tokenizer(self.backend, self.chat_template, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT)
 
     def save(self, folder: str | Path) -> None:
-        save_for_transformers(folder, self.backend, {"mode": self.mode}, bos_token=END_OF_DOCUMENT,
-                              eos_token=END_OF_DOCUMENT)
+        state = {"mode": self.mode} | ({"chat_template": self.chat_template} if self.chat_template else {})
+        save_for_transformers(folder, self.for_transformers(), state)
 
 
 # A space right after whitespace (a space included) may not be a cut: texts with one take the regex path.
@@ -412,8 +458,12 @@ def cached_or_downloaded(auto_class, name: str):
 class HFTokenizer(RegisteredTokenizer):
     mode = "hf"
 
-    def __init__(self, hf_tokenizer, name: str):
+    def __init__(self, hf_tokenizer, name: str, chat: bool = False):
         self.hf, self.name = hf_tokenizer, name
+        # Its own template (in tokenizer_config.json) is only part of its state once it reads conversations,
+        # so checkpoints of plain-text runs compare equal to the folder whatever templates it holds.
+        template = hf_tokenizer.chat_template if isinstance(hf_tokenizer.chat_template, str) else None
+        self.chat_template = template if chat else None
         self.vocab_size = len(hf_tokenizer)
         self.eos_id = hf_tokenizer.eos_token_id
         self.bos_id = added_bos(hf_tokenizer)
@@ -441,7 +491,22 @@ class HFTokenizer(RegisteredTokenizer):
         hf = PreTrainedTokenizerFast(tokenizer_object=FastBackend.from_str(state["tokenizer_json"]),
                                      clean_up_tokenization_spaces=state["clean_up_tokenization_spaces"],
                                      **state["special_tokens"])
-        return cls(hf, state["name"])
+        hf.chat_template = state.get("chat_template")
+        return cls(hf, state["name"], chat="chat_template" in state)
+
+    def with_chat(self) -> "HFTokenizer":
+        """Its own chat template (Qwen3's, Llama 3's...), or the built-in one and its markers added."""
+        if self.chat_template:
+            return self
+        if isinstance(self.hf.chat_template, str):
+            return HFTokenizer(self.hf, self.name, chat=True)
+        hf = copy.deepcopy(self.hf)
+        hf.add_tokens([AddedToken(token, special=True) for token in CHAT_TOKENS], special_tokens=True)
+        hf.chat_template = BUILT_IN_CHAT_TEMPLATE
+        return HFTokenizer(hf, self.name, chat=True)
+
+    def for_transformers(self):
+        return self.hf
 
     @classmethod
     def current_state(cls, settings: TokenizerSettings) -> dict | None:
@@ -498,7 +563,7 @@ class HFTokenizer(RegisteredTokenizer):
             state.update(tokenizer_json=self.hf.backend_tokenizer.to_str(),
                          special_tokens={k: str(v) for k, v in self.hf.special_tokens_map.items() if isinstance(v, str)},
                          clean_up_tokenization_spaces=bool(self.hf.clean_up_tokenization_spaces))
-        return state
+        return state | ({"chat_template": self.chat_template} if self.chat_template else {})
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

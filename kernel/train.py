@@ -1,11 +1,11 @@
-"""## 18. Training
+"""## 19. Training
 
 The loop: mixed precision chosen by the hardware, gradient accumulation, the optimizer and learning-rate
-schedule of section 14, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
-(section 13).
+schedule of section 15, gradient clipping, periodic evaluation, a JSON-lines metrics file and checkpoints
+(section 14).
 
 A step learns from the global batch, `batch_size x grad_accum_steps` sequences: a `BatchPlan` splits it into
-each process's share (section 12) and that share into micro-batches whose gradients accumulate, which gives
+each process's share (section 13) and that share into micro-batches whose gradients accumulate, which gives
 the same gradient as one big batch. A step whose loss or gradients are not finite updates nothing (the run
 stops after `train.nan_patience` such losses in a row); with one GPU, a step that runs out of memory is
 retried with smaller micro-batches, the batch unchanged. `train()` at the end reads top to bottom: a
@@ -28,7 +28,7 @@ from kernel.env import (CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, METRICS_FILE,
                         precision_advice, write_atomic)
 from kernel.values import interval_seconds
 from kernel.config import Config, TrainConfig, config_to_dict, config_to_yaml
-from kernel.data import BatchSampler, TokenData
+from kernel.data import TokenData
 from kernel.model import GPT, build_model
 from kernel.hf_interop import find_model_folder, load_hf_weights
 from kernel.lora import adapter_state, build_lora_model, check_same_base, hold_base_in, load_adapters
@@ -80,8 +80,8 @@ def evaluate(model, data: TokenData, config: Config, device, dtype, processes: P
     several processes each evaluates every world_size-th batch and the sums are added up."""
     model.eval()
     losses = {}
-    for split, tokens in (("train", data.train), ("val", data.val)):
-        sampler = BatchSampler(tokens, config.model.block_size, config.train.batch_size, config.train.seed + 1)
+    for split in ("train", "val"):
+        sampler = data.sampler(split, config.model.block_size, config.train.batch_size, config.train.seed + 1)
         total = torch.zeros((), device=device)
         for index in range(config.train.eval_batches):
             x, y = sampler.next_batch()
@@ -284,9 +284,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
         # The same stream on every process: each step draws the global batch and a process takes its share.
-        self.sampler = BatchSampler(data.train, config.model.block_size, self.t.batch_size, self.t.seed)
+        self.sampler = data.sampler("train", config.model.block_size, self.t.batch_size, self.t.seed)
+        # Conversations (padded rows, section 8) count the context's positions: an upper bound, so no MFU.
         self.tokens_per_step = self.t.batch_size * self.t.grad_accum_steps * config.model.block_size
-        peak = peak_flops(device, dtype)
+        peak = None if data.chat else peak_flops(device, dtype)
         self.peak = peak * processes.world_size if peak else None  # every process's device works on the step
         self.flops_per_token = self.model.flops_per_token()
         self.window = LossWindow(device, clock.now)
@@ -321,7 +322,8 @@ class Trainer:
         elif self.config.model.init_from and not self.lora:  # a new run starts from the pretrained weights (LoRA's
             # were loaded when its model was built); a resumed one has its own
             folder = find_model_folder(self.config.model.init_from)
-            print(f"[train] starting from {folder}: {load_hf_weights(self.model, folder)} tensors loaded")
+            loaded = load_hf_weights(self.model, folder, self.data.tokenizer.vocab_size)
+            print(f"[train] starting from {folder}: {loaded} tensors loaded")
         if self.processes.distributed:
             print(f"[dist] {self.processes.world_size} processes, each {state.plan.micro_batch} x "
                   f"{state.plan.accumulation} accumulation of the global batch of {state.plan.global_batch} sequences")
