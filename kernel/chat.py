@@ -168,13 +168,9 @@ class ChatEncoder:
         self.max_tokens, self.loss_on = max_tokens, loss_on
         self.turn_end = turn_end(self.hf)
 
-    def ids(self, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-        """Exactly what `apply_chat_template(messages, tokenize=True)` gives."""
-        return self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                           return_dict=True)["input_ids"]
-
     def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray, bool] | str:
-        """(ids, mask, whether it was cut) cut to max_tokens, or why the conversation cannot train."""
+        """(ids, mask, whether it was cut) cut to max_tokens, or why the conversation cannot train. The ids
+        are exactly `apply_chat_template(messages, tokenize=True)`'s: the rendered text, encoded."""
         text = self.hf.apply_chat_template(messages, tokenize=False)
         encoded = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = answer_spans(text, messages, self.turn_end)
@@ -236,17 +232,23 @@ def answer_spans(text: str, messages: list[dict], end: str) -> list[tuple[int, i
 
 def question_ids(tokenizer: Tokenizer, prompt: str | list[dict]) -> list[int]:
     """A question (or a conversation so far) in the chat template, ending where the assistant's answer starts."""
-    if not tokenizer.chat_template:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return templated(tokenizer).apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"]
+
+
+def templated(tokenizer: Tokenizer):
+    """The transformers tokenizer with its chat template (a transformers folder's carries it there)."""
+    hf = tokenizer.for_transformers()
+    if not isinstance(hf.chat_template, str):
         raise KernelError("this model was not trained on conversations (its tokenizer has no chat template): "
                           "sample it with --prompt, which continues the text")
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.for_transformers().apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                             return_dict=True)["input_ids"]
+    return hf
 
 
 def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
     """The id that ends an assistant's turn, where the template ends it with one token: generation stops there."""
-    hf = tokenizer.for_transformers()
+    hf = templated(tokenizer)
     ids = hf(turn_end(hf), add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else tokenizer.eos_id
 

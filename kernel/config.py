@@ -384,6 +384,8 @@ def load_config(source: str | None = None, overrides: Mapping | Sequence[str] | 
         apply_layer(config, layer, origin)
         if Path(origin).name not in BUNDLED_CONFIGS:
             chosen.update({f"{section}.{key}": origin for section, values in layer.items() for key in values})
+    if config.model.arch == "gpt2" and config.model.qk_norm and "model.qk_norm" not in chosen:
+        config.model.qk_norm = False  # a preset's QK-norm (llama only) does not follow a user's switch to gpt2
     given_shape = [key for key in SHAPE_KEYS if key in chosen]
     if config.model.size and given_shape and "model.size" not in chosen:  # the user's shape, not the preset's plan
         print(f"[config] {', '.join(given_shape)} given: the preset's model.size={config.model.size} is not used")

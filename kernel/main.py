@@ -279,7 +279,7 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
         "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "flops_per_token": result.model.flops_per_token(),
         "steps": result.step, "tokens": result.tokens, "train_seconds": result.train_seconds,
         "sessions": result.sessions,  # one per session (notebook version): the totals above cover them all
-        "wall_s": result.wall_s, "params": result.model.num_params(),
+        "wall_s": result.wall_s, "setup_s": result.setup_s, "params": result.model.num_params(),
         "params_trainable": count_parameters(result.model)[0], "device": str(device),
         "processes": processes.world_size,
         "dtype": dtype_name(prepared.dtype), "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,

@@ -50,7 +50,8 @@ def memory_needed(config: Config, vocab_size: int, dtype: torch.dtype, training:
     model = model_shape(config, vocab_size)  # the exact shape, without allocating it
     c, params, width = model.config, model.num_params(), torch.finfo(dtype).bits // 8  # bytes per activation
     tokens = (micro_batch or config.train.batch_size) * config.model.block_size
-    layer = tokens * width * ACTIVATIONS_PER_TOKEN[c.arch](c.n_embd, c.mlp_hidden)
+    per_token = ACTIVATIONS_PER_TOKEN[c.arch](c.n_embd, c.mlp_hidden) + (qk_norm_activations(c) if c.qk_norm else 0)
+    layer = tokens * width * per_token
     trainable = adapter_parameters(config, vocab_size) if config.train.lora_rank else params
     if config.train.lora_rank:  # the frozen base in the training dtype on a GPU (no fp32 copy), fp32 adapters
         needed = {"weights": params * (width if device_type == "cuda" else 4) + 4 * trainable}
@@ -82,6 +83,11 @@ def adapter_parameters(config: Config, vocab_size: int) -> int:
 # torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py checks them). SwiGLU keeps its gate and up
 # projections and their product; GPT-2's GELU MLP less.
 ACTIVATIONS_PER_TOKEN = {"llama": lambda width, mlp: 12 * width + 4 * mlp, "gpt2": lambda width, mlp: 8 * width + 2 * mlp}
+def qk_norm_activations(c) -> int:
+    """QK-norm (Qwen3) keeps each query and key head's input and its RMS for the backward pass."""
+    return (c.n_head + c.n_kv_head) * (c.head_dim + 1)
+
+
 CUDA_CONTEXT_BYTES = 450 * 2**20  # the CUDA context, cuBLAS and cuDNN workspaces: outside torch's allocator
 
 

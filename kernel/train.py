@@ -196,6 +196,7 @@ class TrainResult:
     mfu: float | None = None  # model FLOPs utilisation of this process's training
     history: list = field(default_factory=list)
     sessions: list = field(default_factory=list)  # one entry per session that trained (checkpoint.py)
+    setup_s: float = 0.0     # this session: from the run's start (where a budget starts) to its first step
 
 
 # --- Sessions: one training over several runs (notebook versions) -----------------------------------------
@@ -511,7 +512,8 @@ class Trainer:
                            wall_s=self.clock.elapsed(), train_seconds=round(total_seconds(sessions), 3),
                            stopped_by=state.stopped_by,
                            resumed_from=str(resumed_from) if resumed_from is not None else None,
-                           best=state.best, history=state.history, sessions=sessions)
+                           best=state.best, history=state.history, sessions=sessions,
+                           setup_s=round(self.clock.loop_started - self.clock.run_started, 3))
 
 
 # --- The loop, top to bottom -------------------------------------------------------------------------

@@ -200,6 +200,12 @@ def test_a_from_scratch_chat_run_exports_its_template_and_answers_on_the_command
     capsys.readouterr()
     assert cli(["sample", str(tmp_path / "run"), "--chat", "a question", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith(f"=== sample 1 | prompt 'a question' ===\n{ANSWER}\n")
+    assert cli(["sample", str(tmp_path / "run" / "hf"), "--chat", "a question", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith(f"=== sample 1 | prompt 'a question' ===\n{ANSWER}\n")
+    run(load_config("llm_cpu.yaml", {**TINY, "train.max_steps": 2}), tmp_path / "text-run")  # no conversations
+    capsys.readouterr()
+    assert cli(["sample", str(tmp_path / "text-run"), "--chat", "a question"]) == 2
+    assert "this model was not trained on conversations" in capsys.readouterr().err
 
 
 def test_a_model_without_a_template_or_spare_rows_gets_the_markers_as_new_rows(tmp_path):

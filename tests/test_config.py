@@ -142,3 +142,15 @@ def test_a_misspelled_synonym_is_pointed_at_the_key_it_means_and_nonsense_gets_t
         load_config(None, {"train.num_train_epoch": 3})
     with pytest.raises(ConfigError, match=r"unknown key 'train.zzzzzz'; valid: data.cache_dir"):
         load_config(None, {"train.zzzzzz": 3})
+
+
+def test_a_users_own_choice_turns_off_the_presets_setting_that_depends_on_it(capsys):
+    """The presets' model.size=auto (GPU) and QK-norm (CPU) give way to a shape or an architecture the user sets;
+    set together by the user they are what the user asked for (or an error that says why)."""
+    shaped = load_config("llm_kaggle_t4.yaml", {"model.n_layer": 8})
+    assert (shaped.model.size, shaped.model.n_layer) == ("", 8)
+    assert "model.n_layer given: the preset's model.size=auto is not used" in capsys.readouterr().out
+    assert load_config("llm_kaggle_t4.yaml", {"model.n_layer": 8, "model.size": "auto"}).model.size == "auto"
+    assert load_config("llm_cpu.yaml").model.qk_norm and not load_config("llm_cpu.yaml", {"model.arch": "gpt2"}).model.qk_norm
+    with pytest.raises(ConfigError, match="'model.qk_norm' needs model.arch=llama"):
+        load_config("llm_cpu.yaml", {"model.arch": "gpt2", "model.qk_norm": True})

@@ -42,9 +42,9 @@ def saved_for_backward(model, tokens: torch.Tensor) -> int:
     return sum(n for pointer, n in saved.items() if pointer not in weights)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_the_estimate_matches_what_a_real_model_holds(arch):
-    config = load_config("llm_cpu.yaml", {**SMALL, "model.arch": arch})
+@pytest.mark.parametrize("arch, qk_norm", [("llama", True), ("llama", False), ("gpt2", False)])
+def test_the_estimate_matches_what_a_real_model_holds(arch, qk_norm):
+    config = load_config("llm_cpu.yaml", {**SMALL, "model.arch": arch, "model.qk_norm": qk_norm})
     model = build_model(config, 500)
     optimizer = make_optimizer(model, config.train, torch.device("cpu"))
     tokens = torch.randint(500, (8, 128))
@@ -57,7 +57,7 @@ def test_the_estimate_matches_what_a_real_model_holds(arch):
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     assert estimate["optimizer state"] == tensors(state)  # AdamW's two moments
     # what each layer keeps for the backward pass: the difference between 4 and 2 layers, measured and estimated
-    two = load_config("llm_cpu.yaml", {**SMALL, "model.arch": arch, "model.n_layer": 2})
+    two = load_config("llm_cpu.yaml", {**SMALL, "model.arch": arch, "model.qk_norm": qk_norm, "model.n_layer": 2})
     measured = (saved_for_backward(model, tokens) - saved_for_backward(build_model(two, 500), tokens)) / 2
     estimated = (estimate["activations"] - memory_needed(two, 500, torch.float32, True, 8)["activations"]) / 2
     assert measured == pytest.approx(estimated, rel=0.02)
