@@ -310,12 +310,16 @@ def session_text(session: dict) -> str:
 def data_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:
     d, tokenizer = facts.run.data, facts.tokenizer
     rows = [("source", facts.data_source())]
-    for key, label in (("documents", "documents"), ("chars", "characters"), ("bytes", "bytes"),
-                       ("train_tokens", "training split, tokens"), ("val_tokens", "validation split, tokens")):
+    for key, label in (("conversations", "conversations"), ("documents", "documents"), ("chars", "characters"),
+                       ("bytes", "bytes"), ("train_tokens", "training split, tokens"),
+                       ("val_tokens", "validation split, tokens")):
         if key in d:
             rows.append((label, f"{d[key]:,}"))
+    if "loss_on" in d:  # conversations (section 8)
+        rows.append(("trained on", "the assistant's answers only" if d["loss_on"] == "assistant" else "every token"))
     end = "`<|endoftext|>` between documents" if tokenizer.eos_id is not None else "no end-of-text token"
-    return rows + [("tokenizer", f"{tokenizer.mode}, {tokenizer.vocab_size:,} tokens, {end}")]
+    template = f", {d.get('chat_template', 'its own')} chat template" if tokenizer.chat_template else ""
+    return rows + [("tokenizer", f"{tokenizer.mode}, {tokenizer.vocab_size:,} tokens, {end}{template}")]
 
 
 def model_rows(facts: ModelCardFacts) -> list[tuple[str, str]]:
@@ -334,10 +338,15 @@ def card_usage(facts: ModelCardFacts) -> str:
     s, context = facts.config.sample, facts.model.config.max_positions
     settings = (f"temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}" if s.temperature > 0
                 else "greedy decoding")
+    if facts.tokenizer.chat_template:  # a chat model: asked with messages, in its template
+        call = ['chat = [{"role": "user", "content": "Hello!"}]',
+                'print(generator(chat)[0]["generated_text"][-1]["content"])  # the answer, up to the end of its turn']
+    else:
+        call = ["print(generator(\"The \")[0][\"generated_text\"])"]
     return "\n".join([
         "```python", "from transformers import pipeline", "",
         f"generator = pipeline(\"text-generation\", model={json.dumps(facts.location)})  # this folder, or its Hub id",
-        "print(generator(\"The \")[0][\"generated_text\"])", "```", "",
+        *call, "```", "",
         f"The generation config holds the run's sampling settings ({settings}) and `max_length` = {context}, the "
         "model's context, prompt included: transformers' model classes cannot slide a window "
         "past it, so generation stops there (or at `<|endoftext|>`). For longer text, `python -m kernel sample` "

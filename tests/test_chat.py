@@ -190,6 +190,10 @@ def test_a_from_scratch_chat_run_exports_its_template_and_answers_on_the_command
                                           "train.lr": 3e-3})
     summary = run(config, tmp_path / "run")
     assert summary["data"]["chat_template"] == "built-in" and summary["val_loss"] < 0.2
+    card = (tmp_path / "run" / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "| trained on | the assistant's answers only |" in card
+    assert f"| conversations | {summary['data']['conversations']} |" in card and summary["data"]["conversations"] > 100
+    assert 'print(generator(chat)[0]["generated_text"][-1]["content"])' in card
     saved = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "hf"))
     messages = conversation(json.loads(data.read_text(encoding="utf-8").splitlines()[0]))
     from kernel.checkpoint import given_checkpoint
