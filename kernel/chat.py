@@ -13,8 +13,9 @@ and the loss is taken on the assistant's answers only.
 * **The template**: the tokenizer's own chat template (a pretrained model's: Qwen3's, Llama 3's...), else
   a built-in one (ChatML's `<|im_start|>` / `<|im_end|>`, added to the vocabulary). The tokenizer saved
   into `hf/` carries it, so `tokenizer.apply_chat_template(messages)` gives exactly the ids trained on.
-* **The loss** (`train.loss_on`): `assistant` (the default) trains on each answer's text and the token
-  that ends its turn, so the model learns to stop; `all` on every token. The validation loss is taken on
+* **The loss** (`train.loss_on`): `assistant` (the default) trains on each answer: its text, what the
+  template writes between the turn's header and it (Qwen3's empty `<think>` block: the model writes it when
+  asked) and the token that ends the turn, so the model learns to stop; `all` on every token. The validation loss is taken on
   the same tokens.
 * **Batches**: one conversation per row, padded to the longest in the batch: conversations never attend to
   one another, and each starts at position 0 as it will when the model is asked. A conversation longer
@@ -166,14 +167,14 @@ class ChatEncoder:
     def __init__(self, tokenizer: Tokenizer, max_tokens: int, loss_on: str):
         self.tokenizer, self.hf = tokenizer, tokenizer.for_transformers()
         self.max_tokens, self.loss_on = max_tokens, loss_on
-        self.turn_end = turn_end(self.hf)
+        self.turn_end, self.header = turn_end(self.hf), answer_header(self.hf)
 
     def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray, bool] | str:
         """(ids, mask, whether it was cut) cut to max_tokens, or why the conversation cannot train. The ids
         are exactly `apply_chat_template(messages, tokenize=True)`'s: the rendered text, encoded."""
         text = self.hf.apply_chat_template(messages, tokenize=False)
         encoded = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-        spans = answer_spans(text, messages, self.turn_end)
+        spans = answer_spans(text, messages, self.turn_end, self.header)
         if spans is None:
             return "its answer's text changed by the chat template"
         ids = np.array(encoded["input_ids"], dtype=np.int64)
@@ -207,9 +208,18 @@ def turn_end(hf) -> str:
     return max(special, key=len) if special else after.split("\n")[0]
 
 
-def answer_spans(text: str, messages: list[dict], end: str) -> list[tuple[int, int]] | None:
-    """The character spans of each answer in the rendered text, with the turn's end marker; None when an
-    answer's text is not found in order (a template that rewrites answers)."""
+def answer_header(hf) -> str:
+    """What the template writes to open the assistant's turn (what add_generation_prompt adds)."""
+    question = [{"role": "user", "content": "a"}]
+    plain = hf.apply_chat_template(question, tokenize=False)
+    return hf.apply_chat_template(question, tokenize=False, add_generation_prompt=True).removeprefix(plain)
+
+
+def answer_spans(text: str, messages: list[dict], end: str, header: str = "") -> list[tuple[int, int]] | None:
+    """The character spans of each answer in the rendered text: from the end of its turn's header (so what a
+    template puts between them, such as Qwen3's empty `<think>` block, is trained on: the model must write it
+    when asked) to the turn's end marker; None when an answer's text is not found in order (a template that
+    rewrites answers)."""
     spans, cursor = [], 0
     for message in messages:
         content = message["content"]
@@ -225,7 +235,8 @@ def answer_spans(text: str, messages: list[dict], end: str) -> list[tuple[int, i
         if message["role"] == "assistant":
             if end and text.startswith(end, stop):
                 stop += len(end)
-            spans.append((start, stop))
+            opened = text.rfind(header, cursor, start) if header else -1
+            spans.append((opened + len(header) if opened >= 0 else start, stop))
         cursor = stop
     return spans
 

@@ -232,3 +232,22 @@ def test_a_model_without_a_template_or_spare_rows_gets_the_markers_as_new_rows(t
     assert torch.allclose(exported[300:], source.mean(0).expand(20, -1))
     saved = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "hf"))
     assert saved.convert_tokens_to_ids(list(CHAT_TOKENS)) == [300, 301]
+
+
+def test_what_a_template_puts_between_the_header_and_the_answer_is_trained_on(tmp_path):
+    """Qwen3's template writes an empty `<think>` block before the last answer: the model must write it itself
+    when asked (the generation prompt ends at the header), so it is part of what is trained on."""
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+                "{% if m['role'] == 'assistant' and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+                "{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    backend = BPETokenizer.train([TEXT], vocab_size=300).backend
+    backend.add_special_tokens([AddedToken(token, special=True) for token in CHAT_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(tmp_path / "tok")
+    encoder = ChatEncoder(HFTokenizer.load(tmp_path / "tok").with_chat(), 1000, "assistant")
+    messages = conversation(RECORDS["messages"][0])
+    ids, mask, _ = encoder.encode(messages)
+    assert encoder.header == "<|im_start|>assistant\n"
+    assert tokenizer.decode(ids[mask].tolist()) == "Bonjour<|im_end|><think>\n\n</think>\n\nDe rien<|im_end|>"
