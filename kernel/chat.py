@@ -18,7 +18,8 @@ and the loss is taken on the assistant's answers only.
   asked) and the token that ends the turn, so the model learns to stop; `all` on every token. The validation loss is taken on
   the same tokens.
 * **Batches**: one conversation per row, padded to the longest in the batch: conversations never attend to
-  one another, and each starts at position 0 as it will when the model is asked. A conversation longer
+  one another, and each starts at position 0 as it will when the model is asked. The rows of a batch are
+  of similar length (drawn 50 batches at a time and grouped), so padding stays small. A conversation longer
   than `model.block_size` + 1 tokens is cut there and counted (and skipped if no answer is left).
 """
 
@@ -339,21 +340,37 @@ def prompt_of(messages: list[dict]) -> list[dict]:
 
 # --- Batches: one conversation per row ----------------------------------------------------------------------
 
+GROUPED_BATCHES = 50  # batches drawn at once and grouped by length (as transformers' group_by_length)
+
+
 class ConversationSampler:
     """Random rows (conversations, or pieces of text documents) of one split, padded to the longest in
     the batch; targets of untrained tokens and of padding are IGNORED. Same interface and state as the
-    window sampler (section 9)."""
+    window sampler (section 9). Rows of similar length go together: GROUPED_BATCHES batches' worth are
+    drawn at once, sorted by length, cut into batches, and those served in random order, so padding stays
+    small (BENCHMARKS 10) while every row is still drawn at random."""
 
     def __init__(self, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, batch_size: int, seed: int,
                  pad_id: int):
         self.ids, self.mask, self.offsets, self.batch_size, self.pad_id = ids, mask, offsets, batch_size, pad_id
         self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[list[int]] = []  # the grouped batches not served yet
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.windows(self.draw(self.batch_size))
 
     def draw(self, count: int) -> torch.Tensor:
-        return torch.randint(len(self.offsets) - 1, (count,), generator=self.generator)
+        """The rows of the next batch of `count` (a step's global batch: each process takes its slice)."""
+        if not self.pending or len(self.pending[0]) != count:
+            self.pending = self.grouped(count)
+        return torch.tensor(self.pending.pop(0), dtype=torch.int64)
+
+    def grouped(self, count: int) -> list[list[int]]:
+        rows = torch.randint(len(self.offsets) - 1, (count * GROUPED_BATCHES,), generator=self.generator)
+        lengths = torch.from_numpy(np.diff(np.asarray(self.offsets)))[rows]
+        by_length = rows[torch.argsort(lengths, stable=True)].tolist()
+        batches = [by_length[i:i + count] for i in range(0, len(by_length), count)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
 
     def windows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows.tolist()]
@@ -368,7 +385,8 @@ class ConversationSampler:
         return x, y
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "pending": [list(batch) for batch in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.pending = [list(batch) for batch in state.get("pending", [])]

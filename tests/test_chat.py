@@ -251,3 +251,42 @@ def test_what_a_template_puts_between_the_header_and_the_answer_is_trained_on(tm
     ids, mask, _ = encoder.encode(messages)
     assert encoder.header == "<|im_start|>assistant\n"
     assert tokenizer.decode(ids[mask].tolist()) == "Bonjour<|im_end|><think>\n\n</think>\n\nDe rien<|im_end|>"
+
+
+def test_batches_are_grouped_by_length_and_a_restored_sampler_draws_the_same_ones():
+    from kernel.chat import GROUPED_BATCHES
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=1000)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.zeros(offsets[-1], dtype=np.int64)
+    sampler = ConversationSampler(ids, np.ones_like(ids, dtype=bool), offsets, batch_size=8, seed=3, pad_id=0)
+    batches = [sampler.draw(8) for _ in range(GROUPED_BATCHES)]
+    padding = lambda rows: 1 - lengths[rows].sum() / (len(rows) * lengths[rows].max())
+    assert np.mean([padding(b.numpy()) for b in batches]) < 0.05  # random batches of these: ~45% padding
+    assert len({tuple(b.tolist()) for b in batches}) == GROUPED_BATCHES and all(len(b) == 8 for b in batches)
+    sampler.draw(8), sampler.draw(8)  # into the next group
+    state = sampler.state_dict()
+    ahead = [sampler.draw(8).tolist() for _ in range(GROUPED_BATCHES)]
+    restored = ConversationSampler(ids, np.ones_like(ids, dtype=bool), offsets, batch_size=8, seed=99, pad_id=0)
+    restored.load_state_dict(state)
+    assert [restored.draw(8).tolist() for _ in range(GROUPED_BATCHES)] == ahead
+
+
+@pytest.mark.slow
+def test_a_chat_run_stopped_and_resumed_trains_exactly_as_one_that_ran_straight(tmp_path, monkeypatch):
+    import kernel.train as train_module
+    from tests.test_hardening import signal_myself_then
+
+    data = conversations_file(tmp_path / "chats.jsonl", count=120)
+    config = load_config("llm_cpu.yaml", {**TINY, "data.text_glob": str(data), "tokenizer.mode": "bpe_simple",
+                                          "tokenizer.vocab_size": 300, "model.block_size": 64, "train.max_steps": 30,
+                                          "train.eval_interval": 15})
+    straight = run(config, tmp_path / "straight")
+    with monkeypatch.context() as patch:  # SIGTERM during step 12: the run stops after it, with a checkpoint
+        patch.setattr(train_module, "train_step", signal_myself_then(train_module.train_step, at_call=12))
+        assert run(config, tmp_path / "resumed")["steps"] == 12
+    resumed = run(config, tmp_path / "resumed")
+    assert resumed["resumed_from"] and resumed["val_loss"] == straight["val_loss"]
+    losses = lambda folder: [r["train_loss"] for r in map(json.loads, (folder / "metrics.jsonl").open())
+                             if "train_loss" in r]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
