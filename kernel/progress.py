@@ -180,25 +180,25 @@ class LossWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.total, self.steps, self.started = torch.zeros((), device=self.device), 0, self.now()
+        self.total, self.steps, self.tokens, self.started = torch.zeros((), device=self.device), 0, 0, self.now()
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
         self.total += loss
-        self.steps += 1
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
 
     def mean(self) -> float:
         return (self.total / self.steps).item()
 
     def state(self) -> dict:
         """For checkpoints: a resumed run's first log line then averages the same steps as a straight run's."""
-        return {"sum": self.total.item(), "steps": self.steps}
+        return {"sum": self.total.item(), "steps": self.steps, "tokens": self.tokens}
 
     def restore(self, state: dict) -> None:
         self.total = torch.tensor(state["sum"], dtype=torch.float32, device=self.device)
-        self.steps = state["steps"]
+        self.steps, self.tokens = state["steps"], state.get("tokens", 0)  # older checkpoints: not kept
 
-    def tokens_per_s(self, tokens_per_step: int) -> float:
-        return self.steps * tokens_per_step / (self.now() - self.started)
+    def tokens_per_s(self) -> float:
+        return self.tokens / (self.now() - self.started)
 
 
 # --- Stop signals --------------------------------------------------------------------------------------

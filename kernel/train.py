@@ -160,7 +160,8 @@ class LoopState:
     """What changes as the run goes; a checkpoint saves it and a resumed run starts from it."""
     plan: BatchPlan
     step: int = 0
-    tokens: int = 0
+    tokens: int = 0                                   # positions trained on (the padding of conversations too)
+    step_tokens: int = 0                              # ... in the last step
     train_loss: float = float("nan")                  # the last logged training loss
     last_eval: dict = field(default_factory=dict)     # the last evaluation's metrics line
     best: dict = field(default_factory=dict)          # {"step", "val_loss"} of the best checkpoint kept
@@ -286,9 +287,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
         # The same stream on every process: each step draws the global batch and a process takes its share.
         self.sampler = data.sampler("train", config.model.block_size, self.t.batch_size, self.t.seed)
-        # Conversations (padded rows, section 8) count the context's positions: an upper bound, so no MFU.
+        # at most: conversations (section 8) come in rows no longer than their batch's longest
         self.tokens_per_step = self.t.batch_size * self.t.grad_accum_steps * config.model.block_size
-        peak = None if data.chat else peak_flops(device, dtype)
+        peak = peak_flops(device, dtype)
         self.peak = peak * processes.world_size if peak else None  # every process's device works on the step
         self.flops_per_token = self.model.flops_per_token()
         self.window = LossWindow(device, clock.now)
@@ -407,7 +408,10 @@ class Trainer:
         state.nonfinite_run = 0 if loss_finite else state.nonfinite_run + 1
         if state.nonfinite_run >= self.t.nan_patience:
             raise nonfinite_error(self.t, state.step + 1, self.ckpt_dir, self.device, self.dtype)
-        state.step, state.tokens = state.step + 1, state.tokens + self.tokens_per_step
+        # every process's positions: its own times their number (the others' are the same, or about the same in a
+        # batch of conversations, whose rows are grouped by length)
+        state.step_tokens = sum(x.numel() for x, _ in batches) * self.processes.world_size
+        state.step, state.tokens = state.step + 1, state.tokens + state.step_tokens
         state.train_seconds += self.clock.now() - begun
         return loss
 
@@ -432,11 +436,11 @@ class Trainer:
             self.metrics.append(entry)
 
     def log(self, state: LoopState, loss: torch.Tensor, lr: float) -> None:
-        self.window.add(loss)
+        self.window.add(loss, state.step_tokens)
         if not is_due(state.step, self.t.log_interval, step_limit(self.t)):
             self.progress.advance(state.step)
             return
-        state.train_loss, tokens_per_s = self.window.mean(), self.window.tokens_per_s(self.tokens_per_step)
+        state.train_loss, tokens_per_s = self.window.mean(), self.window.tokens_per_s()
         self.record(state, {"step": state.step, "tokens": state.tokens, "train_loss": state.train_loss, "lr": lr,
                             "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(self.clock.elapsed(), 3),
                             "train_seconds_total": self.seconds_total(state),

@@ -190,6 +190,8 @@ def test_a_from_scratch_chat_run_exports_its_template_and_answers_on_the_command
                                           "train.lr": 3e-3})
     summary = run(config, tmp_path / "run")
     assert summary["data"]["chat_template"] == "built-in" and summary["val_loss"] < 0.2
+    # tokens are the positions trained: rows grouped by length are shorter than the context
+    assert 0 < summary["tokens"] < summary["steps"] * 8 * 48 and summary["mfu"] > 0
     card = (tmp_path / "run" / "hf" / "README.md").read_text(encoding="utf-8")
     assert "| trained on | the assistant's answers only |" in card
     assert f"| conversations | {summary['data']['conversations']} |" in card and summary["data"]["conversations"] > 100
