@@ -92,12 +92,11 @@ def conversation_file(source: Source) -> bool:
     """Whether a record file holds conversations (by its first records)."""
     if source.format == "text":
         return False
-    with source.reading():
-        for count, record in enumerate(whole_records(source)):
-            if is_conversation(record):
-                return True
-            if count + 1 >= PEEKED_RECORDS:
-                break
+    for count, record in enumerate(whole_records(source)):
+        if is_conversation(record):
+            return True
+        if count + 1 >= PEEKED_RECORDS:
+            break
     return False
 
 
@@ -132,14 +131,13 @@ def examples(sources: list[Source], chat: list[Source], skipped: collections.Cou
             for blocks in source.documents(skipped):
                 yield "".join(blocks)
             continue
-        with source.reading():
-            for record in whole_records(source):
-                found = conversation(record) if is_conversation(record) else (
-                    "invalid JSON line" if record is INVALID_JSON else "not a conversation")
-                if isinstance(found, str):
-                    skipped[found] += 1
-                else:
-                    yield found
+        for record in whole_records(source):  # (which turns a damaged file into one line naming it)
+            found = conversation(record) if is_conversation(record) else (
+                "invalid JSON line" if record is INVALID_JSON else "not a conversation")
+            if isinstance(found, str):
+                skipped[found] += 1
+            else:
+                yield found
 
 
 def example_text(example: list | str) -> str:
@@ -274,6 +272,10 @@ class Rows:
     mask: np.ndarray     # bool
     offsets: np.ndarray  # int64, rows + 1
 
+    def targets(self) -> int:
+        """The tokens trained on: masked in, and not a row's first (which is only ever an input)."""
+        return int(self.mask.sum() - self.mask[self.offsets[:-1]].sum())
+
 
 def encode_corpus(sources: list[Source], chat: list[Source], config: Config,
                   tokenizer: Tokenizer | None) -> tuple[Tokenizer, dict[str, Rows], dict]:
@@ -295,14 +297,13 @@ def encode_corpus(sources: list[Source], chat: list[Source], config: Config,
     counts = collections.Counter()
     splits = {name: encoded_rows(encoder, part, skipped, counts)
               for name, part in (("train", items[:split_at]), ("val", items[split_at:]))}
-    val_text = "".join(example_text(e) for e in items[split_at:])
+    sizes = [(len(text), len(text.encode("utf-8"))) for text in map(example_text, items)]
     stats = {"format": "chat", "conversations": counts["conversations"], "documents": counts["documents"],
              "truncated": counts["truncated"], "skipped_records": dict(skipped), "loss_on": config.train.loss_on,
              "chat_template": "built-in" if tokenizer.chat_template == BUILT_IN_CHAT_TEMPLATE else "the tokenizer's",
-             "bytes": sum(len(example_text(e).encode("utf-8")) for e in items),
-             "chars": sum(len(example_text(e)) for e in items), "invalid_bytes": {}, "formats": {},
-             "val_bytes": len(val_text.encode("utf-8")), "vocab_size": tokenizer.vocab_size,
-             "trained_tokens": {name: int(rows.mask[1:].sum()) for name, rows in splits.items()},
+             "chars": sum(chars for chars, _ in sizes), "bytes": sum(size for _, size in sizes), "invalid_bytes": {},
+             "formats": {}, "val_bytes": sum(size for _, size in sizes[split_at:]), "vocab_size": tokenizer.vocab_size,
+             "trained_tokens": {name: rows.targets() for name, rows in splits.items()},
              **{f"{name}_tokens": int(rows.ids.size) for name, rows in splits.items()},
              "prompts": [prompt_of(e) for e in items[split_at:] if not isinstance(e, str)][:4]}
     if skipped:

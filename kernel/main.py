@@ -28,7 +28,7 @@ from kernel.env import (ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, 
                         SAMPLES_FILE, SUMMARY_FILE, TOKENIZER_DIR, KernelError, default_out_dir, describe_environment, dtype_name,
                         is_kaggle, json_safe, print_environment, resolve_dtype, seed_everything, write_atomic,
                         write_json_atomic)
-from kernel.config import Config, config_from_dict, config_to_yaml, load_config, parse_overrides
+from kernel.config import Config, SampleConfig, config_from_dict, config_to_yaml, load_config, parse_overrides
 from kernel.tokenization import Tokenizer, tokenizer_from_dict
 from kernel.data import TokenData, cache_location, prepare_data, print_data_report
 from kernel.hf_interop import apply_pretrained, fit_vocabulary
@@ -43,7 +43,7 @@ from kernel.memory import fit_to_memory
 from kernel.progress import RESERVE_FLOOR_S, RunStopped, StopRequests
 from kernel.train import TrainResult, train
 from kernel.plan import plan_model, planned, planned_before
-from kernel.sample import EvalSamples, format_samples, run_prompts, sample_texts, short_samples
+from kernel.sample import EvalSamples, format_samples, run_sampling, sample_texts, short_samples
 from kernel.export import export_hf, run_facts
 from kernel.report import LossCurves, human_summary, in_notebook, run_label
 
@@ -235,7 +235,8 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
         config = prepared.config  # model.size: the planned shape
         curves = LossCurves(out_dir / CURVES_FILE, run_label(out_dir, config),  # in a notebook: redrawn at each eval
                             sessions=earlier_sessions(prepared.checkpoint) if prepared.checkpoint else [])
-        eval_samples = start_eval_samples(config, out_dir, prepared, device, processes)
+        sampling = run_sampling(config.sample, prepared.data)  # (settings, as a chat)
+        eval_samples = start_eval_samples(config, out_dir, prepared, device, processes, sampling)
         result = train(config, prepared.data, out_dir, device, prepared.dtype, prepared.checkpoint,
                        prepared.resume_path, deadline=started + budget if budget else None, processes=processes,
                        now=now, stop_requests=stops, run_started=started, on_eval=curves.update,
@@ -250,7 +251,7 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
             summary = run_summary(result, prepared, device, processes, environment, out_dir)
             write_json_atomic(out_dir / SUMMARY_FILE, summary)  # first: what the run paid for is never lost
             finish_outputs(config, out_dir, prepared.data.tokenizer, result, device, stops, curves, summary,
-                           eval_samples, prepared.data.stats.get("prompts", []) if prepared.data.chat else None)
+                           eval_samples, sampling)
             stops.finish()  # everything is written: a stop signal now would only turn success into exit code 143
             print(f"[done] val loss {summary['val_loss']:.4f} | ppl {summary['val_ppl']:.2f} | "
                   f"bpb {summary['val_bpb']:.3f} | outputs in {out_dir}")
@@ -259,13 +260,12 @@ def run_process(config: Config, out_dir: Path, processes: Processes, device: tor
 
 
 def start_eval_samples(config: Config, out_dir: Path, prepared: PreparedRun, device: torch.device,
-                       processes: Processes) -> EvalSamples | None:
+                       processes: Processes, sampling: tuple[SampleConfig, bool]) -> EvalSamples | None:
     """Rank 0's samples at evaluations, continuing those of the checkpoint's run when resuming."""
     if not processes.is_main:
         return None
-    data = prepared.data
-    samples = EvalSamples(out_dir / SAMPLES_FILE, data.tokenizer, run_prompts(config.sample, data.stats.get("prompts")),
-                          device, config.train.seed, chat=data.chat)
+    settings, chat = sampling
+    samples = EvalSamples(out_dir / SAMPLES_FILE, prepared.data.tokenizer, settings, device, config.train.seed, chat)
     resumed = prepared.checkpoint is not None
     samples.start(run_folder(prepared.resume_path) if resumed else None, prepared.checkpoint.step if resumed else 0)
     return samples
@@ -289,14 +289,14 @@ def run_summary(result: TrainResult, prepared: PreparedRun, device: torch.device
 
 
 def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: TrainResult, device: torch.device,
-                   stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None = None,
-                   chat_prompts: list | None = None) -> None:
+                   stops: StopRequests, curves: LossCurves, summary: dict, eval_samples: EvalSamples | None,
+                   sampling: tuple[SampleConfig, bool]) -> None:
     """The tokenizer's folder, the curves, the transformers export and the samples. Each is a convenience made
     from the checkpoint already saved (which holds the tokenizer too): a failure skips it with a line, never the
     run's results. After a stop (a signal that ended training or comes now) they are still written, the samples
     short; a second stop skips what is left."""
     def write_samples() -> None:
-        samples = final_samples_unless_stopped(result.model, tokenizer, config, device, stops, chat_prompts)
+        samples = final_samples_unless_stopped(result.model, tokenizer, config, device, stops, sampling)
         during = eval_samples.text() if eval_samples is not None else ""  # samples.txt: these, then the final ones
         write_atomic(out_dir / SAMPLES_FILE, during + format_samples(samples))
         print(format_samples(samples))
@@ -329,11 +329,11 @@ def finish_outputs(config: Config, out_dir: Path, tokenizer: Tokenizer, result: 
 
 
 def final_samples_unless_stopped(model, tokenizer: Tokenizer, config: Config, device: torch.device,
-                                 stops: StopRequests, chat_prompts: list | None) -> list[tuple[str, str]]:
-    """The final samples as configured (a chat run: answers to `chat_prompts`, see run_prompts); after a stop
-    (or when one cuts them short) one short sample per prompt (`short_samples`), so a stopped run still ends
-    within a bounded time with some text."""
-    settings, chat = run_prompts(config.sample, chat_prompts), chat_prompts is not None
+                                 stops: StopRequests, sampling: tuple[SampleConfig, bool]) -> list[tuple[str, str]]:
+    """The final samples as `sampling` says (run_sampling: a chat run answers questions); after a stop (or when
+    one cuts them short) one short sample per prompt (`short_samples`), so a stopped run still ends within a
+    bounded time with some text."""
+    settings, chat = sampling
     if not stops.stops():
         try:
             with stops.while_writing(interrupted_by=1):

@@ -197,13 +197,18 @@ def does_not_fit(config: Config, device: str, capacity: int, smallest: dict[str,
             f"{memory_size(capacity)} ({HEADROOM:.0%} of it is used). Ways out: " + "; ".join(ways))
 
 
+def process_capacity(device: torch.device, processes: int) -> int | None:
+    """The bytes one process may use here: processes on a CPU share its RAM; each GPU is one process's."""
+    free = free_memory(device)
+    return free // processes if free is not None and device.type == "cpu" else free
+
+
 def fit_to_memory(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype,
                   processes: int = 1) -> Config:
     """The plan for this machine (processes on a CPU share its RAM; each GPU is one process's), printed; the
     config with the pieces that fit."""
-    free = free_memory(device)
-    capacity = free // processes if free is not None and device.type == "cpu" else free
-    plan = plan_memory(config, vocab_size, dtype, processes, capacity, device.type, str(device))
+    plan = plan_memory(config, vocab_size, dtype, processes, process_capacity(device, processes), device.type,
+                       str(device))
     print(plan.report())
     return plan.apply(config)
 

@@ -41,7 +41,7 @@ from kernel.env import PEAK_FLOPS, KernelError, dtype_name, peak_flops, resolve_
 from kernel.config import Config
 from kernel.model import build_model, model_shape
 from kernel.optim import make_optimizer, step_limit
-from kernel.memory import DeviceSpec, free_memory, plan_memory
+from kernel.memory import DeviceSpec, plan_memory, process_capacity
 from kernel.train import train_step
 
 # (layers, width): deeper as it grows wider, as in GPT-2's and Llama's families.
@@ -198,10 +198,9 @@ class DoesNotFit(Exception):
 def fitted(config: Config, vocab_size: int, device: torch.device, dtype: torch.dtype, processes: int) -> Config:
     """One process's pieces of the global batch: its share as micro-batch x accumulation (batch_size and
     grad_accum_steps become those), and gradient checkpointing, as the memory plan chooses them here."""
-    free = free_memory(device)
-    capacity = free // processes if free is not None and device.type == "cpu" else free
     try:
-        plan = plan_memory(config, vocab_size, dtype, processes, capacity, device.type, str(device))
+        plan = plan_memory(config, vocab_size, dtype, processes, process_capacity(device, processes), device.type,
+                           str(device))
     except KernelError as err:
         raise DoesNotFit(str(err)) from None
     model = dataclasses.replace(config.model, gradient_checkpointing=plan.gradient_checkpointing)

@@ -27,6 +27,7 @@ from kernel.env import SAMPLES_FILE, KernelError, resolve_device, write_atomic
 from kernel.config import DEVICE_PATTERN, Config, SampleConfig, config_from_dict, load_config, sample_problems
 from kernel.tokenization import HFTokenizer, Tokenizer, tokenizer_from_dict
 from kernel.chat import end_of_turn_id, question_ids
+from kernel.data import TokenData
 from kernel.model import GPT, KVCache, build_model
 from kernel.hf_interop import apply_pretrained, is_model_folder, load_hf_weights
 from kernel.lora import load_lora_run
@@ -182,11 +183,13 @@ def final_samples(text: str) -> str:
     return "".join(block for step, block in sample_blocks(text) if step is None and FINAL_HEADER.match(block))
 
 
-def run_prompts(settings: SampleConfig, data_prompts: list) -> SampleConfig:
-    """A chat run's samples ask the first validation conversations' questions, unless sample.prompts is set."""
-    if not data_prompts or settings.prompts != SampleConfig().prompts:
-        return settings
-    return dataclasses.replace(settings, prompts=list(data_prompts))
+def run_sampling(settings: SampleConfig, data: TokenData) -> tuple[SampleConfig, bool]:
+    """What a run samples (at evaluations and at its end), and whether as a chat: a run on conversations asks
+    its first validation conversations' questions, unless sample.prompts is set."""
+    questions = data.stats.get("prompts") if data.chat else None
+    if not questions or settings.prompts != SampleConfig().prompts:
+        return settings, data.chat
+    return dataclasses.replace(settings, prompts=list(questions)), True
 
 
 class EvalSamples:

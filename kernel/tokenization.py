@@ -86,6 +86,7 @@ class RegisteredTokenizer:
     mode: str
     bos_id: int | None = None
     chat_template: str | None = None  # a Jinja chat template (transformers' format) once it reads conversations
+    hf_tokenizer = None               # for_transformers()'s tokenizer, once built
 
     def with_chat(self) -> "RegisteredTokenizer":
         """This tokenizer ready for conversations: its own chat template, or the built-in one with its turn
@@ -238,8 +239,10 @@ class CharTokenizer(RegisteredTokenizer):
         return backend
 
     def for_transformers(self):
-        special = {"bos_token": END_OF_DOCUMENT, "eos_token": END_OF_DOCUMENT} if self.eos_id is not None else {}
-        return fast_tokenizer(self.backend(), self.chat_template, unk_token=self.UNKNOWN, **special)
+        if self.hf_tokenizer is None:  # built once: a tokenizer never changes (with_chat makes a new one)
+            special = {"bos_token": END_OF_DOCUMENT, "eos_token": END_OF_DOCUMENT} if self.eos_id is not None else {}
+            self.hf_tokenizer = fast_tokenizer(self.backend(), self.chat_template, unk_token=self.UNKNOWN, **special)
+        return self.hf_tokenizer
 
     def save(self, folder: str | Path) -> None:
         save_for_transformers(folder, self.for_transformers(), self.to_dict())
@@ -369,7 +372,10 @@ class BPETokenizer(RegisteredTokenizer):
         return state | ({"chat_template": self.chat_template} if self.chat_template else {})
 
     def for_transformers(self):
-        return fast_tokenizer(self.backend, self.chat_template, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT)
+        if self.hf_tokenizer is None:  # built once: a tokenizer never changes (with_chat makes a new one)
+            self.hf_tokenizer = fast_tokenizer(self.backend, self.chat_template, bos_token=END_OF_DOCUMENT,
+                                               eos_token=END_OF_DOCUMENT)
+        return self.hf_tokenizer
 
     def save(self, folder: str | Path) -> None:
         state = {"mode": self.mode} | ({"chat_template": self.chat_template} if self.chat_template else {})
